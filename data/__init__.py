@@ -1,0 +1,1 @@
+"""Videos -> latents -> shards -> batches."""

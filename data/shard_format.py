@@ -1,0 +1,189 @@
+"""The latent dataset format (DESIGN.md, "Latent dataset"): one definition shared
+by the precompute farm (writer) and the streaming loader (reader).
+
+    <root>/shards/<name>-NNNNNN.tar    WebDataset: <key>.latents.safetensors, <key>.meta.json
+    <root>/shards/<name>-NNNNNN.json   manifest, written only after the tar is complete (the commit)
+    <root>/index.json                  committed shards, counts, latent shape/dtype, VAE identity, config hash
+    <root>/errors/<key>.json           one record per rejected input, with its reason
+
+`root` is anything fsspec understands: `/path`, `file:///path`, `s3://bucket/prefix`.
+Tars are built in memory with a fixed mtime so that the same inputs give
+byte-identical shards, hashed, uploaded in one PUT, and only then is the
+manifest written: a reader that sees a manifest sees a complete tar.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import fsspec
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+FORMAT_VERSION = 1
+LATENTS_MEMBER = "latents.safetensors"
+META_MEMBER = "meta.json"
+FIXED_MTIME = 1_700_000_000  # any constant: byte-identical tars across runs
+_KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class ShardFormatError(ValueError):
+    """A shard, manifest or sample does not match the format; the message names it."""
+
+
+def get_fs(root: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    return fs, path.rstrip("/")
+
+
+def shard_stem(name: str, index: int) -> str:
+    return f"{name}-{index:06d}"
+
+
+def check_key(key: str) -> str:
+    # WebDataset splits the sample key at the first dot of the basename.
+    if not _KEY_OK.match(key):
+        raise ShardFormatError(f"sample key {key!r}: expected only letters, digits, '_' and '-' (no dots)")
+    return key
+
+
+def encode_sample(latents: torch.Tensor, meta: dict) -> dict[str, bytes]:
+    """latents [T, C, h, w] (bf16/fp16/fp32) -> tar members."""
+    if latents.ndim != 4:
+        raise ShardFormatError(f"latents: expected [T, C, h, w], got shape {tuple(latents.shape)}")
+    return {
+        LATENTS_MEMBER: st_save({"latents": latents.contiguous().cpu()}),
+        META_MEMBER: json.dumps(meta, sort_keys=True).encode(),
+    }
+
+
+def decode_sample(members: dict[str, bytes], where: str = "") -> tuple[torch.Tensor, dict]:
+    try:
+        latents = st_load(members[LATENTS_MEMBER])["latents"]
+        meta = json.loads(members[META_MEMBER])
+    except KeyError as e:
+        raise ShardFormatError(f"{where}: missing member {e.args[0]!r}") from None
+    except Exception as e:  # safetensors/json give terse errors
+        raise ShardFormatError(f"{where}: cannot decode sample: {e}") from None
+    return latents, meta
+
+
+def build_tar(samples: Iterable[tuple[str, dict[str, bytes]]]) -> bytes:
+    """(key, members) pairs -> tar bytes, deterministic (sorted members, fixed mtime/owner)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            check_key(key)
+            for member in sorted(members):
+                data = members[member]
+                info = tarfile.TarInfo(f"{key}.{member}")
+                info.size, info.mtime, info.mode = len(data), FIXED_MTIME, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def iter_tar(data: bytes | io.BufferedIOBase, where: str = "") -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Tar bytes (or a stream) -> (key, members) in order; truncation raises ShardFormatError."""
+    fileobj = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    key, members = None, {}
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, _, member = info.name.rpartition("/")[2].partition(".")
+                if key is not None and k != key:
+                    yield key, members
+                    members = {}
+                key = k
+                f = tar.extractfile(info)
+                members[member] = f.read() if f is not None else b""
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ShardFormatError(f"{where}: corrupt or truncated tar: {e}") from None
+    if key is not None:
+        yield key, members
+
+
+@dataclass
+class ShardManifest:
+    name: str  # shard stem, e.g. "train-000003"
+    keys: list[str]
+    num_samples: int
+    num_frames: int
+    bytes: int
+    sha256: str
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "") -> "ShardManifest":
+        try:
+            return cls(**json.loads(text))
+        except Exception as e:
+            raise ShardFormatError(f"{where}: bad manifest: {e}") from None
+
+
+def commit_shard(fs: fsspec.AbstractFileSystem, root: str, stem: str, tar_bytes: bytes,
+                 keys: list[str], num_frames: int) -> ShardManifest:
+    """Upload the complete tar, then write its manifest (the commit)."""
+    manifest = ShardManifest(stem, list(keys), len(keys), int(num_frames), len(tar_bytes),
+                             hashlib.sha256(tar_bytes).hexdigest())
+    fs.makedirs(f"{root}/shards", exist_ok=True)
+    fs.pipe_file(f"{root}/shards/{stem}.tar", tar_bytes)
+    fs.pipe_file(f"{root}/shards/{stem}.json", manifest.to_json().encode())
+    return manifest
+
+
+def committed_manifests(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, ShardManifest]:
+    """Manifests present now (listing cache invalidated: s3fs caches listings)."""
+    fs.invalidate_cache(f"{root}/shards")
+    try:
+        paths = fs.glob(f"{root}/shards/*.json")
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for p in sorted(paths):
+        m = ShardManifest.from_json(fs.cat_file(p).decode(), where=p)
+        out[m.name] = m
+    return out
+
+
+def write_index(fs: fsspec.AbstractFileSystem, root: str, manifests: dict[str, ShardManifest], **info: Any) -> dict:
+    """index.json: committed shards in name order plus dataset-wide facts (latent shape, dtype, VAE, config hash)."""
+    shards = [{"name": m.name, "num_samples": m.num_samples, "num_frames": m.num_frames,
+               "bytes": m.bytes, "sha256": m.sha256} for m in sorted(manifests.values(), key=lambda m: m.name)]
+    index = {"format_version": FORMAT_VERSION, "num_shards": len(shards),
+             "num_samples": sum(s["num_samples"] for s in shards),
+             "num_frames": sum(s["num_frames"] for s in shards), "shards": shards, **info}
+    fs.pipe_file(f"{root}/index.json", json.dumps(index, sort_keys=True, indent=1).encode())
+    return index
+
+
+def read_index(fs: fsspec.AbstractFileSystem, root: str) -> dict:
+    path = f"{root}/index.json"
+    fs.invalidate_cache(root)
+    if not fs.exists(path):
+        raise ShardFormatError(f"{path}: no index.json (has the precompute job finished?)")
+    try:
+        index = json.loads(fs.cat_file(path))
+    except Exception as e:
+        raise ShardFormatError(f"{path}: unreadable index: {e}") from None
+    if index.get("format_version") != FORMAT_VERSION:
+        raise ShardFormatError(f"{path}: format_version {index.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return index
+
+
+def write_error(fs: fsspec.AbstractFileSystem, root: str, key: str, source: str, reason: str) -> None:
+    fs.makedirs(f"{root}/errors", exist_ok=True)
+    fs.pipe_file(f"{root}/errors/{check_key(key)}.json",
+                 json.dumps({"key": key, "source": source, "reason": reason}, sort_keys=True).encode())

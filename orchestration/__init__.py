@@ -1,0 +1,1 @@
+"""Running jobs: config tree, CLI, precompute job, launch configs, sweeps, checkpoint tools."""

@@ -1,0 +1,1 @@
+"""Everything distributed, applied from outside to the plain model: devices, ZeRO, TP, SP."""

@@ -1,0 +1,1 @@
+"""Video-GPT model and next-clip diffusion objective: plain single-device PyTorch."""
