@@ -20,6 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from parallel.config import ParallelConfig
 from pretrain.config import ConfigError, ModelConfig, ObjectiveConfig, SyntheticDataConfig, TrainConfig
 
 CONFIG_ROOT = Path(os.environ.get("VGPT_CONFIG_ROOT", Path(__file__).resolve().parents[1] / "configs"))
@@ -31,6 +32,7 @@ class JobConfig:
     objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     synthetic: SyntheticDataConfig = dataclasses.field(default_factory=SyntheticDataConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
 
 # ---------------------------------------------------------------- conversion

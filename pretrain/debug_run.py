@@ -16,7 +16,7 @@ import torch
 
 from orchestration.config import ConfigError, JobConfig, load_config
 from pretrain.model import build_model
-from pretrain.objective import next_clip_loss
+from pretrain.objective import next_clip_loss, row_seed
 from pretrain.synthetic import moving_square_latents, synthetic_batches
 
 
@@ -37,12 +37,12 @@ def train(cfg: JobConfig, quiet: bool = False) -> list[float]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
     videos = moving_square_latents(cfg.synthetic, cfg.model.latent_channels, seed=tc.seed)
     batches = synthetic_batches(videos, cfg.synthetic, tc.batch_size, seed=tc.seed + 1)
-    noise_gen = torch.Generator().manual_seed(tc.seed + 2)
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(1, tc.steps + 1):
         batch = next(batches).to(device)
-        loss = next_clip_loss(model, batch, cfg.objective, noise_gen)
+        seeds = [row_seed(tc.seed, (step - 1) * tc.batch_size + i) for i in range(tc.batch_size)]
+        loss = next_clip_loss(model, batch, cfg.objective, seeds)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)

@@ -69,7 +69,7 @@ def test_model_is_built_on_meta_then_initialised_deterministically():
 def test_bad_inputs_raise_errors_naming_the_value():
     model = debug_model()
     obj = ObjectiveConfig()
-    g = torch.Generator().manual_seed(0)
+    g = [0]
     lat = torch.randn(1, 4, 4, 4, 4, dtype=torch.float64)
     with pytest.raises(ConfigError, match=r"clip sizes sum to \[3\] frames.*latents hold 4"):
         next_clip_loss(model, Batch(lat, [[[1, 2]]]), obj, g)
