@@ -12,6 +12,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-debug": ("pretrain.debug_run", "train the model on synthetic moving-square latents (one process)"),
+    "train": ("pretrain.train_cli", "train one stage or the four-stage curriculum (DeepSpeed)"),
     "config": ("orchestration.show_config", "print the resolved config after presets and overrides"),
 }
 

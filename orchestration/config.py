@@ -179,18 +179,26 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def load_raw(path: str | Path | None, overrides: list[tuple[str, Any]] = ()) -> dict:
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+def resolve_raw(raw: dict, overrides: list[tuple[str, Any]] = ()) -> dict:
+    """Apply (path, value) overrides to a raw mapping, then expand the model preset."""
+    raw = dict(raw)
     for key, value in overrides:
         _set_path(raw, key, value)
     return _expand_model_preset(raw)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def load_raw(path: str | Path | None, overrides: list[tuple[str, Any]] = ()) -> dict:
+    return resolve_raw(read_yaml(path) if path is not None else {}, overrides)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), cls: type = JobConfig) -> Any:

@@ -53,3 +53,42 @@ def synthetic_batches(videos: torch.Tensor, cfg: SyntheticDataConfig, batch_size
             layout = [[random_partition(F, g)] for _ in idx]
         yield Batch(videos[idx], layout, keys=[[f"synthetic-{i}"] for i in idx],
                     frame_interval=[[1] for _ in idx])
+
+
+class SyntheticSource:
+    """Batches of moving-square videos as a pure function of (seed, global row index).
+
+    Global step s, micro step m: rows [base, base + rows_per_micro * dp_size) with
+    base = (s * accum + m) * rows_per_micro * dp_size; data-parallel rank r takes
+    its contiguous block. The same global rows come out whatever the world size,
+    so there is no loader state to restore beyond the step itself.
+    """
+
+    def __init__(self, cfg, dp_rank: int, dp_size: int):
+        self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
+        self.videos = moving_square_latents(cfg.synthetic, cfg.model.latent_channels, seed=cfg.train.seed)
+
+    def global_rows(self, step: int, micro: int) -> list[int]:
+        b = self.cfg.train.batch_size
+        base = (step * self.cfg.train.grad_accum_steps + micro) * b * self.dp_size + self.dp_rank * b
+        return list(range(base, base + b))
+
+    def sample(self, global_row: int) -> tuple[int, list[int]]:
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + global_row)
+        video = int(torch.randint(0, self.videos.shape[0], (1,), generator=g))
+        F = self.videos.shape[1]
+        clips = [1] * F if self.cfg.synthetic.clip_policy == "single_frame" else random_partition(F, g)
+        return video, clips
+
+    def batch(self, step: int, micro: int = 0) -> tuple[Batch, list[int]]:
+        rows = self.global_rows(step, micro)
+        picks = [self.sample(r) for r in rows]
+        return (Batch(self.videos[[v for v, _ in picks]], [[c] for _, c in picks],
+                      keys=[[f"synthetic-{v}"] for v, _ in picks], frame_interval=[[1] for _ in picks]), rows)
+
+    def state_dict(self) -> dict:
+        return {"kind": "synthetic"}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "synthetic":
+            raise ValueError(f"loader state of kind {state.get('kind')!r} cannot resume a synthetic source")

@@ -1,0 +1,138 @@
+"""Device layer: which accelerator this rank drives and how its ranks talk.
+
+One decision, made once per process, before anything else touches a device:
+
+  type   torch device   dist backend   DS_ACCELERATOR
+  cuda   cuda:LOCAL_RANK  nccl         cuda
+  npu    npu:LOCAL_RANK   hccl         npu    (Ascend, via torch_npu)
+  cpu    cpu              gloo         cpu
+
+`auto` takes CUDA when torch sees a GPU, else an NPU when `torch_npu` imports
+and reports a device, else the CPU. An explicit choice that the machine cannot
+honour is an error naming `parallel.device`, never a silent fallback: a job
+meant for 8 NPUs must not quietly train on one CPU.
+
+Why the NPU path never calls into `torch.cuda`: on Ascend hosts CUDA is absent,
+and some torch_npu setups patch `torch.cuda` (transfer_to_npu), so a stray
+`torch.cuda.set_device` either fails or acts on the wrong device. Only
+`auto` asks `torch.cuda.is_available()`, and only as its first question.
+
+DeepSpeed picks its accelerator when it is first imported, from the
+`DS_ACCELERATOR` environment variable: `DeviceSpec.activate()` sets it, so call
+it before `import deepspeed` (or anything that imports it).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from pretrain.config import ConfigError
+
+_BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """The device this process uses, and what the distributed stack needs to know about it."""
+    type: str              # "cuda" | "npu" | "cpu"
+    device: torch.device   # the local rank's device
+    backend: str           # torch.distributed backend: nccl | hccl | gloo
+    accelerator: str       # DeepSpeed's DS_ACCELERATOR name: cuda | npu | cpu
+    local_rank: int = 0
+
+    def activate(self) -> "DeviceSpec":
+        """Make this device current and tell DeepSpeed which accelerator to use.
+
+        Sets `DS_ACCELERATOR` only when unset or equal: a user's explicit
+        setting that disagrees with the chosen device is an error, not overwritten.
+        """
+        current = os.environ.get("DS_ACCELERATOR")
+        if current not in (None, "", self.accelerator):
+            raise ConfigError(f"parallel.device: selected {self.type!r} but the environment has "
+                              f"DS_ACCELERATOR={current!r}; unset it or choose parallel.device={current!r}")
+        os.environ["DS_ACCELERATOR"] = self.accelerator
+        if self.type == "cuda":
+            torch.cuda.set_device(self.device)
+        elif self.type == "npu":
+            torch.npu.set_device(self.device.index)
+        return self
+
+
+def _local_rank(local_rank: int | None) -> int:
+    if local_rank is not None:
+        return local_rank
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _npu_module():
+    """`torch.npu` after importing torch_npu (which registers it), or None when torch_npu is absent."""
+    try:
+        importlib.import_module("torch_npu")
+    except ImportError:
+        return None
+    return getattr(torch, "npu", None)
+
+
+def _check_index(kind: str, local_rank: int, count: int) -> None:
+    if not 0 <= local_rank < count:
+        raise ConfigError(f"parallel.device={kind!r}: local rank {local_rank} but only {count} "
+                          f"{kind} device(s) visible on this host (check LOCAL_RANK / nproc_per_node)")
+
+
+def select_device(requested: str = "auto", local_rank: int | None = None) -> DeviceSpec:
+    """Choose the device for this process; `requested` is `ParallelConfig.device`.
+
+    `local_rank` defaults to the LOCAL_RANK environment variable (torchrun,
+    deepspeed launcher), else 0. Touches no device state: `activate()` does.
+    """
+    if requested not in ("auto", *_BACKENDS):
+        raise ConfigError(f"parallel.device: got {requested!r}, expected one of ['auto', 'cpu', 'cuda', 'npu']")
+    rank = _local_rank(local_rank)
+    kind = requested
+    if requested == "auto":
+        if torch.cuda.is_available():
+            kind = "cuda"
+        else:
+            npu = _npu_module()
+            kind = "npu" if npu is not None and npu.is_available() else "cpu"
+
+    if kind == "cuda":
+        if requested == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("parallel.device='cuda' but torch sees no CUDA device "
+                              f"(torch {torch.__version__}); use parallel.device=auto or cpu")
+        _check_index("cuda", rank, torch.cuda.device_count())
+        device = torch.device("cuda", rank)
+    elif kind == "npu":
+        npu = _npu_module()
+        if npu is None:
+            raise ConfigError("parallel.device='npu' but torch_npu is not importable "
+                              "(install the torch_npu build matching the host's CANN toolkit)")
+        if not npu.is_available():
+            raise ConfigError("parallel.device='npu' but torch_npu reports no available NPU")
+        _check_index("npu", rank, npu.device_count())
+        device = torch.device("npu", rank)
+    else:
+        device = torch.device("cpu")
+    return DeviceSpec(type=kind, device=device, backend=_BACKENDS[kind], accelerator=kind, local_rank=rank)
+
+
+def init_distributed(spec: DeviceSpec, timeout_s: float = 1800.0) -> None:
+    """Start the default process group with the device's backend (env:// rendezvous), once.
+
+    Reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, as torchrun and the
+    DeepSpeed launcher set them. A no-op when a group already exists (e.g.
+    `deepspeed.init_distributed` ran first), but the backends must agree.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        have = dist.get_backend()
+        if have != spec.backend:
+            raise ConfigError(f"parallel.device={spec.type!r} needs backend {spec.backend!r}, "
+                              f"but the process group was started with {have!r}")
+        return
+    dist.init_process_group(backend=spec.backend, timeout=timedelta(seconds=timeout_s))

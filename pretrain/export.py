@@ -1,0 +1,56 @@
+"""Consolidated model exports: one safetensors file with the model config in its header.
+
+What inference and the next curriculum stage load. Weights only, no pickle; a
+file made for another model shape is refused with the first differing key.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pretrain.config import ConfigError, ModelConfig
+
+
+def save_export(state_dict: dict[str, torch.Tensor], path: str | Path, model_cfg: ModelConfig,
+                dtype: torch.dtype = torch.float32, extra: dict | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state_dict.items()}
+    meta = {"model_config": json.dumps(asdict(model_cfg)), "format": "videogpt-export-1",
+            **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def read_export_config(path: str | Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "model_config" not in meta:
+        raise ConfigError(f"{path}: not a Video-GPT export (no model_config in its header)")
+    return json.loads(meta["model_config"])
+
+
+def load_export(model: torch.nn.Module, path: str | Path) -> None:
+    """Load an export into a plain model of the same shape, strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"train.init_from: {path} does not exist")
+    theirs = read_export_config(path)
+    for key in ("hidden_size", "num_layers", "num_heads", "mlp_size", "latent_channels", "patch_size"):
+        if theirs.get(key) != getattr(model.cfg, key):
+            raise ConfigError(f"{path}: exported with model.{key}={theirs.get(key)}, "
+                              f"but this model has model.{key}={getattr(model.cfg, key)}")
+    own = model.state_dict()
+    with safe_open(str(path), framework="pt") as f, torch.no_grad():
+        missing = sorted(set(own) - set(f.keys()))
+        if missing:
+            raise ConfigError(f"{path}: lacks {missing[:4]}")
+        for k, v in own.items():
+            v.copy_(f.get_tensor(k).to(v.dtype))

@@ -1,0 +1,205 @@
+"""One Trainer for all four curriculum stages; stages differ by config only.
+
+Each step: this rank's rows of the global batch (a pure function of the step,
+so resume and world-size changes are exact), per-row noise seeds from the
+global sample index, the next-clip loss through the DeepSpeed engine, logs
+(loss, tokens/s, samples/s, step time, grad norm, LR, MFU on GPU) to the
+console and TensorBoard, checkpoints through the one CheckpointManager, and at
+the end a consolidated safetensors export that the next stage starts from.
+
+The model stays the plain single-device VideoGPT (`self.model`); the engine
+wraps it for forward/backward/step; nothing unwraps `.module`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from orchestration.config import JobConfig
+from parallel.dims import ParallelDims, build_process_groups
+from parallel.engine import (DistInfo, apply_activation_checkpointing, build_engine, gather_full_state_dict,
+                             init_process_group)
+from parallel.sequence_parallel import apply_sequence_parallel
+from parallel.tensor_parallel import apply_tensor_parallel
+from pretrain.checkpoint import CheckpointManager
+from pretrain.export import load_export, save_export
+from pretrain.model import build_model
+from pretrain.objective import next_clip_loss, row_seed
+from pretrain.synthetic import SyntheticSource
+
+# peak dense bf16 FLOP/s per device, for MFU
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "910B": 313e12}
+
+
+def model_flops_per_token(cfg, n_params: int, seq_len: int) -> float:
+    """6N for the matmuls plus attention (QK^T and AV, forward+backward), per token."""
+    return 6 * n_params + 12 * cfg.num_layers * cfg.hidden_size * seq_len
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, stage_name: str = "stage", data_factory: Callable | None = None):
+        from parallel.device import select_device
+
+        self.cfg, self.stage_name = cfg, stage_name
+        pc = cfg.parallel
+        self.device = select_device(pc.device).activate()  # sets DS_ACCELERATOR before deepspeed imports
+        self.dist: DistInfo = init_process_group(self.device.backend)
+        self.dims = ParallelDims.from_config(pc, self.dist.world_size, cfg.model)
+        self.groups = build_process_groups(self.dims) if self.dims.tp * self.dims.sp > 1 else None
+        self.dp_rank = self.groups.dp_rank if self.groups else self.dist.rank
+        self.dp_size = self.dims.dp
+        self.out = Path(cfg.train.out_dir)
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model, device=self.device.device, seed=cfg.train.seed)
+        if cfg.train.init_from:
+            load_export(self.model, cfg.train.init_from)
+        if pc.tensor_parallel > 1:
+            apply_tensor_parallel(self.model, tp_group=self.groups.tp_group)
+        if pc.sequence_parallel > 1:
+            apply_sequence_parallel(self.model, self.groups.sp_group)
+        if pc.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        # with SP, DeepSpeed averages gradients over dp x sp ranks (each SP rank holds the full loss)
+        mpu = self.groups.deepspeed_mpu() if self.groups else None
+        grad_ranks = mpu.get_data_parallel_world_size() if mpu else self.dist.world_size
+        self.engine = build_engine(self.model, pc, cfg.train, grad_ranks, mpu=mpu)
+        self.data = (data_factory or SyntheticSource)(cfg, self.dp_rank, self.dp_size)
+        self.ckpt = CheckpointManager(self.out / "checkpoints", self.dist.rank, cfg.train.keep_last,
+                                      cfg.train.keep_every)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self._tb = None
+
+    # ------------------------------------------------------------ state
+    def trainer_state(self) -> dict[str, Any]:
+        tc = self.cfg.train
+        return {"stage": self.stage_name, "step": self.step, "world_size": self.dist.world_size,
+                "consumed_samples": self.step * tc.batch_size * tc.grad_accum_steps * self.dp_size,
+                "loader": self.data.state_dict(), "config": asdict(self.cfg)}
+
+    def resume(self, mode: str) -> bool:
+        """`auto`: newest complete checkpoint if any; a path: that checkpoint; `none`: fresh."""
+        if mode == "none":
+            return False
+        ckpt = self.ckpt.newest_complete() if mode == "auto" else Path(mode)
+        if ckpt is None:
+            return False
+        state = self.ckpt.load(self.engine, ckpt)
+        self.step = int(state["step"])
+        self.data.load_state_dict(state["loader"])
+        self._log_line(f"resumed {self.stage_name} from {ckpt} at step {self.step}")
+        return True
+
+    # ------------------------------------------------------------ loop
+    def _barrier(self):
+        dist.barrier()
+
+    def train_step(self) -> dict[str, float]:
+        tc = self.cfg.train
+        t0 = time.perf_counter()
+        loss_sum, tokens, rows = 0.0, 0, 0
+        for micro in range(tc.grad_accum_steps):
+            batch, global_rows = self.data.batch(self.step, micro)
+            batch = batch.to(self.device.device)
+            seeds = [row_seed(tc.seed, g) for g in global_rows]
+            loss = next_clip_loss(self.model, batch, self.cfg.objective, seeds, forward=self.engine)
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += loss.detach().float().item()
+            seq = self.model.sequence(batch.layout, tuple(batch.latents.shape[-2:]))
+            tokens += sum(seq.lengths)
+            rows += len(global_rows)
+        self.step += 1
+        stats = torch.tensor([loss_sum / tc.grad_accum_steps, float(tokens), float(rows)], dtype=torch.float64)
+        dist.all_reduce(stats)
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"step": self.step, "loss": stats[0].item() / self.dist.world_size, "tokens": stats[1].item(),
+                "samples": stats[2].item(), "step_time": time.perf_counter() - t0,
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "lr": self.engine.get_lr()[0]}
+
+    def run(self, resume: str = "auto") -> Path:
+        """Train to `train.steps`, checkpointing; returns the path of the final export."""
+        tc = self.cfg.train
+        self.resume(resume)
+        start_step, start_time = self.step, time.perf_counter()
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self._log_line(f"{self.stage_name}: {n_params / 1e6:.2f}M parameters, world size {self.dist.world_size}, "
+                       f"ZeRO-{self.cfg.parallel.zero_stage}, steps {self.step + 1}..{tc.steps}")
+        while self.step < tc.steps:
+            m = self.train_step()
+            self._record(m, n_params, start_step, start_time)
+            if tc.checkpoint_every and self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
+                self.ckpt.save(self.engine, self.step, self.trainer_state(), self._barrier)
+            self._fault_injection()
+        if not (self.ckpt.root / "latest").exists() or self.ckpt.newest_complete(full_verify=False) is None \
+                or self.ckpt.newest_complete(full_verify=False).name != f"step_{self.step:08d}":
+            self.ckpt.save(self.engine, self.step, self.trainer_state(), self._barrier)
+        export = self.out / "export" / "model.safetensors"
+        full = gather_full_state_dict(self.model, self.cfg.parallel.zero_stage == 3, self.dist.rank,
+                                      self.groups.tp_group if self.cfg.parallel.tensor_parallel > 1 else None)
+        if self.dist.rank == 0:
+            save_export(full, export, self.cfg.model, extra={"stage": self.stage_name, "step": self.step})
+        self._barrier()
+        if self._tb:
+            self._tb.close()
+        return export
+
+    def _fault_injection(self) -> None:
+        """VGPT_FAULT_KILL=RANK:STEP SIGKILLs that rank after that step (elastic-restart tests)."""
+        import os
+        import signal
+        spec = os.environ.get("VGPT_FAULT_KILL")
+        if spec:
+            rank, step = (int(x) for x in spec.split(":"))
+            if rank == self.dist.rank and step == self.step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    # ------------------------------------------------------------ logging
+    def _log_line(self, text: str) -> None:
+        if self.dist.rank == 0:
+            print(text, flush=True)
+
+    def _record(self, m: dict, n_params: int, start_step: int, start_time: float) -> None:
+        tc = self.cfg.train
+        m["tokens_per_s"] = m["tokens"] / m["step_time"]
+        m["samples_per_s"] = m["samples"] / m["step_time"]
+        name = torch.cuda.get_device_name(self.device.device) if self.device.type == "cuda" else self.device.type
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        if peak:
+            seq_len = m["tokens"] / max(m["samples"], 1)
+            m["mfu"] = m["tokens_per_s"] * model_flops_per_token(self.cfg.model, n_params, seq_len) / \
+                (peak * self.dist.world_size)
+        self.history.append(m)
+        if self.dist.rank != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"stage": self.stage_name, **m}) + "\n")
+        if tc.tensorboard:
+            if self._tb is None:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            for k in ("loss", "tokens_per_s", "samples_per_s", "step_time", "grad_norm", "lr", "mfu"):
+                if k in m:
+                    self._tb.add_scalar(f"{self.stage_name}/{k}", m[k], m["step"])
+        if m["step"] % tc.log_every == 0 or m["step"] == tc.steps or m["step"] == start_step + 1:
+            done = m["step"] - start_step
+            elapsed = time.perf_counter() - start_time
+            eta = (tc.steps - m["step"]) * elapsed / done
+            mfu = f"  MFU {m['mfu'] * 100:.1f}%" if "mfu" in m else ""
+            print(f"[{self.stage_name}] step {m['step']:6d}/{tc.steps}  loss {m['loss']:.4f}  "
+                  f"grad_norm {m['grad_norm']:.3f}  lr {m['lr']:.2e}  {m['tokens_per_s']:.0f} tok/s  "
+                  f"{m['samples_per_s']:.2f} samples/s  {m['step_time'] * 1000:.0f} ms/step{mfu}  ETA {eta:.0f}s",
+                  flush=True)
+
+
+def check_layout_fits(cfg: JobConfig, world_size: int) -> None:
+    """Parallel layout errors before any process group starts."""
+    ParallelDims.from_config(cfg.parallel, world_size, cfg.model)
