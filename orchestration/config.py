@@ -20,6 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from data.config import DataConfig
 from parallel.config import ParallelConfig
 from pretrain.config import ConfigError, ModelConfig, ObjectiveConfig, SyntheticDataConfig, TrainConfig
 
@@ -33,6 +34,7 @@ class JobConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     synthetic: SyntheticDataConfig = dataclasses.field(default_factory=SyntheticDataConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
 
 
 # ---------------------------------------------------------------- conversion

@@ -46,7 +46,7 @@ def init_process_group(backend: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def deepspeed_config(pc: ParallelConfig, tc: TrainConfig, dp_size: int) -> dict:
+def deepspeed_config(pc: ParallelConfig, tc: TrainConfig, dp_size: int, micro_batch: int | None = None) -> dict:
     zero: dict = {"stage": pc.zero_stage}
     if pc.zero_stage >= 1:
         zero.update(contiguous_gradients=True, overlap_comm=False, reduce_scatter=True)
@@ -54,10 +54,11 @@ def deepspeed_config(pc: ParallelConfig, tc: TrainConfig, dp_size: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if pc.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    micro = micro_batch or tc.batch_size  # rows per rank per micro step (bookkeeping for DeepSpeed)
     cfg = {
-        "train_micro_batch_size_per_gpu": tc.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": tc.grad_accum_steps,
-        "train_batch_size": tc.batch_size * tc.grad_accum_steps * dp_size,
+        "train_batch_size": micro * tc.grad_accum_steps * dp_size,
         "gradient_clipping": tc.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
@@ -84,11 +85,12 @@ def lr_lambda(tc: TrainConfig):
     return f
 
 
-def build_engine(model: torch.nn.Module, pc: ParallelConfig, tc: TrainConfig, dp_size: int, mpu=None):
+def build_engine(model: torch.nn.Module, pc: ParallelConfig, tc: TrainConfig, dp_size: int, mpu=None,
+                 micro_batch: int | None = None):
     """deepspeed.initialize with our optimiser and schedule; returns the engine."""
     import deepspeed
 
-    config = deepspeed_config(pc, tc, dp_size)
+    config = deepspeed_config(pc, tc, dp_size, micro_batch)
     optimizer = None
     if "optimizer" not in config:
         optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps,

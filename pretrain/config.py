@@ -84,9 +84,10 @@ class TrainConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
-    batch_size: int = 1  # rows per rank per micro step
+    batch_size: int = 1  # rows per rank per micro step of the synthetic source (the loader: data.batch_size)
     grad_accum_steps: int = 1
     seed: int = 0
+    data: Literal["latents", "synthetic"] = "latents"  # the streaming loader (`data:`) or moving squares
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_last: int = 3  # checkpoints kept besides every `keep_every`-th

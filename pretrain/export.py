@@ -54,3 +54,15 @@ def load_export(model: torch.nn.Module, path: str | Path) -> None:
             raise ConfigError(f"{path}: lacks {missing[:4]}")
         for k, v in own.items():
             v.copy_(f.get_tensor(k).to(v.dtype))
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor, in name order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        t = state_dict[k].detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

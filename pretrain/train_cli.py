@@ -62,6 +62,40 @@ def plan_stages(config: str, overrides: list[str], only_stage: int | None) -> li
     return plan
 
 
+def check_token_limits(plan: list[tuple[str, JobConfig]]) -> None:
+    """A stage whose samples cannot fit its token limit fails now, not at its first step.
+
+    The smallest sequence F frames can make is one clip (no clean copies):
+    F * (patches + 2) tokens. With the dataset's latent size known (index.json
+    `latent_shape`), that must fit both data.stage.max_tokens and model.max_tokens.
+    """
+    from data.shard_format import ShardFormatError, get_fs, read_index
+    from pretrain.layout import sequence_length
+
+    for name, cfg in plan:
+        if cfg.train.data != "latents":
+            continue
+        st = cfg.data.stage
+        if st.max_tokens > cfg.model.max_tokens:
+            raise ConfigError(f"{name}: data.stage.max_tokens={st.max_tokens} exceeds model.max_tokens="
+                              f"{cfg.model.max_tokens}; the loader would hand the model sequences it refuses")
+        try:
+            index = read_index(*get_fs(cfg.data.root, cfg.data.storage_options))
+        except (ShardFormatError, FileNotFoundError, OSError):
+            continue  # no dataset yet: the loader reports it when the stage starts
+        shape = index.get("latent_shape")
+        if not shape:
+            continue
+        p = cfg.model.patch_size
+        patches = (shape[1] // p) * (shape[2] // p)
+        need = sequence_length([[st.frames]], patches)
+        limit = min(st.max_tokens, cfg.model.max_tokens)
+        if need > limit:
+            raise ConfigError(f"{name}: data.stage.frames={st.frames} needs at least {need} tokens per sample at "
+                              f"latent {shape[1]}x{shape[2]} ({patches} patches per frame), above the token "
+                              f"limit {limit} (data.stage.max_tokens / model.max_tokens)")
+
+
 def run_plan(plan: list[tuple[str, JobConfig]], only_stage: int | None, resume: str) -> list[Path]:
     from pretrain.trainer import Trainer
 
@@ -96,10 +130,12 @@ def main(argv: list[str]) -> int:
             from pretrain.trainer import check_layout_fits
             for _, cfg in plan:
                 check_layout_fits(cfg, args.nproc)
+            check_token_limits(plan)
             return _spawn_torchrun(args.nproc, argv)
         from pretrain.trainer import check_layout_fits
         for _, cfg in plan:
             check_layout_fits(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        check_token_limits(plan)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

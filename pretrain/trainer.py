@@ -28,7 +28,7 @@ from parallel.engine import (DistInfo, apply_activation_checkpointing, build_eng
 from parallel.sequence_parallel import apply_sequence_parallel
 from parallel.tensor_parallel import apply_tensor_parallel
 from pretrain.checkpoint import CheckpointManager
-from pretrain.export import load_export, save_export
+from pretrain.export import load_export, save_export, weights_fingerprint
 from pretrain.model import build_model
 from pretrain.objective import next_clip_loss, row_seed
 from pretrain.synthetic import SyntheticSource
@@ -59,6 +59,7 @@ class Trainer:
         self.model = build_model(cfg.model, device=self.device.device, seed=cfg.train.seed)
         if cfg.train.init_from:
             load_export(self.model, cfg.train.init_from)
+            self._record_init(cfg.train.init_from)
         if pc.tensor_parallel > 1:
             apply_tensor_parallel(self.model, tp_group=self.groups.tp_group)
         if pc.sequence_parallel > 1:
@@ -68,13 +69,26 @@ class Trainer:
         # with SP, DeepSpeed averages gradients over dp x sp ranks (each SP rank holds the full loss)
         mpu = self.groups.deepspeed_mpu() if self.groups else None
         grad_ranks = mpu.get_data_parallel_world_size() if mpu else self.dist.world_size
-        self.engine = build_engine(self.model, pc, cfg.train, grad_ranks, mpu=mpu)
-        self.data = (data_factory or SyntheticSource)(cfg, self.dp_rank, self.dp_size)
+        self.engine = build_engine(self.model, pc, cfg.train, grad_ranks, mpu=mpu, micro_batch=self.rows_per_micro())
+        if data_factory is None:
+            data_factory = SyntheticSource if cfg.train.data == "synthetic" else LatentSource
+        self.data = data_factory(cfg, self.dp_rank, self.dp_size)
         self.ckpt = CheckpointManager(self.out / "checkpoints", self.dist.rank, cfg.train.keep_last,
                                       cfg.train.keep_every)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self._tb = None
+
+    def _record_init(self, path: str) -> None:
+        """Which weights this stage starts from, for the run's provenance (and the chaining test)."""
+        fp = weights_fingerprint(self.model.state_dict())
+        self._log_line(f"{self.stage_name}: initialised from {path} (weights {fp[:12]})")
+        if self.dist.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "init.json").write_text(json.dumps({"init_from": str(path), "weights_sha256": fp}))
+
+    def rows_per_micro(self) -> int:
+        return self.cfg.train.batch_size if self.cfg.train.data == "synthetic" else self.cfg.data.batch_size
 
     # ------------------------------------------------------------ state
     def trainer_state(self) -> dict[str, Any]:
@@ -107,13 +121,19 @@ class Trainer:
         for micro in range(tc.grad_accum_steps):
             batch, global_rows = self.data.batch(self.step, micro)
             batch = batch.to(self.device.device)
-            seeds = [row_seed(tc.seed, g) for g in global_rows]
-            loss = next_clip_loss(self.model, batch, self.cfg.objective, seeds, forward=self.engine)
+            if not batch.layout:
+                # every sample of this rank's share was skipped: a zero-weight step that still
+                # runs forward/backward, so the collectives of the other ranks are joined
+                batch, global_rows, weight = self.data.placeholder(), [], 0.0
+            else:
+                weight = 1.0
+            seeds = [row_seed(tc.seed, g) for g in global_rows] or [0]
+            loss = weight * next_clip_loss(self.model, batch, self.cfg.objective, seeds, forward=self.engine)
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.detach().float().item()
             seq = self.model.sequence(batch.layout, tuple(batch.latents.shape[-2:]))
-            tokens += sum(seq.lengths)
+            tokens += sum(seq.lengths) if global_rows else 0
             rows += len(global_rows)
         self.step += 1
         stats = torch.tensor([loss_sum / tc.grad_accum_steps, float(tokens), float(rows)], dtype=torch.float64)
@@ -198,6 +218,49 @@ class Trainer:
                   f"grad_norm {m['grad_norm']:.3f}  lr {m['lr']:.2e}  {m['tokens_per_s']:.0f} tok/s  "
                   f"{m['samples_per_s']:.2f} samples/s  {m['step_time'] * 1000:.0f} ms/step{mfu}  ETA {eta:.0f}s",
                   flush=True)
+
+
+class LatentSource:
+    """The streaming latent loader (data/loader.py) as the trainer's data source."""
+
+    def __init__(self, cfg: JobConfig, dp_rank: int, dp_size: int):
+        from data.loader import LatentLoader
+
+        from data.shard_format import get_fs, read_index
+
+        self.loader = LatentLoader(cfg.data, rank=dp_rank, world_size=dp_size)
+        self._it = None
+        index = read_index(*get_fs(cfg.data.root, cfg.data.storage_options))
+        p = cfg.model.patch_size
+        # shape of a zero-weight placeholder row, until a real batch has shown the latent size
+        self._shape = tuple(index.get("latent_shape") or (cfg.model.latent_channels, 2 * p, 2 * p))
+
+    def batch(self, step: int, micro: int = 0):
+        # the loader's cursor, not `step`, says where we are: it is restored from the checkpoint
+        if self._it is None:
+            self._it = iter(self.loader)
+        try:
+            b = next(self._it)
+        except StopIteration:
+            raise RuntimeError("data: the loader ran out of samples (data.epochs reached) before train.steps; "
+                               "raise data.epochs (0 = endless) or lower train.steps") from None
+        if b.layout:
+            self._shape = tuple(b.latents.shape[2:])
+        return b, b.row_index
+
+    def placeholder(self):
+        from pretrain.layout import Batch
+
+        return Batch(torch.zeros(1, 1, *self._shape), [[[1]]])
+
+    def state_dict(self) -> dict:
+        return {"kind": "latents", **self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "latents":
+            raise ValueError(f"loader state of kind {state.get('kind')!r} cannot resume the latent loader")
+        self.loader.load_state_dict({k: v for k, v in state.items() if k != "kind"})
+        self._it = None
 
 
 def check_layout_fits(cfg: JobConfig, world_size: int) -> None:

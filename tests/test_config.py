@@ -21,9 +21,15 @@ def test_config_dir_is_not_empty():
 
 @pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(CONFIG_ROOT)))
 def test_every_config_file_loads(path: Path):
+    raw = yaml.safe_load(path.read_text())
     if path.parent == CONFIG_ROOT / "model":
-        cfg = from_dict(ModelConfig, yaml.safe_load(path.read_text()), "model")
+        cfg = from_dict(ModelConfig, raw, "model")
         assert cfg.hidden_size % cfg.num_heads == 0
+    elif "stages" in raw:  # a curriculum: every stage, merged with the shared sections
+        from pretrain.train_cli import plan_stages
+        plan = plan_stages(str(path), [], None)
+        assert [name for name, _ in plan] == [f"stage{i}" for i in range(1, len(raw["stages"]) + 1)]
+        assert all(isinstance(cfg, JobConfig) for _, cfg in plan)
     else:
         assert isinstance(load_config(path), JobConfig)
 
@@ -66,3 +72,24 @@ def test_cli_rejects_a_bad_key_before_any_work(tmp_path):
     assert out.returncode == 2
     assert "unknown config key 'train.stepz'" in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_pretrain_curriculum_follows_method_md():
+    from pretrain.train_cli import plan_stages
+    plan = dict(plan_stages(str(CONFIG_ROOT / "pretrain.yaml"), [], None))
+    assert [plan[f"stage{i}"].data.stage.frames for i in range(1, 5)] == [16, 48, 48, 80]
+    assert plan["stage1"].data.stage.clips == "single_frame" and plan["stage2"].data.stage.clips == "random"
+    assert plan["stage3"].data.stage.interval == "random" and plan["stage2"].data.stage.interval_value == 4
+    for cfg in plan.values():  # shared sections reach every stage
+        assert (cfg.model.hidden_size, cfg.train.lr, cfg.train.betas, cfg.train.eps) == (3072, 1e-4, (0.9, 0.95), 1e-5)
+        assert (cfg.train.weight_decay, cfg.train.grad_clip, cfg.parallel.zero_stage) == (0.1, 1.0, 2)
+    assert plan["stage4"].parallel.sequence_parallel == 8 and plan["stage1"].parallel.sequence_parallel == 1
+
+
+def test_a_bad_key_in_a_later_stage_fails_naming_the_stage(tmp_path):
+    from pretrain.train_cli import plan_stages
+    (tmp_path / "s1.yaml").write_text("train: {steps: 3}\n")
+    (tmp_path / "s2.yaml").write_text("train: {stepz: 3}\n")
+    (tmp_path / "all.yaml").write_text("stages: [s1.yaml, s2.yaml]\nmodel: {preset: debug}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.stepz'.*\(stage 2: .*s2.yaml\)"):
+        plan_stages(str(tmp_path / "all.yaml"), [], None)

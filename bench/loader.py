@@ -1,0 +1,146 @@
+"""Loader throughput vs the raw read bandwidth of the same shard files, measured in one run.
+
+    python bench/loader.py [--root DIR] [--shards 12] [--videos 32] [--frames 64] [--workers 0 1 2]
+
+Writes a toy latent dataset (bf16 latents of 4x22x40, i.e. 320x176 video, in the
+real shard format) unless --root names one, then measures:
+  raw:    every shard file read sequentially in 4 MiB chunks (what `cat` does);
+  twice:  "cached" (files in the page cache: raw is then memory bandwidth) and
+          "cold" (the shard files, and only they, evicted with posix_fadvise
+          DONTNEED before every run, raw and loader alike: disk bandwidth);
+  loader: one epoch of stage 1 sampling (16 frames at interval 4, batch 4), per
+          worker count, with and without sha256 verification. MB/s counts the
+          shard bytes of the positions served (the loader must read whole videos).
+Each figure is the best of --repeats runs (the machine is shared; best-of is the
+least noisy estimate of what it can do). Prints one line per configuration with
+samples/s, MB/s and the ratio to raw.
+The goal is >= 0.8 of raw. No figure here is asserted anywhere: it is a report.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from data.config import DataConfig, StageSamplingConfig  # noqa: E402
+from data.loader import LatentLoader  # noqa: E402
+from data.shard_format import decode_sample, get_fs, iter_tar, read_index  # noqa: E402
+from data.toy_dataset import write_toy_dataset  # noqa: E402
+
+CHUNK = 4 << 20
+
+
+def drop_cache(paths: list[str]) -> None:
+    """Evict these files (only these) from the page cache: the next read comes from the disk."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_read(paths: list[str], cold: bool = False) -> float:
+    """Seconds to read every file sequentially, cat-style."""
+    if cold:
+        drop_cache(paths)
+    t = time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.read(CHUNK):
+                pass
+    return time.perf_counter() - t
+
+
+def component_ceilings(path: str) -> dict[str, float]:
+    """MB/s of each per-byte stage of the loader on one core, on one shard (best of 3)."""
+    data = open(path, "rb").read()
+    samples = list(iter_tar(data))
+    stages = {"sha256": lambda: hashlib.sha256(data).digest(), "tar parse": lambda: list(iter_tar(data)),
+              "safetensors decode": lambda: [decode_sample(m) for _, m in samples]}
+    out = {}
+    for name, fn in stages.items():
+        best = min(_timed(fn) for _ in range(3))
+        out[name] = len(data) / best / 1e6
+    return out
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def loader_epoch(cfg: DataConfig, paths: list[str], cold: bool = False) -> tuple[float, int]:
+    loader = LatentLoader(cfg)
+    if cold:
+        drop_cache(paths)
+    t = time.perf_counter()
+    steps = 0
+    for _ in loader:
+        steps += 1
+    return time.perf_counter() - t, steps * cfg.batch_size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", help="an existing latent dataset (default: write a toy one to a temp dir)")
+    ap.add_argument("--shards", type=int, default=16)
+    ap.add_argument("--videos", type=int, default=48, help="videos per shard")
+    ap.add_argument("--frames", type=int, default=64, help="stored latent frames per video")
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--repeats", type=int, default=3, help="best of this many runs (the machine is shared)")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs per cached-mode run (amortises worker start)")
+    args = ap.parse_args()
+
+    tmp = None
+    root = args.root
+    if root is None:
+        tmp = tempfile.TemporaryDirectory(prefix="vgpt-bench-")
+        root = tmp.name
+        write_toy_dataset(root, [args.videos] * args.shards, frames=args.frames, shape=(4, 22, 40),
+                          dtype=torch.bfloat16)
+    fs, path = get_fs(root)
+    index = read_index(fs, path)
+    paths = [f"{path}/shards/{s['name']}.tar" for s in index["shards"]]
+    total = sum(os.path.getsize(p) for p in paths)
+    n = index["num_samples"]
+    print(f"dataset: {len(paths)} shards, {n} videos, {total / 1e6:.1f} MB; cpus={os.cpu_count()} "
+          f"load average {os.getloadavg()[0]:.1f} (other work on the machine skews every figure)")
+
+    ceilings = component_ceilings(paths[0])
+    print("one-core ceilings of the loader's per-byte work: "
+          + ", ".join(f"{k} {v:.0f} MB/s" for k, v in ceilings.items()))
+    stage = StageSamplingConfig(frames=16, interval="fixed", interval_value=4, clips="single_frame")
+    for cold in (False, True):
+        where = "cold (page cache dropped per run)" if cold else "cached (page cache warm)"
+        raw_read(paths)  # warm-up
+        raw = min(raw_read(paths, cold) for _ in range(args.repeats))
+        raw_mbs = total / raw / 1e6
+        print(f"[{where}] raw sequential read: {raw_mbs:8.1f} MB/s ({n / raw:8.1f} videos/s)")
+        for verify in (True, False):
+            for workers in args.workers:
+                cfg = DataConfig(root=root, batch_size=4, num_workers=workers, epochs=1 if cold else args.epochs,
+                                 shuffle_buffer=64,
+                                 verify_sha256=verify, dtype="bfloat16", stage=stage)
+                loader_epoch(cfg, paths)  # warm-up (worker start, caches)
+                runs = [loader_epoch(cfg, paths, cold) for _ in range(args.repeats)]
+                secs, served = min(runs)
+                mbs = served * (total / n) / secs / 1e6
+                print(f"[{where}] loader workers={workers} sha256={'on ' if verify else 'off'}: "
+                      f"{served / secs:7.1f} samples/s {mbs:7.1f} MB/s  ratio to raw {mbs / raw_mbs:5.2f}")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""`vgpt train --config configs/pretrain.yaml` runs the four stages end to end on a
+tiny latent dataset, each starting from the previous stage's export."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from data.toy_dataset import write_toy_dataset
+from pretrain.export import weights_fingerprint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_pretrain(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "orchestration.cli", "train", "--config", str(REPO / "configs/pretrain.yaml"),
+           "--model.preset=debug", "--model.attention=blockwise", f"--data.root={tmp_path / 'latents'}",
+           "--data.num_workers=0", "--train.steps=2", "--train.warmup_steps=0", "--train.log_every=1",
+           "--train.tensorboard=false", f"--train.out_dir={tmp_path / 'run'}", "--parallel.precision=fp32",
+           "--parallel.sequence_parallel=1", "--parallel.activation_checkpointing=false", *extra]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+
+
+def test_four_stages_chain_through_exports(tmp_path):
+    # stage 4 samples 80 frames at interval >= 4: videos need at least 317 stored frames
+    write_toy_dataset(str(tmp_path / "latents"), [3, 2], frames=330, shape=(4, 4, 4))
+    res = run_pretrain(tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = tmp_path / "run"
+    lines = [json.loads(x) for x in (run / "stage4" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    for i in range(1, 5):
+        assert (run / f"stage{i}" / "export" / "model.safetensors").is_file(), f"stage {i} exported nothing"
+        assert f"[stage{i}] step      2/2" in res.stdout
+    for i in range(2, 5):
+        init = json.loads((run / f"stage{i}" / "init.json").read_text())
+        previous = load_file(str(run / f"stage{i - 1}" / "export" / "model.safetensors"))
+        assert init["init_from"].endswith(f"stage{i - 1}/export/model.safetensors")
+        assert init["weights_sha256"] == weights_fingerprint(previous), f"stage {i} did not start from stage {i - 1}"
+    # stages differ by data: stage 1 is next-frame (one frame per clip), stage 4 uses 80 frames
+    assert weights_fingerprint(load_file(str(run / "stage1/export/model.safetensors"))) != \
+        weights_fingerprint(load_file(str(run / "stage4/export/model.safetensors")))
+
+
+def test_frames_beyond_the_token_limit_fail_before_training(tmp_path):
+    write_toy_dataset(str(tmp_path / "latents"), [2], frames=330, shape=(4, 4, 4))
+    res = run_pretrain(tmp_path, "--data.stage.max_tokens=400", "--model.max_tokens=400")
+    assert res.returncode == 2
+    assert "stage4: data.stage.frames=80 needs at least 480 tokens per sample at latent 4x4" in res.stderr
+    assert not (tmp_path / "run").exists()
