@@ -13,6 +13,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-debug": ("pretrain.debug_run", "train the model on synthetic moving-square latents (one process)"),
     "train": ("pretrain.train_cli", "train one stage or the four-stage curriculum (DeepSpeed)"),
+    "precompute": ("orchestration.precompute_job", "encode videos into latent shards (a Ray job; local Ray if none)"),
     "config": ("orchestration.show_config", "print the resolved config after presets and overrides"),
 }
 

@@ -21,6 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from data.config import DataConfig
+from data.precompute_config import PrecomputeConfig
 from parallel.config import ParallelConfig
 from pretrain.config import ConfigError, ModelConfig, ObjectiveConfig, SyntheticDataConfig, TrainConfig
 
@@ -35,6 +36,7 @@ class JobConfig:
     synthetic: SyntheticDataConfig = dataclasses.field(default_factory=SyntheticDataConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    precompute: PrecomputeConfig = dataclasses.field(default_factory=PrecomputeConfig)
 
 
 # ---------------------------------------------------------------- conversion

@@ -36,20 +36,25 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin for integer position ids; partial rotary as Phi-3's `partial_rotary_factor`."""
+    """cos/sin for integer position ids; partial rotary as Phi-3's `partial_rotary_factor`.
+
+    Frequencies are recomputed in float32 on every call rather than kept in a
+    buffer: engines cast buffers to bf16 with the model, and a bf16 inverse
+    frequency is off by up to 0.4%, i.e. by hundreds of radians of phase at the
+    35k positions of a stage-4 sequence.
+    """
 
     def __init__(self, head_dim: int, theta: float, partial: float = 1.0):
         super().__init__()
         self.rot_dim = int(head_dim * partial)
         self.theta = theta
-        self.register_buffer("inv_freq", torch.empty(self.rot_dim // 2), persistent=False)
 
-    def reset_parameters(self) -> None:
-        exps = torch.arange(0, self.rot_dim, 2, dtype=torch.float32, device=self.inv_freq.device) / self.rot_dim
-        self.inv_freq.copy_(1.0 / (self.theta ** exps))
+    def inv_freq(self, device) -> torch.Tensor:
+        exps = torch.arange(0, self.rot_dim, 2, dtype=torch.float32, device=device) / self.rot_dim
+        return 1.0 / (self.theta ** exps)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids.float()[..., None] * self.inv_freq  # [B, L, rot/2]
+        freqs = position_ids.float()[..., None] * self.inv_freq(position_ids.device)  # [B, L, rot/2]
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, L, rot]
 

@@ -122,7 +122,6 @@ class VideoGPT(nn.Module):
             lin.weight.zero_()
             lin.bias.zero_()
         self.pos_table.copy_(sincos_2d_table(self.cfg.hidden_size, self.cfg.pos_embed_max_size))
-        self.backbone.rotary.reset_parameters()
 
     # ------------------------------------------------------------ forward
     def positions_2d(self, h: int, w: int) -> torch.Tensor:
@@ -153,6 +152,9 @@ class VideoGPT(nn.Module):
             raise ConfigError(f"latents: got {C} channels, expected {self.cfg.latent_channels} (model.latent_channels)")
         p, D = self.cfg.patch_size, self.cfg.hidden_size
         P = (h // p) * (w // p)
+        # inputs follow the weights' dtype (bf16 under a bf16 engine); the loss stays in float32
+        dtype = self.noisy_embedder.proj.weight.dtype
+        x_noisy, x_clean = x_noisy.to(dtype), x_clean.to(dtype)
         pos = self.positions_2d(h // p, w // p).to(x_noisy.dtype)
         noisy = (self.noisy_embedder(x_noisy.flatten(0, 1)) + pos).reshape(B, F * P, D)
         clean = (self.clean_embedder(x_clean.flatten(0, 1)) + pos).reshape(B, F * P, D)

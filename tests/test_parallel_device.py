@@ -23,6 +23,24 @@ def test_this_machine_gets_cpu_and_gloo(monkeypatch):
     assert os.environ["DS_ACCELERATOR"] == "cpu"
 
 
+# The fake NPU renames torch's PrivateUse1 backend to "npu", as the real torch_npu does:
+# process-wide and irreversible, and it breaks libraries that probe device modules later
+# (diffusers). So the NPU tests run in a fresh interpreter, started by the test below.
+IN_NPU_PROCESS = os.environ.get("VGPT_FAKE_NPU_PROCESS") == "1"
+npu_process_only = pytest.mark.skipif(not IN_NPU_PROCESS, reason="runs inside test_npu_paths_in_a_fresh_process")
+
+
+def test_npu_paths_in_a_fresh_process():
+    import subprocess
+    if IN_NPU_PROCESS:
+        pytest.skip("this is the fresh process")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "npu"],
+                         env=dict(os.environ, VGPT_FAKE_NPU_PROCESS="1"), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "2 passed" in res.stdout, res.stdout[-2000:]
+
+
 @pytest.fixture
 def fake_npu(monkeypatch):
     """A `torch_npu` that registers `torch.npu` (3 devices), with every CUDA entry point rigged to fail."""
@@ -30,8 +48,7 @@ def fake_npu(monkeypatch):
     npu = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 3,
                                 set_device=lambda i: calls.append(("set_device", i)))
     module = types.ModuleType("torch_npu")
-    # what importing the real torch_npu does first; process-wide and irreversible, and harmless
-    # to other tests (nothing else uses the PrivateUse1 device slot)
+    # what importing the real torch_npu does first; process-wide and irreversible (see above)
     if torch._C._get_privateuse1_backend_name() != "npu":
         torch.utils.rename_privateuse1_backend("npu")
     monkeypatch.setitem(sys.modules, "torch_npu", module)
@@ -45,6 +62,7 @@ def fake_npu(monkeypatch):
     return calls
 
 
+@npu_process_only
 def test_npu_path_selects_hccl_and_npu_devices_without_touching_cuda(fake_npu, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "2")
     spec = select_device("npu")
@@ -57,6 +75,7 @@ def test_npu_path_selects_hccl_and_npu_devices_without_touching_cuda(fake_npu, m
         select_device("npu", local_rank=3)
 
 
+@npu_process_only
 def test_auto_prefers_cuda_then_npu(fake_npu, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto's one CUDA question
     spec = select_device("auto", local_rank=1)

@@ -1,0 +1,59 @@
+"""Synthetic videos as real files (PyAV): for tests, the bench and the quickstart.
+
+Smooth moving gradients with a bright square, so that codecs compress them
+well and a resized frame stays close to the source; plus writers for the bad
+inputs the farm must quarantine (empty, truncated, not a video).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def pattern_frames(width: int, height: int, num_frames: int, seed: int = 0) -> np.ndarray:
+    """uint8 [T, H, W, 3]: a drifting colour gradient and a moving square."""
+    rng = np.random.default_rng(seed)
+    phase = rng.uniform(0, 2 * np.pi, size=3)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    side = max(8, min(width, height) // 4)
+    for t in range(num_frames):
+        for c in range(3):
+            wave = np.sin(xx / width * 2 * np.pi + phase[c] + 0.2 * t) + np.cos(yy / height * np.pi + 0.1 * t * c)
+            frames[t, :, :, c] = (127.5 + 60 * wave).clip(0, 255).astype(np.uint8)
+        x0 = int((t * 7) % max(1, width - side))
+        y0 = int((t * 3) % max(1, height - side))
+        frames[t, y0:y0 + side, x0:x0 + side] = 235
+    return frames
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: int, codec: str = "mpeg4") -> Path:
+    """Encode uint8 [T, H, W, 3] frames (even sides) with PyAV; container from the suffix."""
+    path = Path(path)
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        if codec == "mpeg4":
+            stream.options = {"qscale": "2"}  # near-lossless: tests compare against the source
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def write_bad_inputs(folder: str | Path, good_example: Path | None = None) -> dict[str, str]:
+    """Files that are not decodable videos: name -> what is wrong with it."""
+    folder = Path(folder)
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "text.mp4").write_text("this is not a video\n" * 20)
+    out = {"empty.mp4": "empty file", "text.mp4": "not a readable video container"}
+    if good_example is not None:
+        data = good_example.read_bytes()
+        (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])
+        out["truncated.mp4"] = "truncated"
+    return out

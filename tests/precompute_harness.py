@@ -1,0 +1,130 @@
+"""Harness for the precompute farm's end-to-end tests: a Ray head on loopback,
+`ray job submit` through the real CLI, real mp4 inputs, and dataset readers.
+
+The head runs as `ray start --head --block` in its own process group with its
+own temp dir, and teardown ends that group: other Ray instances on the machine
+(other engineers', other test sessions) are left alone, which `ray stop` would
+not do.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from data.shard_format import committed_manifests, iter_tar
+from data.synth_videos import pattern_frames, write_bad_inputs, write_video
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "configs/precompute/tiny.yaml"
+
+# name, width, height, frames, fps, codec: all valid under configs/precompute/tiny.yaml
+GOOD = [("clip_a", 256, 144, 20, 24, "mpeg4"), ("clip-b", 160, 128, 12, 10, "h264"),
+        ("clip c", 224, 128, 16, 30, "mpeg4"), ("clip_d", 192, 144, 9, 15, "h264")]
+# name -> regex the errors/ record's reason must match
+BAD = {"empty.mp4": "empty file", "text.mp4": "not a readable video container",
+       "truncated.mp4": "not a readable video container|decode error", "short.mp4": "too few frames: 2 sampled",
+       "small.mp4": "too small: 120x96", "wide.mp4": r"aspect ratio 5\.00:1"}
+
+
+def make_inputs(folder: Path) -> dict[str, Path]:
+    """Real videos (different sizes, fps, lengths, codecs) plus every bad input of acceptance 4."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = {}
+    for i, (name, w, h, t, fps, codec) in enumerate(GOOD):
+        good[name] = write_video(folder / f"{name}.mp4", pattern_frames(w, h, t, seed=i), fps, codec)
+    write_video(folder / "short.mp4", pattern_frames(160, 128, 2, seed=7), 24)
+    write_video(folder / "small.mp4", pattern_frames(120, 96, 10, seed=8), 24)
+    write_video(folder / "wide.mp4", pattern_frames(640, 128, 8, seed=9), 24)
+    write_bad_inputs(folder, good["clip_a"])
+    (folder / "notes.txt").write_text("not an input: wrong extension")
+    return good
+
+
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+class RayHead:
+    def __init__(self, tmp: Path):
+        from conftest import free_port
+
+        self.port, self.dash = free_port(), free_port()
+        self.temp_dir = tmp / "ray"  # short path: Ray's unix socket paths have a length limit
+        self.log = open(tmp / "ray-head.log", "w")
+        # Ray maps 127.0.0.1 to the routable interface unless told this is a one-box "cluster":
+        # this keeps the GCS, raylet and workers on loopback.
+        # Token auth off for this throwaway loopback head, explicitly, so that a token file
+        # in ~/.ray (which turns it on) does not change what the test does.
+        env = {**os.environ, **RAY_ENV}
+        self.proc = subprocess.Popen(
+            ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+             "--port", str(self.port), "--dashboard-port", str(self.dash), "--num-cpus", "2",
+             "--object-store-memory", str(200 * 1024 * 1024), "--disable-usage-stats",
+             "--temp-dir", str(self.temp_dir), "--include-dashboard", "true"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        self.address = f"http://127.0.0.1:{self.dash}"
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, attempts: int = 240) -> None:
+        # Poll the job server until it answers (bounded); the head takes ~6-20 s on a busy box.
+        for _ in range(attempts):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray head exited with {self.proc.returncode}: see {self.log.name}")
+            try:
+                with urllib.request.urlopen(f"{self.address}/api/version", timeout=2):
+                    return
+            except urllib.error.HTTPError:  # answered (401 under Ray's token auth): it is up
+                return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"ray head at {self.address} did not come up: see {self.log.name}")
+
+    def stop(self) -> None:
+        """SIGKILL the head's process group: this head and its workers only. A graceful
+        `ray start --block` shutdown takes ~30 s here, and the temp dir is thrown away anyway."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.log.close()
+
+    def submit(self, *overrides: str, env: dict | None = None, timeout: int = 300) -> tuple[int, str]:
+        """`ray job submit ... -- vgpt precompute --config tiny.yaml <overrides>`; (exit code, output)."""
+        runtime_env = {"env_vars": {"VGPT_CACHE": os.environ["VGPT_CACHE"], **(env or {})}}
+        cmd = ["ray", "job", "submit", "--address", self.address, "--working-dir", str(REPO),
+               "--runtime-env-json", json.dumps(runtime_env), "--",
+               "vgpt", "precompute", "--config", TINY, *overrides]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                             env={**os.environ, **RAY_ENV, "RAY_ADDRESS": self.address})
+        return out.returncode, out.stdout + out.stderr
+
+
+def read_dataset(fs, root: str) -> dict[str, dict[str, bytes]]:
+    """key -> tar members, over the committed shards; checks every manifest against its tar."""
+    out = {}
+    for stem, m in committed_manifests(fs, root).items():
+        tar = fs.cat_file(f"{root}/shards/{stem}.tar")
+        assert hashlib.sha256(tar).hexdigest() == m.sha256 and len(tar) == m.bytes, f"{stem}: tar != manifest"
+        samples = dict(iter_tar(tar, where=stem))
+        assert list(samples) == m.keys, f"{stem}: tar keys {list(samples)} != manifest keys {m.keys}"
+        for key, members in samples.items():
+            assert key not in out, f"key {key} in two shards"
+            out[key] = members
+    return out
+
+
+def read_errors(fs, root: str) -> dict[str, dict]:
+    fs.invalidate_cache(f"{root}/errors")
+    return {json.loads(fs.cat_file(p))["key"]: json.loads(fs.cat_file(p)) for p in fs.glob(f"{root}/errors/*.json")}
