@@ -122,3 +122,9 @@ def test_bad_layouts_fail_before_any_process_starts(override, message, tmp_path)
     assert res.returncode == 2, res.stderr[-2000:]
     assert message in res.stderr
     assert "torch.distributed" not in res.stderr and not (tmp_path / "run").exists()
+
+
+def test_gradient_accumulation_matches_the_larger_batch(reference, tmp_path):
+    """2 micro steps of 1 row under ZeRO-2 = 1 step of 2 rows: same losses, same weights."""
+    vgpt_train(tmp_path, 1, "--train.batch_size=1", "--train.grad_accum_steps=2", "--parallel.zero_stage=2")
+    assert_parity(tmp_path, reference)
