@@ -92,24 +92,53 @@ def build_tar(samples: Iterable[tuple[str, dict[str, bytes]]]) -> bytes:
 
 def iter_tar(data: bytes | io.BufferedIOBase, where: str = "") -> Iterator[tuple[str, dict[str, bytes]]]:
     """Tar bytes (or a stream) -> (key, members) in order; truncation raises ShardFormatError."""
-    fileobj = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    key, members = None, {}
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        yield from _group_members(_members_of_bytes(data, where))
+        return
+    yield from _group_members(_members_of_stream(data, where))
+
+
+def _members_of_stream(fileobj, where: str) -> Iterator[tuple[str, bytes]]:
     try:
         with tarfile.open(fileobj=fileobj, mode="r|") as tar:
             for info in tar:
-                if not info.isfile():
-                    continue
-                k, _, member = info.name.rpartition("/")[2].partition(".")
-                if key is not None and k != key:
-                    yield key, members
-                    members = {}
-                key = k
-                f = tar.extractfile(info)
-                members[member] = f.read() if f is not None else b""
+                if info.isfile():
+                    f = tar.extractfile(info)
+                    yield info.name, (f.read() if f is not None else b"")
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardFormatError(f"{where}: corrupt or truncated tar: {e}") from None
+
+
+def _members_of_bytes(data: bytes | bytearray | memoryview, where: str) -> Iterator[tuple[str, bytes]]:
+    """Whole shard in memory: read only the headers, slice the payloads (several times
+    faster than streaming every byte through tarfile)."""
+    view = memoryview(data)
+    try:
+        infos = tarfile.open(fileobj=io.BytesIO(data), mode="r:").getmembers()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ShardFormatError(f"{where}: corrupt or truncated tar: {e}") from None
+    for info in infos:
+        if not info.isfile():
+            continue
+        end = info.offset_data + info.size
+        if end > len(view):
+            raise ShardFormatError(f"{where}: corrupt or truncated tar: member {info.name!r} ends at byte "
+                                   f"{end} but the file has {len(view)}")
+        yield info.name, bytes(view[info.offset_data:end])
+
+
+def _group_members(members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Consecutive members sharing a key (basename up to its first dot) form one sample."""
+    key, group = None, {}
+    for name, payload in members:
+        k, _, member = name.rpartition("/")[2].partition(".")
+        if key is not None and k != key:
+            yield key, group
+            group = {}
+        key = k
+        group[member] = payload
     if key is not None:
-        yield key, members
+        yield key, group
 
 
 @dataclass
