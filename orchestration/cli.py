@@ -14,6 +14,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-debug": ("pretrain.debug_run", "train the model on synthetic moving-square latents (one process)"),
     "train": ("pretrain.train_cli", "train one stage or the four-stage curriculum (DeepSpeed)"),
     "precompute": ("orchestration.precompute_job", "encode videos into latent shards (a Ray job; local Ray if none)"),
+    "launch": ("orchestration.launch", "write torchrun/DeepSpeed/Slurm/Kubernetes/Ray launch files for one stage"),
+    "ckpt": ("orchestration.ckpt_cli", "list, verify, inspect, export or prune a run's checkpoints"),
     "config": ("orchestration.show_config", "print the resolved config after presets and overrides"),
 }
 

@@ -40,9 +40,19 @@ def init_process_group(backend: str) -> DistInfo:
         if "WORLD_SIZE" not in os.environ:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # Under torchrun the rendezvous store outlives a failed attempt; give every attempt its own
+            # key space, or the restarted ranks read the dead ranks' addresses and gloo cannot connect.
+            from datetime import timedelta
+
+            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                 int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timedelta(minutes=30))
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"vgpt/attempt_{restart}/", base),
+                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # a no-op when started above
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 

@@ -123,6 +123,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--stage", type=int, default=None, help="run only this stage of a curriculum")
     parser.add_argument("--resume", default="auto", help="auto (newest complete checkpoint) | none | a path")
     parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (spawns torchrun)")
+    parser.add_argument("--max-restarts", type=int, default=0,
+                        help="with --nproc: torchrun restarts all workers this often after a failure; "
+                             "each restart resumes from the newest complete checkpoint")
     args, overrides = parser.parse_known_args(argv)
     try:
         plan = plan_stages(args.config, overrides, args.stage)
@@ -131,7 +134,7 @@ def main(argv: list[str]) -> int:
             for _, cfg in plan:
                 check_layout_fits(cfg, args.nproc)
             check_token_limits(plan)
-            return _spawn_torchrun(args.nproc, argv)
+            return _spawn_torchrun(args.nproc, args.max_restarts, argv)
         from pretrain.trainer import check_layout_fits
         for _, cfg in plan:
             check_layout_fits(cfg, int(os.environ.get("WORLD_SIZE", "1")))
@@ -143,7 +146,8 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _spawn_torchrun(nproc: int, argv: list[str]) -> int:
+def _spawn_torchrun(nproc: int, max_restarts: int, argv: list[str]) -> int:
+    """Re-run this command under torchrun on loopback (c10d rendezvous, elastic restarts)."""
     from parallel.engine import _free_port
 
     rest, skip = [], False
@@ -151,12 +155,13 @@ def _spawn_torchrun(nproc: int, argv: list[str]) -> int:
         if skip:
             skip = False
             continue
-        if a == "--nproc":
+        if a in ("--nproc", "--max-restarts"):
             skip = True
             continue
-        if a.startswith("--nproc="):
+        if a.startswith(("--nproc=", "--max-restarts=")):
             continue
         rest.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "orchestration.cli", "train", *rest]
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", f"--max_restarts={max_restarts}",
+           "-m", "orchestration.cli", "train", *rest]
     return subprocess.call(cmd)

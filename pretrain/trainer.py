@@ -118,6 +118,7 @@ class Trainer:
         tc = self.cfg.train
         t0 = time.perf_counter()
         loss_sum, tokens, rows = 0.0, 0, 0
+        self._step_rows = []
         for micro in range(tc.grad_accum_steps):
             batch, global_rows = self.data.batch(self.step, micro)
             batch = batch.to(self.device.device)
@@ -135,14 +136,18 @@ class Trainer:
             seq = self.model.sequence(batch.layout, tuple(batch.latents.shape[-2:]))
             tokens += sum(seq.lengths) if global_rows else 0
             rows += len(global_rows)
+            self._step_rows += list(global_rows)
         self.step += 1
         stats = torch.tensor([loss_sum / tc.grad_accum_steps, float(tokens), float(rows)], dtype=torch.float64)
         dist.all_reduce(stats)
+        consumed: list = [None] * self.dist.world_size
+        dist.all_gather_object(consumed, self._step_rows)
         grad_norm = self.engine.get_global_grad_norm()
         return {"step": self.step, "loss": stats[0].item() / self.dist.world_size, "tokens": stats[1].item(),
                 "samples": stats[2].item(), "step_time": time.perf_counter() - t0,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "lr": self.engine.get_lr()[0]}
+                "lr": self.engine.get_lr()[0],
+                "sample_rows": sorted({r for rank_rows in consumed for r in rank_rows})}
 
     def run(self, resume: str = "auto") -> Path:
         """Train to `train.steps`, checkpointing; returns the path of the final export."""
@@ -172,11 +177,12 @@ class Trainer:
         return export
 
     def _fault_injection(self) -> None:
-        """VGPT_FAULT_KILL=RANK:STEP SIGKILLs that rank after that step (elastic-restart tests)."""
+        """VGPT_FAULT_KILL=RANK:STEP SIGKILLs that rank after that step (elastic-restart tests);
+        only in the first attempt, so the restarted workers run through."""
         import os
         import signal
         spec = os.environ.get("VGPT_FAULT_KILL")
-        if spec:
+        if spec and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
             rank, step = (int(x) for x in spec.split(":"))
             if rank == self.dist.rank and step == self.step:
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -14,3 +14,9 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 python -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $PIP --no-build-isolation "deepspeed>=0.16"
 $PIP -e ".[dev]"
+# The linter for the Slurm/torchrun scripts `vgpt launch` renders (tests/test_launch.py
+# skips that check without shellcheck); installed from Debian only when we are root with apt-get.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && ! command -v shellcheck >/dev/null 2>&1; then
+  apt-get update -qq >/dev/null 2>&1 || true
+  apt-get install -y -qq shellcheck >/dev/null 2>&1 || true
+fi

@@ -25,6 +25,9 @@ def test_every_config_file_loads(path: Path):
     if path.parent == CONFIG_ROOT / "model":
         cfg = from_dict(ModelConfig, raw, "model")
         assert cfg.hidden_size % cfg.num_heads == 0
+    elif path.parent == CONFIG_ROOT / "cluster":  # a cluster description for `vgpt launch`
+        from orchestration.cluster_config import ClusterConfig
+        assert isinstance(load_config(path, cls=ClusterConfig), ClusterConfig)
     elif "stages" in raw:  # a curriculum: every stage, merged with the shared sections
         from pretrain.train_cli import plan_stages
         plan = plan_stages(str(path), [], None)
