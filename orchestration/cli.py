@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pretrain.train_cli", "train one stage or the four-stage curriculum (DeepSpeed)"),
     "precompute": ("orchestration.precompute_job", "encode videos into latent shards (a Ray job; local Ray if none)"),
     "launch": ("orchestration.launch", "write torchrun/DeepSpeed/Slurm/Kubernetes/Ray launch files for one stage"),
+    "sweep": ("orchestration.sweep", "scaling-law sweep: `run` trials on Ray, `fit` L(N, D) and recommend N, D"),
     "ckpt": ("orchestration.ckpt_cli", "list, verify, inspect, export or prune a run's checkpoints"),
     "config": ("orchestration.show_config", "print the resolved config after presets and overrides"),
 }

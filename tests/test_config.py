@@ -28,6 +28,10 @@ def test_every_config_file_loads(path: Path):
     elif path.parent == CONFIG_ROOT / "cluster":  # a cluster description for `vgpt launch`
         from orchestration.cluster_config import ClusterConfig
         assert isinstance(load_config(path, cls=ClusterConfig), ClusterConfig)
+    elif path.parent == CONFIG_ROOT / "sweep":  # a scaling-law sweep: its grid must expand into valid trials
+        from orchestration.sweep_config import SweepConfig
+        from orchestration.sweep_trial import plan
+        assert plan(load_config(path, cls=SweepConfig))
     elif "stages" in raw:  # a curriculum: every stage, merged with the shared sections
         from pretrain.train_cli import plan_stages
         plan = plan_stages(str(path), [], None)
