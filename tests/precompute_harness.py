@@ -106,8 +106,14 @@ class RayHead:
         cmd = ["ray", "job", "submit", "--address", self.address, "--working-dir", str(REPO),
                "--runtime-env-json", json.dumps(runtime_env), "--",
                "vgpt", "precompute", "--config", TINY, *overrides]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                             env={**os.environ, **RAY_ENV, "RAY_ADDRESS": self.address})
+        # The dashboard answers before the node's job agent has registered; on a loaded machine that
+        # gap is seconds, and Ray then refuses the submission and asks to try again: do, a bounded number of times.
+        for _ in range(120):
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                 env={**os.environ, **RAY_ENV, "RAY_ADDRESS": self.address})
+            if out.returncode == 0 or "No available agent to submit job" not in out.stdout + out.stderr:
+                break
+            time.sleep(1.0)
         return out.returncode, out.stdout + out.stderr
 
 
