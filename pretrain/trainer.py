@@ -30,6 +30,7 @@ from parallel.tensor_parallel import apply_tensor_parallel
 from pretrain.checkpoint import CheckpointManager
 from pretrain.export import load_export, save_export, weights_fingerprint
 from pretrain.model import build_model
+from pretrain.layout import sequence_length
 from pretrain.objective import next_clip_loss, row_seed
 from pretrain.synthetic import SyntheticSource
 
@@ -133,8 +134,10 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.detach().float().item()
-            seq = self.model.sequence(batch.layout, tuple(batch.latents.shape[-2:]))
-            tokens += sum(seq.lengths) if global_rows else 0
+            if global_rows:  # counted from the layout: the objective already built the token tables
+                h, w = batch.latents.shape[-2:]
+                p = self.cfg.model.patch_size
+                tokens += sum(sequence_length(row, (h // p) * (w // p)) for row in batch.layout)
             rows += len(global_rows)
             self._step_rows += list(global_rows)
         self.step += 1
@@ -152,7 +155,7 @@ class Trainer:
     def run(self, resume: str = "auto") -> Path:
         """Train to `train.steps`, checkpointing; returns the path of the final export."""
         tc = self.cfg.train
-        self.resume(resume)
+        resumed = self.resume(resume)
         start_step, start_time = self.step, time.perf_counter()
         n_params = sum(p.numel() for p in self.model.parameters())
         self._log_line(f"{self.stage_name}: {n_params / 1e6:.2f}M parameters, world size {self.dist.world_size}, "
@@ -163,8 +166,7 @@ class Trainer:
             if tc.checkpoint_every and self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
                 self.ckpt.save(self.engine, self.step, self.trainer_state(), self._barrier)
             self._fault_injection()
-        if not (self.ckpt.root / "latest").exists() or self.ckpt.newest_complete(full_verify=False) is None \
-                or self.ckpt.newest_complete(full_verify=False).name != f"step_{self.step:08d}":
+        if not resumed or self.step > start_step:  # else we resumed from this very step's checkpoint
             self.ckpt.save(self.engine, self.step, self.trainer_state(), self._barrier)
         export = self.out / "export" / "model.safetensors"
         full = gather_full_state_dict(self.model, self.cfg.parallel.zero_stage == 3, self.dist.rank,
