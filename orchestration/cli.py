@@ -11,6 +11,9 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("orchestration.quickstart", "the whole system on one CPU box: videos -> latents -> 4 stages -> "
+                                               "predictions and a report"),
+    "predict": ("orchestration.predict_cli", "predict the next frames of videos with an export; PSNR/SSIM/FVD"),
     "train-debug": ("pretrain.debug_run", "train the model on synthetic moving-square latents (one process)"),
     "train": ("pretrain.train_cli", "train one stage or the four-stage curriculum (DeepSpeed)"),
     "precompute": ("orchestration.precompute_job", "encode videos into latent shards (a Ray job; local Ray if none)"),

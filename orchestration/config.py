@@ -23,7 +23,7 @@ import yaml
 from data.config import DataConfig
 from data.precompute_config import PrecomputeConfig
 from parallel.config import ParallelConfig
-from pretrain.config import ConfigError, ModelConfig, ObjectiveConfig, SyntheticDataConfig, TrainConfig
+from pretrain.config import ConfigError, ModelConfig, ObjectiveConfig, PredictConfig, SyntheticDataConfig, TrainConfig
 
 CONFIG_ROOT = Path(os.environ.get("VGPT_CONFIG_ROOT", Path(__file__).resolve().parents[1] / "configs"))
 
@@ -37,6 +37,7 @@ class JobConfig:
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     precompute: PrecomputeConfig = dataclasses.field(default_factory=PrecomputeConfig)
+    predict: PredictConfig = dataclasses.field(default_factory=PredictConfig)
 
 
 # ---------------------------------------------------------------- conversion

@@ -53,7 +53,43 @@ def load_export(model: torch.nn.Module, path: str | Path) -> None:
         if missing:
             raise ConfigError(f"{path}: lacks {missing[:4]}")
         for k, v in own.items():
+            shape = tuple(f.get_slice(k).get_shape())
+            if shape != tuple(v.shape):
+                raise ConfigError(f"{path}: {k} has shape {shape}, this model expects {tuple(v.shape)}")
             v.copy_(f.get_tensor(k).to(v.dtype))
+
+
+def load_exported_model(path: str | Path, device: str | torch.device = "cpu",
+                        expect: ModelConfig | None = None) -> torch.nn.Module:
+    """Build the model an export describes (its header config) and load it; for inference.
+
+    `expect`: the model a config names; an export of another size is refused with the first
+    differing key instead of being silently used.
+    """
+    from orchestration.config import from_dict
+    from pretrain.model import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--checkpoint: {path} does not exist (expected an export, e.g. "
+                          "<out_dir>/export/model.safetensors or the output of `vgpt ckpt export`)")
+    try:
+        header = read_export_config(path)
+    except Exception as e:  # safetensors raises its own error types for non-safetensors files
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"--checkpoint: {path} is not a safetensors export: {e}") from None
+    cfg = from_dict(ModelConfig, header)
+    cfg.phi3_checkpoint = None  # the export holds the trained weights; never re-read the initial ones
+    if expect is not None:
+        for key in ("hidden_size", "num_layers", "num_heads", "mlp_size", "latent_channels", "patch_size"):
+            if getattr(expect, key) != getattr(cfg, key):
+                raise ConfigError(f"{path}: exported with model.{key}={getattr(cfg, key)}, but the config asks for "
+                                  f"model.{key}={getattr(expect, key)} (an export of another model size)")
+        cfg.attention = expect.attention
+    model = build_model(cfg, device=device)
+    load_export(model, path)
+    return model.eval()
 
 
 def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:

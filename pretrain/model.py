@@ -152,12 +152,8 @@ class VideoGPT(nn.Module):
             raise ConfigError(f"latents: got {C} channels, expected {self.cfg.latent_channels} (model.latent_channels)")
         p, D = self.cfg.patch_size, self.cfg.hidden_size
         P = (h // p) * (w // p)
-        # inputs follow the weights' dtype (bf16 under a bf16 engine); the loss stays in float32
-        dtype = self.noisy_embedder.proj.weight.dtype
-        x_noisy, x_clean = x_noisy.to(dtype), x_clean.to(dtype)
-        pos = self.positions_2d(h // p, w // p).to(x_noisy.dtype)
-        noisy = (self.noisy_embedder(x_noisy.flatten(0, 1)) + pos).reshape(B, F * P, D)
-        clean = (self.clean_embedder(x_clean.flatten(0, 1)) + pos).reshape(B, F * P, D)
+        noisy = self.embed_patches(x_noisy.flatten(0, 1), noisy=True).reshape(B, F * P, D)
+        clean = self.embed_patches(x_clean.flatten(0, 1), noisy=False).reshape(B, F * P, D)
         time = self.time_token(t).to(noisy.dtype)  # [B, F, D]
         extra = torch.stack([self.diffusion_marker.to(noisy.dtype), torch.zeros_like(self.diffusion_marker, dtype=noisy.dtype)])
         table = torch.cat([noisy, clean, time, extra.expand(B, 2, D)], dim=1)
@@ -175,8 +171,21 @@ class VideoGPT(nn.Module):
         # every frame has exactly one noisy copy: scatter its patch outputs back to [B, F*P, D]
         noisy_out_index = self._noisy_token_index(seq, F, P)
         out = hidden.gather(1, noisy_out_index[..., None].expand(-1, -1, D))
-        out = self.final_layer(out.view(B * F, P, D), self.final_time(t).view(B * F, D).to(out.dtype))
-        return self._unpatchify(out, B, F, C, h, w)
+        return self.output_head(out.view(B * F, P, D), t.reshape(B * F), (h, w)).view(B, F, C, h, w)
+
+    # pieces shared with inference (pretrain/predict.py), which assembles its own token sequences
+    def embed_patches(self, x: torch.Tensor, noisy: bool) -> torch.Tensor:
+        """[N, C, h, w] latents -> [N, P, D] patch tokens with the 2D position embedding."""
+        p = self.cfg.patch_size
+        # inputs follow the weights' dtype (bf16 under a bf16 engine); the loss stays in float32
+        embedder = self.noisy_embedder if noisy else self.clean_embedder
+        x = x.to(embedder.proj.weight.dtype)
+        return embedder(x) + self.positions_2d(x.shape[-2] // p, x.shape[-1] // p).to(x.dtype)
+
+    def output_head(self, hidden: torch.Tensor, t: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Final hidden states of N noisy frames' patches [N, P, D] and their t [N] -> x1 [N, C, h, w]."""
+        out = self.final_layer(hidden, self.final_time(t).to(hidden.dtype))
+        return self._unpatchify(out, out.shape[0], 1, self.cfg.latent_channels, *latent_hw)[:, 0]
 
     @staticmethod
     def _noisy_token_index(seq: SequenceTables, F: int, P: int) -> torch.Tensor:

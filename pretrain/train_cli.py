@@ -4,8 +4,8 @@
     vgpt train --config configs/pretrain.yaml [--stage N] [--resume auto]  stages in order
     vgpt train ... --nproc 2                                               local multi-process (torchrun)
 
-A curriculum file has `stages: [files]` plus sections shared by every stage;
-each stage file's sections override the shared ones, and command-line
+A curriculum file has `stages: [files or inline mappings]` plus sections shared
+by every stage; each stage's sections override the shared ones, and command-line
 overrides beat both. Stage N+1 starts from stage N's export
 (`train.init_from`), and each stage writes under `<out_dir>/stageN`.
 Configs are loaded and validated for every stage before any process group
@@ -50,9 +50,11 @@ def plan_stages(config: str, overrides: list[str], only_stage: int | None) -> li
         raise ConfigError(f"{path}: stages: expected a non-empty list of stage config files")
     plan = []
     for i, f in enumerate(files, start=1):
-        stage_file = _resolve(f, path.parent)
+        # a stage is a file of sections, or those sections written inline
+        stage_file = path if isinstance(f, dict) else _resolve(f, path.parent)
         try:
-            cfg = from_dict(JobConfig, resolve_raw(_merge(shared, read_yaml(stage_file)), pairs))
+            stage_raw = f if isinstance(f, dict) else read_yaml(stage_file)
+            cfg = from_dict(JobConfig, resolve_raw(_merge(shared, stage_raw), pairs))
         except ConfigError as e:
             raise ConfigError(f"{e} (stage {i}: {stage_file})") from None
         plan.append((f"stage{i}", cfg))

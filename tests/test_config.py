@@ -100,3 +100,15 @@ def test_a_bad_key_in_a_later_stage_fails_naming_the_stage(tmp_path):
     (tmp_path / "all.yaml").write_text("stages: [s1.yaml, s2.yaml]\nmodel: {preset: debug}\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'train.stepz'.*\(stage 2: .*s2.yaml\)"):
         plan_stages(str(tmp_path / "all.yaml"), [], None)
+
+
+def test_inline_stages_merge_and_fail_naming_the_stage(tmp_path):
+    from pretrain.train_cli import plan_stages
+    (tmp_path / "inline.yaml").write_text("stages:\n  - train: {steps: 3}\n  - train: {steps: 5, lr: 0.5}\n"
+                                          "train: {lr: 0.25}\n")
+    plan = dict(plan_stages(str(tmp_path / "inline.yaml"), [], None))
+    assert (plan["stage1"].train.steps, plan["stage1"].train.lr) == (3, 0.25)
+    assert (plan["stage2"].train.steps, plan["stage2"].train.lr) == (5, 0.5)
+    (tmp_path / "bad.yaml").write_text("stages:\n  - train: {steps: 3}\n  - train: {stepz: 5}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.stepz'.*\(stage 2: .*bad.yaml\)"):
+        plan_stages(str(tmp_path / "bad.yaml"), [], None)

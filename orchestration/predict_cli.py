@@ -1,0 +1,254 @@
+"""`vgpt predict`: continue real videos with a trained export, and score the continuation.
+
+    vgpt predict --checkpoint runs/pretrain/stage4/export/model.safetensors \\
+        --video clip.mp4 [more.mp4 s3://bucket/x.mp4 ...] --context 8 --generate 8 [--out predictions]
+
+Frames are taken as the training latents were made: the export records the
+dataset it was trained on, whose plan.json holds the precompute recipe (VAE,
+resize/crop, frame stride), and the stage's frame interval. `--vae`,
+`--frame-interval` and `--max-image-size` override it (needed for exports
+trained on synthetic latents). The context is encoded with that VAE, the next
+`--generate` frames are predicted (pretrain/predict.py: Euler steps, image
+guidance, sliding window, KV cache; `--predict.*` overrides), decoded, and
+written per video: prediction.mp4 (context then prediction), frames.npz (the
+same frames exactly, and the ground truth, as uint8 arrays), strip.png
+(context | prediction | ground truth), metrics.json and metrics.png (PSNR
+and SSIM per predicted frame against the ground truth when the video has it,
+next to the "repeat the last context frame" baseline). With several videos
+and `--predict.i3d_path`, summary.json also holds the FVD of the set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pretrain.config import ConfigError, PredictConfig
+
+
+@dataclass
+class Recipe:
+    """How the training latents were made; inference must make its context the same way."""
+    vae: "VaeConfig"  # noqa: F821 (data.precompute_config, imported lazily)
+    video: "VideoConfig"  # noqa: F821
+    frame_interval: int
+
+
+def resolve_recipe(export_meta: dict, vae: str | None = None, frame_interval: int | None = None,
+                   max_image_size: int | None = None) -> Recipe:
+    from data.precompute_config import VaeConfig, VideoConfig
+    from data.shard_format import get_fs
+    from orchestration.config import from_dict
+
+    vae_cfg, video_cfg = VaeConfig(), VideoConfig()
+    root = export_meta.get("data_root")
+    if root:
+        fs, path = get_fs(root, export_meta.get("data_storage_options") or {})
+        try:
+            plan = json.loads(fs.cat_file(f"{path}/plan.json"))
+            vae_cfg = from_dict(VaeConfig, plan["config"]["vae"], "plan.json: vae")
+            video_cfg = from_dict(VideoConfig, plan["config"]["video"], "plan.json: video")
+        except FileNotFoundError:
+            if vae is None:
+                raise ConfigError(f"the export was trained on {root}, whose plan.json is gone; "
+                                  "pass --vae (and --max-image-size, --frame-interval) explicitly") from None
+    elif vae is None:
+        raise ConfigError("the export does not record its dataset (trained on synthetic latents?): "
+                          "pass --vae PATH (a diffusers AutoencoderKL directory, or 'tiny')")
+    if vae is not None:
+        vae_cfg.path = vae
+    if max_image_size is not None:
+        video_cfg.max_image_size = max_image_size
+    # prediction judges whatever it is given: the farm's length and size rules do not apply
+    video_cfg.min_frames, video_cfg.max_frames, video_cfg.min_side = 1, 0, 16
+    vae_cfg.device = "auto"
+    interval = frame_interval or int(export_meta.get("frame_interval") or 1)
+    if interval < 1:
+        raise ConfigError(f"--frame-interval: got {interval}, expected a positive integer")
+    return Recipe(vae_cfg, video_cfg, interval)
+
+
+def export_metadata(path: str | Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    out = {}
+    for k, v in meta.items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def take_frames(uri: str, recipe: Recipe, context: int, generate: int, start: int = 0):
+    """(context frames, ground-truth frames or fewer/none), uint8 [T, H, W, 3], at the recipe's interval."""
+    from data.video import VideoRejected, decode_video
+
+    try:
+        video = decode_video(uri, recipe.video)
+    except VideoRejected as e:
+        raise ConfigError(f"--video {uri}: {e.reason}") from None
+    frames = video.frames[start::recipe.frame_interval]
+    if len(frames) < context:
+        raise ConfigError(f"--video {uri}: {len(video.frames)} frames after sampling (stride {recipe.video.stride}), "
+                          f"{len(frames)} of them at frame interval {recipe.frame_interval} from frame {start}; "
+                          f"--context {context} needs at least {context} "
+                          f"({(context - 1) * recipe.frame_interval + 1 + start} sampled frames)")
+    return frames[:context], frames[context:context + generate], video.fps / recipe.frame_interval
+
+
+class VideoPredictor:
+    """Model + VAE + recipe: uint8 context frames -> uint8 predicted frames, and scores."""
+
+    def __init__(self, checkpoint: str | Path, cfg: PredictConfig, recipe: Recipe, model_cfg=None):
+        from data.vae import LatentVae
+        from pretrain.export import load_exported_model
+        from pretrain.predict import NextClipPredictor
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_exported_model(checkpoint, device=device, expect=model_cfg)
+        self.vae = LatentVae(recipe.vae, device=device)
+        if self.vae.latent_channels != self.model.cfg.latent_channels:
+            raise ConfigError(f"VAE {recipe.vae.path!r} has {self.vae.latent_channels} latent channels, but the "
+                              f"export {checkpoint} was trained on {self.model.cfg.latent_channels}")
+        self.cfg, self.recipe = cfg, recipe
+        self.predictor = NextClipPredictor(self.model, cfg)
+
+    def encode(self, frames: np.ndarray, key: str) -> torch.Tensor:
+        return self.vae.encode(frames, key=key)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        from data.video import to_uint8
+
+        return to_uint8(self.vae.decode(latents))
+
+    def predict(self, context: np.ndarray, generate: int, key: str) -> np.ndarray:
+        return self.decode(self.predictor.predict(self.encode(context, key), generate))
+
+
+def score(pred: np.ndarray, context: np.ndarray, truth: np.ndarray) -> dict:
+    """PSNR/SSIM per predicted frame with ground truth, and the repeat-last-context-frame baseline."""
+    from pretrain.video_metrics import psnr, ssim, to_unit
+
+    n = len(truth)
+    if n == 0:
+        return {}
+    p, t = to_unit(pred[:n]), to_unit(truth)
+    last = to_unit(np.repeat(context[-1:], n, axis=0))
+    out = {"psnr": psnr(p, t).tolist(), "ssim": ssim(p, t).tolist(),
+           "baseline_repeat_last": {"psnr": psnr(last, t).tolist(), "ssim": ssim(last, t).tolist()}}
+    out["mean_psnr"] = float(np.mean(out["psnr"]))
+    out["mean_ssim"] = float(np.mean(out["ssim"]))
+    out["baseline_repeat_last"]["mean_psnr"] = float(np.mean(out["baseline_repeat_last"]["psnr"]))
+    out["baseline_repeat_last"]["mean_ssim"] = float(np.mean(out["baseline_repeat_last"]["ssim"]))
+    return out
+
+
+def write_outputs(out: Path, context: np.ndarray, pred: np.ndarray, truth: np.ndarray, fps: float,
+                  metrics: dict) -> None:
+    from data.synth_videos import write_video
+    from orchestration.visuals import plot_per_frame, write_strip
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_video(out / "prediction.mp4", np.concatenate([context, pred]), fps=max(1, round(fps)))
+    np.savez_compressed(out / "frames.npz", context=context, prediction=pred, truth=truth)  # exact uint8 frames
+    rows = [("context", context[-8:]), ("prediction", pred)] + ([("ground truth", truth)] if len(truth) else [])
+    write_strip(rows, out / "strip.png")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if "psnr" in metrics:
+        plot_per_frame({"prediction": metrics["psnr"],
+                        "repeat last frame": metrics["baseline_repeat_last"]["psnr"]},
+                       "PSNR (dB)", out / "metrics.png", title=metrics.get("video", ""))
+
+
+def predict_videos(checkpoint: str | Path, videos: list[str], context: int, generate: int, out: Path,
+                   cfg: PredictConfig, recipe: Recipe, model_cfg=None, start: int = 0) -> dict:
+    """Predict and score every video; per-video outputs under out/<name>/, summary.json in out/."""
+    from pretrain.video_metrics import fvd, load_i3d, to_unit
+
+    runner = VideoPredictor(checkpoint, cfg, recipe, model_cfg)
+    clips = [take_frames(v, recipe, context, generate, start) for v in videos]  # all inputs checked first
+    per_video, real, fake = [], [], []
+    t0 = time.perf_counter()
+    for i, (uri, (ctx, truth, fps)) in enumerate(zip(videos, clips)):
+        name = Path(uri.rstrip("/")).stem
+        pred = runner.predict(ctx, generate, key=name)
+        metrics = {"video": uri, "context": context, "generate": generate, **score(pred, ctx, truth)}
+        write_outputs(out / name, ctx, pred, truth, fps, metrics)
+        per_video.append(metrics)
+        if len(truth) == generate:
+            real.append(to_unit(np.concatenate([ctx, truth])))
+            fake.append(to_unit(np.concatenate([ctx, pred])))
+        done = i + 1
+        eta = (time.perf_counter() - t0) / done * (len(videos) - done)
+        shown = f"PSNR {metrics['mean_psnr']:.2f} dB (repeat-last {metrics['baseline_repeat_last']['mean_psnr']:.2f})" \
+            if "mean_psnr" in metrics else "no ground truth"
+        print(f"[predict] {done}/{len(videos)} {name}: {shown}  ETA {eta:.0f}s", flush=True)
+    scored = [m for m in per_video if "mean_psnr" in m]
+    summary = {"checkpoint": str(checkpoint), "videos": len(videos), "context": context, "generate": generate,
+               "predict": {k: v for k, v in vars(cfg).items()}, "per_video": per_video}
+    if scored:
+        summary["mean_psnr"] = float(np.mean([m["mean_psnr"] for m in scored]))
+        summary["mean_ssim"] = float(np.mean([m["mean_ssim"] for m in scored]))
+        summary["baseline_repeat_last_mean_psnr"] = float(np.mean(
+            [m["baseline_repeat_last"]["mean_psnr"] for m in scored]))
+        summary["baseline_repeat_last_mean_ssim"] = float(np.mean(
+            [m["baseline_repeat_last"]["mean_ssim"] for m in scored]))
+    if cfg.i3d_path and len(real) >= 2:
+        summary["fvd"] = fvd(load_i3d(cfg.i3d_path), real, fake)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    from orchestration.config import load_config
+
+    parser = argparse.ArgumentParser(prog="vgpt predict", description=__doc__.split("\n\n")[0],
+                                     epilog="Other arguments: --predict.key=value overrides (steps, guidance, "
+                                            "clip_frames, max_frame_window, kv_cache, seed, i3d_path).")
+    parser.add_argument("--checkpoint", required=True, help="an export (model.safetensors)")
+    parser.add_argument("--video", required=True, nargs="+", help="video paths or fsspec URLs")
+    parser.add_argument("--context", type=int, required=True, help="context frames")
+    parser.add_argument("--generate", type=int, required=True, help="frames to predict")
+    parser.add_argument("--out", default="predictions")
+    parser.add_argument("--start", type=int, default=0, help="first frame of the context (in sampled frames)")
+    parser.add_argument("--config", default=None, help="a job YAML: its predict: section, and its model: "
+                                                       "section is checked against the export")
+    parser.add_argument("--vae", default=None)
+    parser.add_argument("--frame-interval", type=int, default=None)
+    parser.add_argument("--max-image-size", type=int, default=None)
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        if args.context < 1 or args.generate < 1:
+            raise ConfigError(f"--context/--generate: got {args.context}/{args.generate}, expected positive integers")
+        job = load_config(args.config, overrides)
+        recipe = resolve_recipe(export_metadata_checked(args.checkpoint), args.vae, args.frame_interval,
+                                args.max_image_size)
+        summary = predict_videos(args.checkpoint, args.video, args.context, args.generate, Path(args.out),
+                                 job.predict, recipe, model_cfg=job.model if args.config else None, start=args.start)
+    except ConfigError as e:
+        print(f"vgpt predict: {e}", file=sys.stderr, flush=True)
+        return 2
+    if "mean_psnr" in summary:
+        print(f"[predict] mean PSNR {summary['mean_psnr']:.2f} dB vs repeat-last-frame "
+              f"{summary['baseline_repeat_last_mean_psnr']:.2f} dB; SSIM {summary['mean_ssim']:.3f} vs "
+              f"{summary['baseline_repeat_last_mean_ssim']:.3f}; outputs in {args.out}/", flush=True)
+    return 0
+
+
+def export_metadata_checked(path: str) -> dict:
+    if not Path(path).is_file():
+        raise ConfigError(f"--checkpoint: {path} does not exist")
+    try:
+        return export_metadata(path)
+    except Exception as e:  # noqa: BLE001 safetensors' own error types
+        raise ConfigError(f"--checkpoint: {path} is not a safetensors export: {e}") from None

@@ -1,0 +1,77 @@
+"""`vgpt quickstart` end to end, as a newcomer runs it (issue 9, acceptance 2 and 3).
+
+One full-scale run in a subprocess (real mp4s, a local Ray precompute job,
+four DeepSpeed stages, predictions), then a re-run after deleting the last
+stage's export: it must resume instead of redoing any step.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+
+def quickstart(workdir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestration.cli", "quickstart", "--workdir", str(workdir)],
+                          capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("quickstart")
+    proc = quickstart(workdir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return workdir, proc.stdout
+
+
+def test_report_files(first_run):
+    workdir, out = first_run
+    rep = workdir / "report"
+    for name in ("loss.png", "strip.png"):
+        with Image.open(rep / name) as im:
+            assert im.format == "PNG" and im.width >= 300 and im.height >= 200
+    metrics = json.loads((rep / "metrics.json").read_text())
+    assert set(metrics["stages"]) == {"stage1", "stage2", "stage3", "stage4"}
+    assert metrics["stages"]["stage1"]["last_loss"] < 0.5 * metrics["stages"]["stage1"]["first_loss"]
+    assert len(metrics["per_video"]) == metrics["scale"]["heldout_videos"]
+    for video in metrics["per_video"]:
+        assert len(video["psnr"]) == metrics["scale"]["generate"]
+        assert (rep / "predictions" / Path(video["video"]).stem / "prediction.mp4").is_file()
+    assert metrics["vae_fit"]["recon_psnr_db"] > 24  # decoded frames are pictures, not noise
+    summary = (rep / "summary.txt").read_text()
+    assert "repeating the last context frame" in summary and summary.strip() in out
+    for step in range(1, 7):  # progress of every step was shown
+        assert f"step {step}/6" in out
+    assert "[precompute] done" in out and "[stage4] step" in out and "ETA" in out
+
+
+def test_prediction_beats_repeating_the_last_frame(first_run):
+    heldout = json.loads((first_run[0] / "report" / "metrics.json").read_text())["heldout"]
+    assert heldout["mean_psnr"] > heldout["baseline_repeat_last_mean_psnr"], heldout
+
+
+def test_rerun_resumes_instead_of_redoing(first_run):
+    workdir, _ = first_run
+    fit = (workdir / "vae" / "fit.json").stat().st_mtime_ns
+    lines = {i: len((workdir / "train" / f"stage{i}" / "metrics.jsonl").read_text().splitlines())
+             for i in range(1, 5)}
+    export4 = workdir / "train" / "stage4" / "export" / "model.safetensors"
+    before = export4.read_bytes()
+    export4.unlink()  # as if the run died after stage 4's last checkpoint, before its export
+
+    proc = quickstart(workdir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "[vae-fit]" not in out and (workdir / "vae" / "fit.json").stat().st_mtime_ns == fit
+    assert "already committed" in out and "[precompute]" not in out
+    assert "resumed stage4" in out and "stage1:" not in out  # stages 1-3 skipped, stage 4 resumed
+    after = {i: len((workdir / "train" / f"stage{i}" / "metrics.jsonl").read_text().splitlines())
+             for i in range(1, 5)}
+    assert after == lines  # no step trained twice
+    assert export4.read_bytes() == before  # the same weights, re-exported from the checkpoint
