@@ -25,18 +25,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pretrain.config import ConfigError, PredictConfig
 
+if TYPE_CHECKING:
+    from data.precompute_config import VaeConfig, VideoConfig
+
 
 @dataclass
 class Recipe:
     """How the training latents were made; inference must make its context the same way."""
-    vae: "VaeConfig"  # noqa: F821 (data.precompute_config, imported lazily)
-    video: "VideoConfig"  # noqa: F821
+    vae: "VaeConfig"
+    video: "VideoConfig"
     frame_interval: int
 
 

@@ -181,6 +181,17 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str] | None = None, 
     return model
 
 
+def plan_style(module_name: str, plan: dict[str, str] | None = None) -> str | None:
+    """The style `plan` gives the module `module_name` (None: replicated), matched as
+    `apply_tensor_parallel` matches; for offline tools that see parameter names, not modules."""
+    plan = DEFAULT_TP_PLAN if plan is None else plan
+    for pattern, style in plan.items():
+        if fnmatch.fnmatchcase(module_name, pattern):
+            _parts(style)
+            return style
+    return None
+
+
 def tensor_parallel_modules(model: nn.Module) -> dict[str, nn.Module]:
     """name -> swapped layer, for every module `apply_tensor_parallel` replaced."""
     return {n: m for n, m in model.named_modules() if hasattr(m, "tp_style")}

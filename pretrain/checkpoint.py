@@ -5,18 +5,26 @@ Layout under the run's checkpoint root:
     step_00000020/            DeepSpeed engine state (model, optimizer, scheduler; ZeRO shards)
     step_00000020/trainer_state.json   stage, step, consumed samples, loader state, config
     step_00000020/rng.safetensors      torch CPU RNG state (no pickle)
-    step_00000020/manifest.json        size + sha256 of every file above, written last
+    step_00000020/manifest.json        size + sha256 (per 64 MiB block) of every file above, written last
     latest                     the tag of the newest complete checkpoint, moved after the manifest
 
 A checkpoint is complete when its manifest exists and every file matches it.
 The engine's own `latest` file is not written (we move ours last), so a save
 killed half-way never becomes the one `--resume auto` picks. Loading refuses a
 checkpoint with a missing or corrupt file, names it, and falls back to the
-next older complete one, loudly.
+next older complete one, loudly. Each rank hashes and fsyncs the shards it
+writes while writing them, and ranks split the re-hashing before a resume
+(ckpt_io.py), so integrity costs little next to the write and read themselves.
+
+Every checkpoint records the parallel layout that wrote it (`layout` in
+trainer_state.json). DeepSpeed loads its own files only into the same tensor-
+parallel size, ZeRO data-parallel size (dp x sp), ZeRO stage and precision;
+when any of these differs, `load` says so loudly, converts the checkpoint on
+rank 0 into the layout-independent portable form (ckpt_portable.py) and loads
+that into the engine instead. `vgpt ckpt reshard` writes that form offline.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +34,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from pretrain.ckpt_io import check_file, fsync_path, hash_file, install
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -40,14 +50,6 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -57,8 +59,94 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def verify(ckpt_dir: Path, full: bool = True) -> list[str]:
-    """Problems with one checkpoint directory ([] when complete). `full` re-hashes every file."""
+def write_manifest(ckpt: Path, step: int, known: dict[str, dict] | None = None) -> None:
+    """Size and block sha256s of every file under `ckpt`; written last, it is the commit.
+    `known`: entries already hashed (and fsynced) by the ranks that wrote those files."""
+    known = known or {}
+    files = {}
+    for p in sorted(ckpt.rglob("*")):
+        if not p.is_file() or p.name == MANIFEST:
+            continue
+        rel = str(p.relative_to(ckpt))
+        entry = known.get(rel)
+        if entry is None or entry["bytes"] != p.stat().st_size:  # not hashed by its writer
+            fsync_path(p)
+            entry = hash_file(p)
+        files[rel] = entry
+    _atomic_write(ckpt / MANIFEST, json.dumps({"tag": ckpt.name, "step": step, "files": files}, indent=1))
+
+
+def write_latest(root: Path, tag: str) -> None:
+    """Point `root/latest` at `tag`; moved only after the checkpoint's manifest exists."""
+    _atomic_write(Path(root) / "latest", tag)
+
+
+# ---------------------------------------------------------------- layouts
+NATIVE = "deepspeed"  # layout["format"] of checkpoints DeepSpeed wrote
+PORTABLE = "portable"
+
+
+def layout_of(state: dict[str, Any]) -> dict[str, Any]:
+    """The layout recorded in a trainer state; derived from its config for older checkpoints."""
+    if "layout" in state:
+        return state["layout"]
+    pc = state.get("config", {}).get("parallel", {})
+    ws, tp, sp = state.get("world_size", 1), pc.get("tensor_parallel", 1), pc.get("sequence_parallel", 1)
+    return {"format": NATIVE, "world_size": ws, "dp": ws // (tp * sp), "tp": tp, "sp": sp,
+            "zero_stage": pc.get("zero_stage", 2), "precision": pc.get("precision", "bf16")}
+
+
+def describe(layout: dict[str, Any]) -> str:
+    keys = ("world_size", "dp", "tp", "sp", "zero_stage", "precision")
+    return " ".join(f"{k}={layout[k]}" for k in keys if k in layout)
+
+
+def layout_change(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What keeps DeepSpeed from loading `saved` natively into `current` ([] = nothing)."""
+    diff = [f"{k} {saved.get(k)} -> {current.get(k)}" for k in ("tp", "zero_stage", "precision")
+            if saved.get(k) != current.get(k)]
+    # ZeRO partitions over data parallel x sequence parallel (the gradient group)
+    dp_saved, dp_now = saved.get("dp", 1) * saved.get("sp", 1), current.get("dp", 1) * current.get("sp", 1)
+    if dp_saved != dp_now:
+        diff.append(f"ZeRO partitions (dp x sp) {dp_saved} -> {dp_now}")
+    return diff
+
+
+def make_portable(src: Path, dst: Path, layout: dict[str, Any] | None = None, verified: bool = False) -> Path:
+    """Convert checkpoint `src` (any layout) into a portable checkpoint directory `dst`, with its
+    own trainer state (layout marked portable, `layout` recorded as the intended target) and manifest."""
+    from orchestration.config import from_dict
+    from pretrain.ckpt_consolidate import read_checkpoint
+    from pretrain.ckpt_portable import write_portable
+    from pretrain.config import ModelConfig
+
+    state = json.loads((src / TRAINER_STATE).read_text())
+    saved = layout_of(state)
+    tmp = dst.with_name(f".{dst.name}.tmp")  # not a `step_*` name: never listed as a checkpoint
+    shutil.rmtree(tmp, ignore_errors=True)
+    if saved.get("format") == PORTABLE:
+        problems = [] if verified else verify(src)
+        if problems:
+            raise CheckpointError(f"{src} is not a complete checkpoint: " + "; ".join(problems))
+        shutil.copytree(src, tmp)
+        (tmp / MANIFEST).unlink()
+    else:
+        full = read_checkpoint(src, with_optimizer=True, tp_plan=saved.get("tp_plan"), verified=verified)
+        write_portable(full, tmp, from_dict(ModelConfig, state["config"]["model"], "model"))
+        shutil.copy2(src / RNG_FILE, tmp / RNG_FILE)
+    source = saved.get("source", saved) if saved.get("format") == PORTABLE else saved
+    state["layout"] = {"format": PORTABLE, "source": source, **{k: v for k, v in (layout or {}).items()
+                                                                 if k not in ("format", "source")}}
+    _atomic_write(tmp / TRAINER_STATE, json.dumps(state, indent=1))
+    write_manifest(tmp, int(state["step"]))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return dst
+
+
+def verify(ckpt_dir: Path, full: bool = True, share: tuple[int, int] = (0, 1)) -> list[str]:
+    """Problems with one checkpoint directory ([] when complete). `full` re-hashes every file;
+    `share=(i, n)` checks only every n-th file from the i-th (ranks split the work)."""
     ckpt_dir = Path(ckpt_dir)
     manifest_path = ckpt_dir / MANIFEST
     if not manifest_path.is_file():
@@ -68,15 +156,37 @@ def verify(ckpt_dir: Path, full: bool = True) -> list[str]:
     except json.JSONDecodeError as e:
         return [f"{manifest_path}: unreadable ({e})"]
     problems = []
-    for rel, info in manifest["files"].items():
+    for i, (rel, info) in enumerate(manifest["files"].items()):
         p = ckpt_dir / rel
-        if not p.is_file():
-            problems.append(f"{p}: missing")
-        elif p.stat().st_size != info["bytes"]:
-            problems.append(f"{p}: {p.stat().st_size} bytes, manifest says {info['bytes']}")
-        elif full and _sha256(p) != info["sha256"]:
-            problems.append(f"{p}: sha256 mismatch")
+        if i % share[1] != share[0]:
+            continue
+        if not full:
+            if not p.is_file():
+                problems.append(f"{p}: missing")
+            elif p.stat().st_size != info["bytes"]:
+                problems.append(f"{p}: {p.stat().st_size} bytes, manifest says {info['bytes']}")
+        elif problem := check_file(p, info):
+            problems.append(problem)
     return problems
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(obj) -> list:
+    import torch.distributed as dist
+
+    rank, world = _world()
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 class CheckpointManager:
@@ -84,6 +194,7 @@ class CheckpointManager:
         self.root = Path(root)
         self.rank = rank
         self.keep_last, self.keep_every = keep_last, keep_every
+        self._pruner = None  # the thread deleting pruned checkpoints, if any
 
     # ------------------------------------------------------------ save
     def save(self, engine, step: int, trainer_state: dict[str, Any], barrier=None) -> Path:
@@ -94,19 +205,29 @@ class CheckpointManager:
             shutil.rmtree(ckpt)  # an incomplete leftover of a killed save of this same step
         if barrier:
             barrier()
+        hashing = install(engine)  # this rank's shards: hashed while written, fsynced
+        if hashing:
+            hashing.written.clear()
         engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        mine = {}
+        for path, info in (hashing.written if hashing else {}).items():
+            if Path(path).resolve().parent == ckpt.resolve():
+                mine[Path(path).name] = info
         if self.rank == 0:
             save_file({"cpu": torch.get_rng_state()}, str(ckpt / RNG_FILE))
             _atomic_write(ckpt / TRAINER_STATE, json.dumps({**trainer_state, "step": step}, indent=1))
-        if barrier:
-            barrier()  # every rank's shards are on disk before the manifest vouches for them
+        # every rank's shards are on disk before the manifest vouches for them: the gather is the barrier
+        if _world()[1] > 1:
+            known = {k: v for entries in _all_gather(mine) for k, v in entries.items()}
+        else:
+            known = mine
+            if barrier:
+                barrier()
         if self.rank == 0:
             self._crash_point("before_manifest", step)
-            files = {str(p.relative_to(ckpt)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                     for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST}
-            _atomic_write(ckpt / MANIFEST, json.dumps({"tag": tag, "step": step, "files": files}, indent=1))
-            _atomic_write(self.root / "latest", tag)
-            self.prune()
+            write_manifest(ckpt, step, known)
+            write_latest(self.root, tag)
+            self.prune(background=True)
         if barrier:
             barrier()
         return ckpt
@@ -123,28 +244,85 @@ class CheckpointManager:
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step_"))
 
-    def newest_complete(self, full_verify: bool = True) -> Path | None:
+    def problems(self, ckpt: Path, full: bool = True, collective: bool = False) -> list[str]:
+        """verify(), with the files split over the ranks when `collective` (every rank must call)."""
+        if not collective or _world()[1] == 1:
+            return verify(ckpt, full=full)
+        found = _all_gather(verify(ckpt, full=full, share=_world()))
+        return sorted({p for rank_problems in found for p in rank_problems})
+
+    def newest_complete(self, full_verify: bool = True, collective: bool = False) -> Path | None:
         """Newest checkpoint that verifies; warns about every newer one it had to skip."""
         for tag in reversed(self.tags()):
-            problems = verify(self.root / tag, full=full_verify)
+            problems = self.problems(self.root / tag, full=full_verify, collective=collective)
             if not problems:
                 return self.root / tag
             warnings.warn(f"checkpoint {self.root / tag} is not usable, falling back to an older one: "
                           + "; ".join(problems), stacklevel=2)
         return None
 
-    def load(self, engine, ckpt: Path) -> dict[str, Any]:
-        """Restore engine and RNG from a verified checkpoint; return the trainer state."""
-        load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
-        if load_path is None:
-            raise CheckpointError(f"{ckpt}: DeepSpeed could not load it")
+    def load(self, engine, ckpt: Path, model=None, layout: dict[str, Any] | None = None, tp_rank: int = 0,
+             tp_size: int = 1, log=print) -> dict[str, Any]:
+        """Restore engine and RNG from a verified checkpoint; return the trainer state. Collective.
+
+        With `layout` (this run's) and `model` (the plain model the engine
+        wraps), a checkpoint from another layout is converted and re-partitioned
+        instead of failing inside DeepSpeed.
+        """
+        from pretrain.ckpt_portable import load_portable
+
+        state = json.loads((ckpt / TRAINER_STATE).read_text())
+        saved = layout_of(state)
+        diff = layout_change(saved, layout) if layout is not None else []
+        if saved.get("format") == PORTABLE:
+            log(f"loading portable checkpoint {ckpt} (source {describe(saved.get('source', {}))}) "
+                f"into {describe(layout or {})}")
+            load_portable(engine, model, ckpt, tp_rank, tp_size)
+        elif not diff:
+            install(engine)  # mmap loads (ckpt_io.HashingCheckpointEngine.load)
+            load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+            if load_path is None:
+                raise CheckpointError(f"{ckpt}: DeepSpeed could not load it")
+        else:
+            msg = (f"PARALLEL LAYOUT CHANGED: checkpoint {ckpt} was written by {describe(saved)}; this run is "
+                   f"{describe(layout)} ({'; '.join(diff)}). Converting it to the portable form and "
+                   "re-partitioning weights and optimizer state for this layout.")
+            warnings.warn(msg, stacklevel=2)
+            log(msg)
+            work = self.root / ".converted" / ckpt.name
+            self._on_rank0(lambda: make_portable(ckpt, work, layout, verified=True), f"converting {ckpt}")
+            load_portable(engine, model, work, tp_rank, tp_size)
+            self._on_rank0(lambda: shutil.rmtree(work, ignore_errors=True), f"removing {work}")
         torch.set_rng_state(load_file(str(ckpt / RNG_FILE))["cpu"])
-        return json.loads((ckpt / TRAINER_STATE).read_text())
+        return state
+
+    def _on_rank0(self, fn, what: str) -> None:
+        """Run `fn` on rank 0 while the others wait; an error on rank 0 is raised on every rank."""
+        import torch.distributed as dist
+
+        error = None
+        if self.rank == 0:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+                import traceback
+
+                traceback.print_exc()
+                error = f"{type(e).__name__}: {e}"
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise CheckpointError(f"{what} on rank 0 failed: {error}")
 
     # ------------------------------------------------------------ retention
-    def prune(self) -> list[str]:
-        """Keep the newest `keep_last` complete checkpoints and every `keep_every`-th step."""
+    def prune(self, background: bool = False) -> list[str]:
+        """Keep the newest `keep_last` complete checkpoints and every `keep_every`-th step.
+
+        Pruned checkpoints are renamed out of sight at once and deleted after; with
+        `background` (at a save) in a thread, since unlinking GBs is part of the training stall."""
         if self.keep_last <= 0:
             return []
         complete = [t for t in self.tags() if (self.root / t / MANIFEST).is_file()]
@@ -152,6 +330,27 @@ class CheckpointManager:
         if self.keep_every:
             keep |= {t for t in complete if int(t.split("_")[1]) % self.keep_every == 0}
         removed = [t for t in complete if t not in keep]
+        self.wait()
         for t in removed:
-            shutil.rmtree(self.root / t, ignore_errors=True)
+            trash = self.root / f".trash-{t}"
+            shutil.rmtree(trash, ignore_errors=True)  # a leftover of an earlier process
+            os.replace(self.root / t, trash)
+        if background:
+            import threading
+
+            # not a daemon: the interpreter waits for it at exit rather than leaving half a directory
+            self._pruner = threading.Thread(target=self._empty_trash, name="ckpt-prune")
+            self._pruner.start()
+        else:
+            self._empty_trash()
         return removed
+
+    def wait(self) -> None:
+        """Until the background deletion of pruned checkpoints has finished."""
+        if self._pruner is not None:
+            self._pruner.join()
+            self._pruner = None
+
+    def _empty_trash(self) -> None:
+        for trash in self.root.glob(".trash-*"):
+            shutil.rmtree(trash, ignore_errors=True)

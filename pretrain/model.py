@@ -21,7 +21,7 @@ import torch.nn as nn
 from pretrain.attention import ClipMeta, make_attention
 from pretrain.backbone import Backbone, RMSNorm, load_phi3_backbone
 from pretrain.config import ConfigError, ModelConfig
-from pretrain.layout import SRC_CLEAN, SRC_MARKER, SRC_NOISY, SRC_PAD, SRC_TIME, SequenceTables, build_sequence
+from pretrain.layout import SRC_CLEAN, SRC_NOISY, SRC_PAD, SRC_TIME, SequenceTables, build_sequence
 
 
 def sincos_2d_table(dim: int, grid: int) -> torch.Tensor:

@@ -92,22 +92,50 @@ class Trainer:
         return self.cfg.train.batch_size if self.cfg.train.data == "synthetic" else self.cfg.data.batch_size
 
     # ------------------------------------------------------------ state
-    def trainer_state(self) -> dict[str, Any]:
+    def global_batch(self) -> int:
         tc = self.cfg.train
+        return self.rows_per_micro() * tc.grad_accum_steps * self.dp_size
+
+    def layout(self) -> dict[str, Any]:
+        """The parallel layout of this run, as checkpoints record it (see pretrain/checkpoint.py)."""
+        from parallel.tensor_parallel import DEFAULT_TP_PLAN
+
+        pc = self.cfg.parallel
+        out = {"format": "deepspeed", "world_size": self.dist.world_size, "dp": self.dims.dp, "tp": self.dims.tp,
+               "sp": self.dims.sp, "zero_stage": pc.zero_stage, "precision": pc.precision}
+        if self.dims.tp > 1:
+            out["tp_plan"] = DEFAULT_TP_PLAN  # how offline tools merge the TP shards
+        return out
+
+    def trainer_state(self) -> dict[str, Any]:
         return {"stage": self.stage_name, "step": self.step, "world_size": self.dist.world_size,
-                "consumed_samples": self.step * tc.batch_size * tc.grad_accum_steps * self.dp_size,
+                "consumed_samples": self.step * self.global_batch(),
+                "global_batch": self.global_batch(), "layout": self.layout(),
                 "loader": self.data.state_dict(), "config": asdict(self.cfg)}
 
     def resume(self, mode: str) -> bool:
         """`auto`: newest complete checkpoint if any; a path: that checkpoint; `none`: fresh."""
+        from pretrain.checkpoint import CheckpointError
+
         if mode == "none":
             return False
-        ckpt = self.ckpt.newest_complete() if mode == "auto" else Path(mode)
+        # every rank hashes a share of the files; all learn the verdict
+        ckpt = self.ckpt.newest_complete(collective=True) if mode == "auto" else Path(mode)
         if ckpt is None:
             return False
-        state = self.ckpt.load(self.engine, ckpt)
+        if mode != "auto" and (problems := self.ckpt.problems(ckpt, collective=True)):  # never unpickle unverified
+            raise CheckpointError(f"--resume {ckpt}: not a complete checkpoint: " + "; ".join(problems))
+        tp_rank = self.groups.tp_rank if self.groups else 0
+        state = self.ckpt.load(self.engine, ckpt, model=self.model, layout=self.layout(), tp_rank=tp_rank,
+                               tp_size=self.dims.tp, log=self._log_line)
         self.step = int(state["step"])
         self.data.load_state_dict(state["loader"])
+        if state.get("global_batch", self.global_batch()) != self.global_batch():
+            import warnings
+            msg = (f"global batch changed on resume: {state['global_batch']} rows per step in {ckpt}, "
+                   f"{self.global_batch()} now; steps after {self.step} see other rows than the original run would")
+            warnings.warn(msg, stacklevel=2)
+            self._log_line(msg)
         self._log_line(f"resumed {self.stage_name} from {ckpt} at step {self.step}")
         return True
 
@@ -172,11 +200,21 @@ class Trainer:
         full = gather_full_state_dict(self.model, self.cfg.parallel.zero_stage == 3, self.dist.rank,
                                       self.groups.tp_group if self.cfg.parallel.tensor_parallel > 1 else None)
         if self.dist.rank == 0:
-            save_export(full, export, self.cfg.model, extra={"stage": self.stage_name, "step": self.step})
+            save_export(full, export, self.cfg.model, extra={"stage": self.stage_name, "step": self.step,
+                                                             **self._data_recipe()})
         self._barrier()
         if self._tb:
             self._tb.close()
         return export
+
+    def _data_recipe(self) -> dict:
+        """Where the training latents came from, for `vgpt predict` to make its context the same way."""
+        if self.cfg.train.data != "latents":
+            return {}
+        root, st = self.cfg.data.root, self.cfg.data.stage
+        if "://" not in root:
+            root = str(Path(root).resolve())
+        return {"data_root": root, "frame_interval": st.interval_value if st.interval == "fixed" else st.interval_min}
 
     def _fault_injection(self) -> None:
         """VGPT_FAULT_KILL=RANK:STEP SIGKILLs that rank after that step (elastic-restart tests);

@@ -16,7 +16,6 @@ import json
 import re
 
 import fsspec
-import numpy as np
 import pytest
 import torch
 

@@ -1,0 +1,190 @@
+"""Checkpoint save/load throughput vs the raw write/read bandwidth of the same disk, in one run.
+
+    python bench/checkpoint.py [--dir DIR] [--hidden 768] [--layers 8] [--zero 2] [--repeats 3]
+
+Builds the Video-GPT backbone at the given width and depth (default: ~57M
+parameters, ~230 MB of fp32 weights; the DeepSpeed checkpoint with fp32 master
+weights and Adam moments is ~4x that), trains one step on one process (real
+DeepSpeed engine, gloo), then measures, each the best of --repeats runs:
+
+  raw write   the checkpoint's bytes written in files of the same sizes, 4 MiB
+              writes, fsync per file (what a durable save must at least pay);
+  raw read    those files read back cold (evicted with posix_fadvise DONTNEED);
+  save        CheckpointManager.save: DeepSpeed's shards, RNG, trainer state,
+              fsync of every shard, sha256 manifest, `latest` (a training stall:
+              the step loop waits for it), with its DeepSpeed part shown alone;
+  load        what `--resume auto` does, cold: manifest verification (sha256
+              of every file) plus CheckpointManager.load into the engine;
+  portable    the world-size-change path: native -> portable conversion
+              (make_portable) and load_portable into the engine, cold.
+
+GB/s counts the checkpoint's bytes. Prints ratios to raw; the goal is >= 0.5.
+No figure here is asserted anywhere: it is a report. No async save exists, so
+the save figure is also the training stall per checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+CHUNK = 4 << 20
+
+
+def drop_cache(paths: list[Path]) -> None:
+    """Evict these files (only these) from the page cache: the next read comes from the disk."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def files_of(d: Path) -> list[Path]:
+    return sorted(p for p in d.rglob("*") if p.is_file())
+
+
+def raw_write(sizes: list[int], where: Path) -> float:
+    buf = os.urandom(CHUNK)  # incompressible, as trained weights are
+    where.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    for i, size in enumerate(sizes):
+        with open(where / f"f{i}", "wb", buffering=0) as f:
+            left = size
+            while left > 0:
+                left -= f.write(memoryview(buf)[:min(left, CHUNK)])
+            os.fsync(f.fileno())
+    return time.perf_counter() - t
+
+
+def raw_read(paths: list[Path]) -> float:
+    drop_cache(paths)
+    t = time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.read(CHUNK):
+                pass
+    return time.perf_counter() - t
+
+
+def build(args, out: Path):
+    from orchestration.config import load_config
+    from pretrain.trainer import Trainer
+
+    overrides = [f"--model.hidden_size={args.hidden}", f"--model.num_layers={args.layers}",
+                 f"--model.num_heads={args.hidden // 64}", f"--model.mlp_size={args.hidden * 8 // 3 // 64 * 64}",
+                 "--parallel.precision=fp32", f"--parallel.zero_stage={args.zero}", "--parallel.device=cpu",
+                 "--train.steps=1", "--train.batch_size=1", "--train.tensorboard=false", "--synthetic.frames=2",
+                 "--synthetic.latent_height=4", "--synthetic.latent_width=4", "--model.attention=blockwise",
+                 f"--train.out_dir={out}", "--train.keep_last=1"]
+    trainer = Trainer(load_config(Path(__file__).resolve().parents[1] / "configs/debug.yaml", overrides))
+    trainer.train_step()  # Adam state exists from here on
+    return trainer
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default=None, help="where to write (default: a temp dir on the current disk)")
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--zero", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() // 2))
+    base = Path(tempfile.mkdtemp(prefix="vgpt-bench-ckpt-", dir=args.dir or Path.cwd()))
+    try:
+        from pretrain.checkpoint import make_portable
+        from pretrain.ckpt_io import fsync_path
+        from pretrain.ckpt_portable import load_portable
+
+        trainer = build(args, base / "run")
+        n_params = sum(p.numel() for p in trainer.model.parameters())
+        mgr, engine = trainer.ckpt, trainer.engine
+        step = [0]
+
+        def save() -> float:
+            step[0] += 1
+            t = time.perf_counter()
+            mgr.save(engine, step[0], trainer.trainer_state(), trainer._barrier)
+            stall = time.perf_counter() - t
+            mgr.wait()  # the pruned checkpoint's deletion runs on (between saves, in training) in a thread
+            return stall
+
+        def ds_save() -> float:
+            """DeepSpeed's own checkpoint engine (not our hashing one) and an fsync per file."""
+            d = base / "ds_only"
+            shutil.rmtree(d, ignore_errors=True)
+            ours = engine.checkpoint_engine
+            engine.checkpoint_engine = getattr(ours, "inner", ours)
+            try:
+                t = time.perf_counter()
+                engine.save_checkpoint(str(d), tag="t", save_latest=False)
+                for p in files_of(d):
+                    fsync_path(p)
+                return time.perf_counter() - t
+            finally:
+                engine.checkpoint_engine = ours
+
+        def load(paths: list[Path]) -> float:
+            drop_cache(paths)
+            t = time.perf_counter()
+            found = mgr.newest_complete(full_verify=True)
+            mgr.load(engine, found, model=trainer.model, layout=trainer.layout())
+            return time.perf_counter() - t
+
+        def portable(ckpt: Path, paths: list[Path]) -> tuple[float, float]:
+            drop_cache(paths)
+            t = time.perf_counter()
+            dst = make_portable(ckpt, base / "portable" / ckpt.name, trainer.layout())
+            t1 = time.perf_counter()
+            drop_cache(files_of(dst))
+            t2 = time.perf_counter()
+            load_portable(engine, trainer.model, dst)
+            return t1 - t, time.perf_counter() - t2
+
+        times: dict[str, list[float]] = {k: [] for k in ("write", "read", "save", "ds", "load", "convert", "pload")}
+        for _ in range(args.repeats):  # interleaved: drift on a shared machine hits every figure alike
+            times["save"].append(save())
+            ckpt = mgr.newest_complete(full_verify=False)
+            paths = files_of(ckpt)
+            shutil.rmtree(base / "raw", ignore_errors=True)
+            times["write"].append(raw_write([p.stat().st_size for p in paths], base / "raw"))
+            times["read"].append(raw_read(files_of(base / "raw")))
+            times["ds"].append(ds_save())
+            times["load"].append(load(paths))
+            convert_s, pload_s = portable(ckpt, paths)
+            times["convert"].append(convert_s)
+            times["pload"].append(pload_s)
+        nbytes = sum(p.stat().st_size for p in paths)
+        t = {k: min(v) for k, v in times.items()}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+    gb = nbytes / 1e9
+    print(f"model {n_params / 1e6:.1f}M parameters ({n_params * 4 / 1e6:.0f} MB fp32), ZeRO-{args.zero}, "
+          f"checkpoint {gb * 1000:.0f} MB in {len(paths)} files, best of {args.repeats}")
+    rows = [("raw write+fsync", t["write"], None), ("raw read (cold)", t["read"], None),
+            ("save (CheckpointManager)", t["save"], t["write"]),
+            ("  DeepSpeed alone + fsync", t["ds"], t["write"]),
+            ("load (verify + load, cold)", t["load"], t["read"]),
+            ("portable: convert (cold)", t["convert"], t["read"]),
+            ("portable: load_portable", t["pload"], t["read"])]
+    for name, secs, raw in rows:
+        ratio = f"{raw / secs:6.2f}x raw" if raw else ""
+        print(f"  {name:28s} {secs:7.2f} s  {gb / secs:6.2f} GB/s  {ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""`vgpt ckpt list | verify | export` on s3:// against an S3 server on loopback
+(moto, tests/conftest.py), with a real checkpoint written by the DeepSpeed
+trainer and uploaded as it lies on disk: a clean copy, a corrupted file, and a
+save that never got its manifest. Credentials come from the environment only
+and must never be printed; the endpoint from the environment or --endpoint-url."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_checkpoint import BASE, vgpt
+
+SECRET = "vgpt-test-secret-never-printed"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("s3_source")
+    res = vgpt("train", *BASE, "--train.steps=2", "--train.checkpoint_every=1", f"--train.out_dir={out}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.fixture
+def s3_run(run_dir, s3_bucket, s3_server, monkeypatch):
+    """The run's checkpoints uploaded to s3://BUCKET/run/checkpoints/; the CLI's env set like a user's."""
+    fs, _, bucket = s3_bucket
+    fs.put(str(run_dir / "checkpoints"), f"{bucket}/run/checkpoints", recursive=True)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    return fs, f"s3://{bucket}/run", f"{bucket}/run/checkpoints"
+
+
+def ckpt(capsys, *argv: str) -> tuple[int, str, str]:
+    from orchestration.ckpt_cli import main
+
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    assert SECRET not in out + err
+    return rc, out, err
+
+
+def test_list_verify_export_from_s3(s3_run, s3_server, run_dir, tmp_path, capsys, monkeypatch):
+    fs, url, _ = s3_run
+    rc, out, _ = ckpt(capsys, "list", url)
+    assert rc == 0
+    assert "step_00000001" in out and "step_00000002" in out and "<- latest" in out and "INCOMPLETE" not in out
+    rc, out, _ = ckpt(capsys, "verify", url)
+    assert rc == 0 and "step_00000001: ok" in out and "step_00000002: ok" in out
+    target = tmp_path / "from_s3.safetensors"
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")  # the endpoint from the command line instead
+    rc, out, err = ckpt(capsys, "export", url, "--out", str(target), "--endpoint-url", s3_server)
+    assert rc == 0, err
+    assert f"exported {url}/checkpoints/step_00000002" in out
+    got, live = load_file(str(target)), load_file(str(run_dir / "export" / "model.safetensors"))
+    assert got.keys() == live.keys() and all(torch.equal(got[k], live[k]) for k in live)
+
+
+def test_corrupted_object_is_named_and_refused(s3_run, tmp_path, capsys):
+    fs, url, key = s3_run
+    victim = max((p for p in fs.ls(f"{key}/step_00000002") if p.endswith(".pt")), key=fs.size)
+    original = fs.cat(victim)
+    fs.pipe(victim, original[:-100])  # a truncated upload
+    rc, out, _ = ckpt(capsys, "verify", url)
+    assert rc == 1 and "step_00000001: ok" in out and "step_00000002: BROKEN" in out
+    assert f"s3://{victim}: " in out
+    rc, _, err = ckpt(capsys, "export", url, "--out", str(tmp_path / "x.safetensors"))
+    assert rc == 1 and f"s3://{victim}" in err and not (tmp_path / "x.safetensors").exists()
+    fs.pipe(victim, b"\0" * len(original))  # same size, other bytes: only the hash can tell
+    rc, out, _ = ckpt(capsys, "verify", url, "--step", "2")
+    assert rc == 1 and f"s3://{victim}: sha256 mismatch" in out
+
+
+def test_save_without_manifest_is_incomplete_and_skipped(s3_run, tmp_path, capsys):
+    fs, url, key = s3_run
+    fs.rm(f"{key}/step_00000002/manifest.json")
+    rc, out, _ = ckpt(capsys, "list", url)
+    assert rc == 0 and "INCOMPLETE" in out.split("step_00000002")[1].splitlines()[0]
+    rc, out, err = ckpt(capsys, "export", url, "--out", str(tmp_path / "y.safetensors"))
+    assert rc == 0 and "step_00000001" in out, err
+    rc, out, _ = ckpt(capsys, "inspect", url)
+    assert rc == 2
