@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,7 @@ def test_rerun_resumes_instead_of_redoing(first_run):
     lines = {i: len((workdir / "train" / f"stage{i}" / "metrics.jsonl").read_text().splitlines())
              for i in range(1, 5)}
     export4 = workdir / "train" / "stage4" / "export" / "model.safetensors"
-    before = export4.read_bytes()
+    before = _read_export(export4)
     export4.unlink()  # as if the run died after stage 4's last checkpoint, before its export
 
     proc = quickstart(workdir)
@@ -70,8 +71,21 @@ def test_rerun_resumes_instead_of_redoing(first_run):
     out = proc.stdout
     assert "[vae-fit]" not in out and (workdir / "vae" / "fit.json").stat().st_mtime_ns == fit
     assert "already committed" in out and "[precompute]" not in out
-    assert "resumed stage4" in out and "stage1:" not in out  # stages 1-3 skipped, stage 4 resumed
+    assert "resumed stage4" in out  # stages 1-3 skipped, stage 4 resumed from its last checkpoint
+    assert not any(f"[stage{i}] step" in out for i in range(1, 5))
     after = {i: len((workdir / "train" / f"stage{i}" / "metrics.jsonl").read_text().splitlines())
              for i in range(1, 5)}
     assert after == lines  # no step trained twice
-    assert export4.read_bytes() == before  # the same weights, re-exported from the checkpoint
+    after_tensors, after_meta = _read_export(export4)
+    assert after_meta == before[1]  # the same stage, step and data recipe
+    assert after_tensors.keys() == before[0].keys()
+    assert all(torch.equal(after_tensors[k], before[0][k]) for k in after_tensors)  # re-exported bitwise
+
+
+def _read_export(path: Path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    return load_file(str(path)), meta
