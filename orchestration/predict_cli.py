@@ -20,6 +20,7 @@ and `--predict.i3d_path`, summary.json also holds the FVD of the set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -96,8 +97,10 @@ def take_frames(uri: str, recipe: Recipe, context: int, generate: int, start: in
     """(context frames, ground-truth frames or fewer/none), uint8 [T, H, W, 3], at the recipe's interval."""
     from data.video import VideoRejected, decode_video
 
+    # decode no further than the last frame used: a long video costs only its needed prefix
+    needed = start + (context + generate - 1) * recipe.frame_interval + 1
     try:
-        video = decode_video(uri, recipe.video)
+        video = decode_video(uri, dataclasses.replace(recipe.video, max_frames=needed))
     except VideoRejected as e:
         raise ConfigError(f"--video {uri}: {e.reason}") from None
     frames = video.frames[start::recipe.frame_interval]

@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
     return root, video, export
 
 
-def run(setup, *args, monkeypatch=None):
+def run(setup, *args):
     root, video, export = setup
     return predict_main(["--checkpoint", str(export), "--video", str(video), "--vae", "tiny",
                          "--max-image-size", "64", "--out", str(root / "out"), "--predict.steps=3", *args])
@@ -98,3 +98,17 @@ def test_missing_recipe_and_broken_export_are_clear_errors(setup, tmp_path, caps
     rc = predict_main(["--checkpoint", str(broken), "--video", str(video), "--vae", "tiny", "--context", "2",
                        "--generate", "1"])
     assert rc == 2 and "not a safetensors export" in capsys.readouterr().err
+
+
+def test_predict_reads_a_video_from_object_storage(setup, s3_bucket, s3_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("VGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)  # the endpoint as botocore reads it; keys from env
+    fs, _, bucket = s3_bucket
+    _, video, export = setup
+    fs.put(str(video), f"{bucket}/videos/remote.mp4")
+    rc = predict_main(["--checkpoint", str(export), "--video", f"s3://{bucket}/videos/remote.mp4", "--vae", "tiny",
+                       "--max-image-size", "64", "--context", "3", "--generate", "2", "--out", str(tmp_path / "o"),
+                       "--predict.steps=2"])
+    assert rc == 0
+    metrics = json.loads((tmp_path / "o" / "remote" / "metrics.json").read_text())
+    assert metrics["video"] == f"s3://{bucket}/videos/remote.mp4" and len(metrics["psnr"]) == 2
