@@ -35,18 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-CHUNK = 4 << 20
-
-
-def drop_cache(paths: list[Path]) -> None:
-    """Evict these files (only these) from the page cache: the next read comes from the disk."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+from bench.disk import CHUNK, drop_cache, raw_read  # noqa: E402
 
 
 def files_of(d: Path) -> list[Path]:
@@ -63,16 +52,6 @@ def raw_write(sizes: list[int], where: Path) -> float:
             while left > 0:
                 left -= f.write(memoryview(buf)[:min(left, CHUNK)])
             os.fsync(f.fileno())
-    return time.perf_counter() - t
-
-
-def raw_read(paths: list[Path]) -> float:
-    drop_cache(paths)
-    t = time.perf_counter()
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            while f.read(CHUNK):
-                pass
     return time.perf_counter() - t
 
 
@@ -160,7 +139,7 @@ def main() -> int:
             paths = files_of(ckpt)
             shutil.rmtree(base / "raw", ignore_errors=True)
             times["write"].append(raw_write([p.stat().st_size for p in paths], base / "raw"))
-            times["read"].append(raw_read(files_of(base / "raw")))
+            times["read"].append(raw_read(files_of(base / "raw"), cold=True))
             times["ds"].append(ds_save())
             times["load"].append(load(paths))
             convert_s, pload_s = portable(ckpt, paths)

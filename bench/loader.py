@@ -34,32 +34,7 @@ from data.config import DataConfig, StageSamplingConfig  # noqa: E402
 from data.loader import LatentLoader  # noqa: E402
 from data.shard_format import decode_sample, get_fs, iter_tar, read_index  # noqa: E402
 from data.toy_dataset import write_toy_dataset  # noqa: E402
-
-CHUNK = 4 << 20
-
-
-def drop_cache(paths: list[str]) -> None:
-    """Evict these files (only these) from the page cache: the next read comes from the disk."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def raw_read(paths: list[str], cold: bool = False) -> float:
-    """Seconds to read every file sequentially, cat-style."""
-    if cold:
-        drop_cache(paths)
-    t = time.perf_counter()
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            while f.read(CHUNK):
-                pass
-    return time.perf_counter() - t
-
+from bench.disk import drop_cache, raw_read  # noqa: E402
 
 def component_ceilings(path: str) -> dict[str, float]:
     """MB/s of each per-byte stage of the loader on one core, on one shard (best of 3)."""
