@@ -120,24 +120,20 @@ def export_of(out: Path, stage: int) -> Path:
 
 
 def report(workdir: Path, out: Path, summary: dict, vae_stats: dict, scale: Scale, timings: dict) -> dict:
-    from orchestration.visuals import plot_loss_curves, write_strip
+    from orchestration.visuals import plot_loss_curves, read_loss_curve, write_strip
 
     rep = workdir / "report"
     rep.mkdir(parents=True, exist_ok=True)
-    metrics_files = [out / f"stage{i}" / "metrics.jsonl" for i in range(1, 5)]
-    plot_loss_curves([f for f in metrics_files if f.is_file()], rep / "loss.png")
+    curves = {f"stage{i}": read_loss_curve(out / f"stage{i}" / "metrics.jsonl") for i in range(1, 5)
+              if (out / f"stage{i}" / "metrics.jsonl").is_file()}
+    plot_loss_curves(curves, rep / "loss.png")
     rows = []
     for m in summary["per_video"][:4]:
         name = Path(m["video"]).stem
         rows += _strip_rows(rep / "predictions" / name, name)
     write_strip(rows, rep / "strip.png")
-    stages = {}
-    for i, f in enumerate(metrics_files, start=1):
-        if f.is_file():
-            by_step = {r["step"]: r for r in map(json.loads, f.read_text().splitlines())}
-            steps = sorted(by_step)
-            stages[f"stage{i}"] = {"steps": steps[-1], "first_loss": by_step[steps[0]]["loss"],
-                                   "last_loss": by_step[steps[-1]]["loss"]}
+    stages = {name: {"steps": max(c), "first_loss": c[min(c)], "last_loss": c[max(c)]}
+              for name, c in curves.items() if c}
     beats = summary["mean_psnr"] > summary["baseline_repeat_last_mean_psnr"]
     metrics = {"heldout": {k: v for k, v in summary.items() if k != "per_video"},
                "per_video": summary["per_video"], "stages": stages, "vae_fit": vae_stats,

@@ -45,33 +45,34 @@ def plot_per_frame(series: dict[str, list[float]], ylabel: str, path: str | Path
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, values in series.items():
         ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
-    ax.set_xlabel("predicted frame")
-    ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _finish(plt, fig, ax, "predicted frame", ylabel, path)
 
 
-def plot_loss_curves(metrics_files: list[Path], path: str | Path) -> Path:
-    """Training loss of every stage on one global step axis, stages coloured and labelled."""
+def read_loss_curve(metrics_file: str | Path) -> dict[int, float]:
+    """step -> loss from a trainer's metrics.jsonl; a resumed run rewrites steps, the last line wins."""
+    rows = (json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip())
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def plot_loss_curves(curves: dict[str, dict[int, float]], path: str | Path) -> Path:
+    """Training loss of every stage (name -> step -> loss, in order) on one global step axis."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     offset = 0
-    for f in metrics_files:
-        rows = [json.loads(line) for line in Path(f).read_text().splitlines() if line.strip()]
-        if not rows:
+    for stage, by_step in curves.items():
+        if not by_step:
             continue
-        by_step = {r["step"]: r["loss"] for r in rows}  # a resumed run rewrites steps: keep the last
         steps = sorted(by_step)
-        ax.plot([offset + s for s in steps], [by_step[s] for s in steps], label=rows[0].get("stage", f.parent.name))
+        ax.plot([offset + s for s in steps], [by_step[s] for s in steps], label=stage)
         offset += steps[-1]
-    ax.set_xlabel("step (stages in order)")
-    ax.set_ylabel("next-clip loss")
     ax.set_yscale("log")
+    return _finish(plt, fig, ax, "step (stages in order)", "next-clip loss", path)
+
+
+def _finish(plt, fig, ax, xlabel: str, ylabel: str, path: str | Path) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
