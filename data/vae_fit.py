@@ -2,10 +2,14 @@
 
 A randomly initialised tiny `AutoencoderKL` encodes fine for plumbing tests, but
 its decoder draws noise: predictions could not be looked at. The quickstart
-fits it on its own synthetic frames first (reconstruction MSE plus a small KL
-term, as the SD VAE objective without the GAN and perceptual parts), then sets
-`scaling_factor` to 1/std of the fitted latents, which is how the SD and SDXL
-VAEs chose theirs: the diffusion model then sees unit-variance latents.
+fits it on its own synthetic frames first, as a deterministic autoencoder:
+reconstruction MSE of the decoded posterior mean plus a small L2 penalty on
+that mean (which keeps the latent scale bounded). Sampling the posterior
+during a fit this short drowns the latents in the untrained posterior's unit
+noise (the fit stalled at ~20 dB), so the quickstart precomputes with
+`vae.sample: mode`. It then sets `scaling_factor` to 1/std of the fitted
+latents, which is how the SD and SDXL VAEs chose theirs: the diffusion model
+sees unit-variance latents.
 
 The result is an ordinary diffusers directory (`save_pretrained`, safetensors)
 that the precompute farm loads like any other VAE. Deterministic in `seed`.
@@ -27,7 +31,7 @@ from data.video import to_model_input
 
 
 def fit_tiny_vae(frames: np.ndarray, directory: str | Path, steps: int = 300, batch_size: int = 16,
-                 lr: float = 2e-3, kl_weight: float = 1e-6, seed: int = 0, log_every: int = 50) -> dict:
+                 lr: float = 2e-3, latent_l2: float = 1e-6, seed: int = 0, log_every: int = 50) -> dict:
     """Fit on uint8 [N, H, W, 3] frames and save to `directory` (atomically). Returns fit stats.
 
     An existing fitted directory (its `fit.json` present) is kept: re-running is free.
@@ -52,7 +56,7 @@ def fit_tiny_vae(frames: np.ndarray, directory: str | Path, steps: int = 300, ba
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.mean).sample
             mse = (recon - x).pow(2).mean()
-            loss = mse + kl_weight * posterior.mean.pow(2).mean()
+            loss = mse + latent_l2 * posterior.mean.pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -79,20 +79,6 @@ def resolve_recipe(export_meta: dict, vae: str | None = None, frame_interval: in
     return Recipe(vae_cfg, video_cfg, interval)
 
 
-def export_metadata(path: str | Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    out = {}
-    for k, v in meta.items():
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
 def take_frames(uri: str, recipe: Recipe, context: int, generate: int, start: int = 0):
     """(context frames, ground-truth frames or fewer/none), uint8 [T, H, W, 3], at the recipe's interval."""
     from data.video import VideoRejected, decode_video
@@ -201,7 +187,7 @@ def predict_videos(checkpoint: str | Path, videos: list[str], context: int, gene
         print(f"[predict] {done}/{len(videos)} {name}: {shown}  ETA {eta:.0f}s", flush=True)
     scored = [m for m in per_video if "mean_psnr" in m]
     summary = {"checkpoint": str(checkpoint), "videos": len(videos), "context": context, "generate": generate,
-               "predict": {k: v for k, v in vars(cfg).items()}, "per_video": per_video}
+               "predict": dataclasses.asdict(cfg), "per_video": per_video}
     if scored:
         summary["mean_psnr"] = float(np.mean([m["mean_psnr"] for m in scored]))
         summary["mean_ssim"] = float(np.mean([m["mean_ssim"] for m in scored]))
@@ -218,6 +204,7 @@ def predict_videos(checkpoint: str | Path, videos: list[str], context: int, gene
 
 def main(argv: list[str]) -> int:
     from orchestration.config import load_config
+    from pretrain.export import read_export_metadata
 
     parser = argparse.ArgumentParser(prog="vgpt predict", description=__doc__.split("\n\n")[0],
                                      epilog="Other arguments: --predict.key=value overrides (steps, guidance, "
@@ -238,7 +225,7 @@ def main(argv: list[str]) -> int:
         if args.context < 1 or args.generate < 1:
             raise ConfigError(f"--context/--generate: got {args.context}/{args.generate}, expected positive integers")
         job = load_config(args.config, overrides)
-        recipe = resolve_recipe(export_metadata_checked(args.checkpoint), args.vae, args.frame_interval,
+        recipe = resolve_recipe(read_export_metadata(args.checkpoint), args.vae, args.frame_interval,
                                 args.max_image_size)
         summary = predict_videos(args.checkpoint, args.video, args.context, args.generate, Path(args.out),
                                  job.predict, recipe, model_cfg=job.model if args.config else None, start=args.start)
@@ -251,11 +238,3 @@ def main(argv: list[str]) -> int:
               f"{summary['baseline_repeat_last_mean_ssim']:.3f}; outputs in {args.out}/", flush=True)
     return 0
 
-
-def export_metadata_checked(path: str) -> dict:
-    if not Path(path).is_file():
-        raise ConfigError(f"--checkpoint: {path} does not exist")
-    try:
-        return export_metadata(path)
-    except Exception as e:  # noqa: BLE001 safetensors' own error types
-        raise ConfigError(f"--checkpoint: {path} is not a safetensors export: {e}") from None

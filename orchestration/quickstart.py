@@ -166,7 +166,8 @@ def _strip_rows(folder: Path, name: str) -> list[tuple[str, np.ndarray]]:
 
 
 def run(workdir: Path, scale: Scale, nproc: int = 1) -> dict:
-    from orchestration.predict_cli import export_metadata, predict_videos, resolve_recipe
+    from orchestration.predict_cli import predict_videos, resolve_recipe
+    from pretrain.export import read_export_metadata
     from pretrain.train_cli import plan_stages
 
     workdir = workdir.resolve()
@@ -200,7 +201,7 @@ def run(workdir: Path, scale: Scale, nproc: int = 1) -> dict:
     log(f"step 5/6: predict {len(heldout)} held-out videos ({scale.context} context -> {scale.generate} frames)")
     export = export_of(out, 4)
     job = plan_stages(str(CONFIG_ROOT / "quickstart.yaml"), over, None)[-1][1]
-    recipe = resolve_recipe(export_metadata(export))
+    recipe = resolve_recipe(read_export_metadata(export))
     summary = predict_videos(export, [str(v) for v in heldout], scale.context, scale.generate,
                              workdir / "report" / "predictions", job.predict, recipe, model_cfg=job.model)
     t["predict"] = time.perf_counter() - t0

@@ -29,12 +29,41 @@ def save_export(state_dict: dict[str, torch.Tensor], path: str | Path, model_cfg
     return path
 
 
-def read_export_config(path: str | Path) -> dict:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "mlp_size", "latent_channels", "patch_size")
+
+
+def read_export_metadata(path: str | Path) -> dict:
+    """The export's header, JSON values decoded: model_config, stage, step, data recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist (expected an export, e.g. <out_dir>/export/model.safetensors "
+                          "or the output of `vgpt ckpt export`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 safetensors raises its own error types for other files
+        raise ConfigError(f"{path} is not a safetensors export: {e}") from None
     if "model_config" not in meta:
         raise ConfigError(f"{path}: not a Video-GPT export (no model_config in its header)")
-    return json.loads(meta["model_config"])
+    out = {}
+    for k, v in meta.items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def read_export_config(path: str | Path) -> dict:
+    return read_export_metadata(path)["model_config"]
+
+
+def check_export_shape(exported: dict, cfg: ModelConfig, path: str | Path) -> None:
+    """An export of another model size is refused, naming the first differing key."""
+    for key in SHAPE_KEYS:
+        if exported.get(key) != getattr(cfg, key):
+            raise ConfigError(f"{path}: exported with model.{key}={exported.get(key)}, but this model has "
+                              f"model.{key}={getattr(cfg, key)} (an export of another model size)")
 
 
 def load_export(model: torch.nn.Module, path: str | Path) -> None:
@@ -42,11 +71,7 @@ def load_export(model: torch.nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"train.init_from: {path} does not exist")
-    theirs = read_export_config(path)
-    for key in ("hidden_size", "num_layers", "num_heads", "mlp_size", "latent_channels", "patch_size"):
-        if theirs.get(key) != getattr(model.cfg, key):
-            raise ConfigError(f"{path}: exported with model.{key}={theirs.get(key)}, "
-                              f"but this model has model.{key}={getattr(model.cfg, key)}")
+    check_export_shape(read_export_config(path), model.cfg, path)
     own = model.state_dict()
     with safe_open(str(path), framework="pt") as f, torch.no_grad():
         missing = sorted(set(own) - set(f.keys()))
@@ -69,23 +94,12 @@ def load_exported_model(path: str | Path, device: str | torch.device = "cpu",
     from orchestration.config import from_dict
     from pretrain.model import build_model
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--checkpoint: {path} does not exist (expected an export, e.g. "
-                          "<out_dir>/export/model.safetensors or the output of `vgpt ckpt export`)")
-    try:
-        header = read_export_config(path)
-    except Exception as e:  # safetensors raises its own error types for non-safetensors files
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"--checkpoint: {path} is not a safetensors export: {e}") from None
+    header = read_export_config(path)
+    if expect is not None:
+        check_export_shape(header, expect, path)
     cfg = from_dict(ModelConfig, header)
     cfg.phi3_checkpoint = None  # the export holds the trained weights; never re-read the initial ones
     if expect is not None:
-        for key in ("hidden_size", "num_layers", "num_heads", "mlp_size", "latent_channels", "patch_size"):
-            if getattr(expect, key) != getattr(cfg, key):
-                raise ConfigError(f"{path}: exported with model.{key}={getattr(cfg, key)}, but the config asks for "
-                                  f"model.{key}={getattr(expect, key)} (an export of another model size)")
         cfg.attention = expect.attention
     model = build_model(cfg, device=device)
     load_export(model, path)
