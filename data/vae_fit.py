@@ -30,6 +30,12 @@ from data.vae import tiny_vae_kwargs
 from data.video import to_model_input
 
 
+def fitted_stats(directory: str | Path) -> dict | None:
+    """The stats of a VAE this module already fitted into `directory`, else None."""
+    done = Path(directory) / "fit.json"
+    return json.loads(done.read_text()) if done.is_file() else None
+
+
 def fit_tiny_vae(frames: np.ndarray, directory: str | Path, steps: int = 300, batch_size: int = 16,
                  lr: float = 2e-3, latent_l2: float = 1e-6, seed: int = 0, log_every: int = 50) -> dict:
     """Fit on uint8 [N, H, W, 3] frames and save to `directory` (atomically). Returns fit stats.
@@ -39,9 +45,8 @@ def fit_tiny_vae(frames: np.ndarray, directory: str | Path, steps: int = 300, ba
     from diffusers import AutoencoderKL
 
     directory = Path(directory)
-    done = directory / "fit.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    if (stats := fitted_stats(directory)) is not None:
+        return stats
     t0 = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -77,11 +77,11 @@ def make_videos(folder: Path, count: int, first_seed: int) -> list[Path]:
 
 def fit_vae(videos: list[Path], directory: Path, steps: int) -> dict:
     from data.precompute_config import VideoConfig
-    from data.vae_fit import fit_tiny_vae
+    from data.vae_fit import fit_tiny_vae, fitted_stats
     from data.video import decode_video
 
-    if (directory / "fit.json").is_file():
-        return json.loads((directory / "fit.json").read_text())
+    if (stats := fitted_stats(directory)) is not None:  # before decoding any frame for it
+        return stats
     cfg = VideoConfig(max_image_size=VIDEO_SIZE, min_side=16, min_frames=1)
     frames = np.concatenate([decode_video(str(v), cfg).frames[::2] for v in videos])
     return fit_tiny_vae(frames, directory, steps=steps)

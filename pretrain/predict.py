@@ -93,6 +93,7 @@ class NextClipPredictor:
             raise ConfigError(f"context: latent size {tuple(context.shape[-2:])} is not a multiple of "
                               f"model.patch_size={p}")
         device = self.model.pos_table.device
+        self._set_grid(tuple(context.shape[-2:]))
         c = self.cfg.clip_frames
         # the context as clips of clip_frames, the newest clip full; the oldest takes the remainder
         n = len(context)
@@ -145,12 +146,12 @@ class NextClipPredictor:
         return self._patches + 2
 
     def _set_grid(self, hw: tuple[int, int]) -> None:
+        """Latent size and patches per frame of the video being predicted (one per `predict` call)."""
         p = self.model.cfg.patch_size
         self._hw, self._patches = hw, (hw[0] // p) * (hw[1] // p)
 
     def _clean_tokens(self, frames: torch.Tensor, first_slot: int):
         """Clean frames at window slots first_slot.. -> tokens [1, n*P, D], positions [1, n*P]."""
-        self._set_grid(tuple(frames.shape[-2:]))
         P, S = self._patches, self._slot()
         tokens = self.model.embed_patches(frames, noisy=False).reshape(1, -1, self.model.cfg.hidden_size)
         slots = torch.arange(first_slot, first_slot + len(frames), device=frames.device)
@@ -160,7 +161,6 @@ class NextClipPredictor:
     def _noisy_tokens(self, x: torch.Tensor, t: float, first_slots: list[int]):
         """One noisy clip per row, each row at its own first slot: tokens [B, n*S, D], positions [B, n*S]."""
         m, n, D = self.model, len(x), self.model.cfg.hidden_size
-        self._set_grid(tuple(x.shape[-2:]))
         S = self._slot()
         patches = m.embed_patches(x, noisy=True)                           # [n, P, D]
         tt = torch.full((n,), t, device=x.device)
@@ -193,7 +193,6 @@ class NextClipPredictor:
             cache.clip_ids.append(i)
 
     def _empty_cache(self, example: torch.Tensor) -> _Cache:
-        self._set_grid(tuple(example.shape[-2:]))
         mc, P = self.model.cfg, self._patches
         capacity = (self.cfg.max_frame_window - 1) * P + self.cfg.clip_frames * self._slot()
         dtype = self.model.noisy_embedder.proj.weight.dtype
