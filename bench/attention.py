@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
 import subprocess
 import sys
@@ -21,10 +22,9 @@ import time
 
 
 def layout(frames: int, seed: int):
-    import torch
+    from data.stage import random_partition
 
-    from pretrain.synthetic import random_partition
-    return [[random_partition(frames, torch.Generator().manual_seed(seed))]]
+    return [[list(random_partition(frames, random.Random(seed)))]]
 
 
 def rss_mb() -> float:
@@ -35,8 +35,8 @@ def rss_mb() -> float:
 def measure(backend: str, args) -> dict:
     import torch
 
-    from pretrain.attention import ClipMeta, blockwise_attention, dense_attention, flex_block_mask
-    from pretrain.layout import build_sequence
+    from pretrain.model.attention import ClipMeta, blockwise_attention, dense_attention, flex_block_mask
+    from pretrain.model.sequence import build_sequence
 
     torch.manual_seed(0)
     seq = build_sequence(layout(args.frames, args.seed), 220, max_tokens=2_000_000)
@@ -44,7 +44,7 @@ def measure(backend: str, args) -> dict:
     L = seq.seq_len
     q, k, v = (torch.randn(1, args.heads, L, args.head_dim, requires_grad=True) for _ in range(3))
     base = rss_mb()
-    out = {"tokens": L, "clips": len(seq.layout[0][0])}
+    out = {"tokens": L, "clips": len(seq.clips[0][0])}
     if backend == "flex_mask":
         bm = flex_block_mask(meta, compile=False)
         tensors = [bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,

@@ -56,8 +56,8 @@ def raw_write(sizes: list[int], where: Path) -> float:
 
 
 def build(args, out: Path):
-    from orchestration.config import load_config
-    from pretrain.trainer import Trainer
+    from jobconfig.loader import load_config
+    from pretrain.training.trainer import Trainer
 
     overrides = [f"--model.hidden_size={args.hidden}", f"--model.num_layers={args.layers}",
                  f"--model.num_heads={args.hidden // 64}", f"--model.mlp_size={args.hidden * 8 // 3 // 64 * 64}",
@@ -83,9 +83,9 @@ def main() -> int:
     torch.set_num_threads(max(1, os.cpu_count() // 2))
     base = Path(tempfile.mkdtemp(prefix="vgpt-bench-ckpt-", dir=args.dir or Path.cwd()))
     try:
-        from pretrain.checkpoint import make_portable
-        from pretrain.ckpt_io import fsync_path
-        from pretrain.ckpt_portable import load_portable
+        from pretrain.checkpoint.manager import make_portable
+        from pretrain.checkpoint.integrity import fsync_path
+        from pretrain.checkpoint.portable import load_portable
 
         trainer = build(args, base / "run")
         n_params = sum(p.numel() for p in trainer.model.parameters())
@@ -119,13 +119,13 @@ def main() -> int:
             drop_cache(paths)
             t = time.perf_counter()
             found = mgr.newest_complete(full_verify=True)
-            mgr.load(engine, found, model=trainer.model, layout=trainer.layout())
+            mgr.load(engine, found, model=trainer.model, layout=trainer.parallel_layout())
             return time.perf_counter() - t
 
         def portable(ckpt: Path, paths: list[Path]) -> tuple[float, float]:
             drop_cache(paths)
             t = time.perf_counter()
-            dst = make_portable(ckpt, base / "portable" / ckpt.name, trainer.layout())
+            dst = make_portable(ckpt, base / "portable" / ckpt.name, trainer.parallel_layout())
             t1 = time.perf_counter()
             drop_cache(files_of(dst))
             t2 = time.perf_counter()

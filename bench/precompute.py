@@ -25,9 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.precompute_config import (InputsConfig, OutputConfig, PrecomputeConfig, RayConfig, VaeConfig,  # noqa: E402
-                                    VideoConfig)
-from data.synth_videos import pattern_frames, write_video  # noqa: E402
+from jobconfig.precompute import InputsConfig, OutputConfig, PrecomputeConfig, PrecomputeRayConfig, VaeConfig, VideoConfig
+from data.synthetic.videos import pattern_frames, write_video  # noqa: E402
 
 SIZES = [(256, 144), (224, 128), (192, 144), (160, 128)]
 
@@ -72,7 +71,7 @@ def main() -> int:
 
     from data.vae import LatentVae
     from data.video import decode_video
-    from orchestration.precompute_job import run
+    from orchestration.precompute.job import run
 
     decoded = [(p.stem, decode_video(str(p), video_cfg).frames) for p in sorted(videos.glob("*.mp4"))]
     vae = LatentVae(vae_cfg)
@@ -98,7 +97,7 @@ def main() -> int:
             inputs=InputsConfig(dir=str(videos)),
             output=OutputConfig(root=str(tmp / f"out-{workers}"), videos_per_shard=4),
             video=video_cfg, vae=vae_cfg, progress_every_s=1e9,
-            ray=RayConfig(encode_actors=workers, encode_cpus=cpus, decode_cpus=cpus,
+            ray=PrecomputeRayConfig(encode_actors=workers, encode_cpus=cpus, decode_cpus=cpus,
                           decode_in_flight=2 + 2 * workers))
         t0 = time.perf_counter()
         summary = run(cfg)

@@ -19,10 +19,10 @@ import time
 def main() -> None:
     import torch
 
-    from orchestration.config import load_config
-    from pretrain.config import PredictConfig
-    from pretrain.model import build_model
-    from pretrain.predict import NextClipPredictor
+    from jobconfig.loader import load_config
+    from jobconfig.predict import PredictConfig
+    from pretrain.model.videogpt import build_model
+    from pretrain.inference.sampler import NextClipPredictor
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="s2")

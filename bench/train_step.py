@@ -14,6 +14,7 @@ ratio of step times measured in this one run (goal >= 2x on CPU).
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 from pathlib import Path
@@ -22,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestration.config import load_config  # noqa: E402
-from pretrain.layout import Batch  # noqa: E402
-from pretrain.model import build_model  # noqa: E402
-from pretrain.objective import next_clip_loss, row_seed  # noqa: E402
-from pretrain.synthetic import random_partition  # noqa: E402
+from jobconfig.loader import load_config  # noqa: E402
+from data.batch import Batch  # noqa: E402
+from pretrain.model.videogpt import build_model  # noqa: E402
+from pretrain.training.objective import next_clip_loss, row_seed  # noqa: E402
+from data.stage import random_partition  # noqa: E402
 
 SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -57,7 +58,7 @@ def main() -> None:
     frames = torch.rand(1, args.frames, 3, args.size, args.size) * 2 - 1
     with torch.no_grad():
         latents = vae.encode(frames[0]).latent_dist.sample()[None] * vae.config.scaling_factor
-    layout = [[random_partition(args.frames, torch.Generator().manual_seed(0))]]
+    layout = [[list(random_partition(args.frames, random.Random(0)))]]
 
     def step_fn(attention: str, encode: bool):
         cfg = load_config(None, [f"--model.preset={args.preset}", f"--model.attention={attention}",

@@ -1,17 +1,17 @@
-"""Samples of one rank's step -> a `pretrain.layout.Batch` (with padding and packing).
+"""Samples of one rank's step -> a `data.batch.Batch` (with padding and packing).
 
 Without packing (`pack_tokens` = 0) every sample is one row. With packing,
 samples are laid into rows in their order, greedily: a sample joins the
-current row while the row's tokens (pretrain.layout.sequence_length) stay within
+current row while the row's tokens (data.batch.sequence_length) stay within
 `pack_tokens`, else it opens a new row; a sample longer than the budget gets a
-row of its own. Samples of one row are separate entries of the row's layout,
+row of its own. Samples of one row are separate entries of the row's `clips`,
 so the clip attention keeps them apart (clips of different samples never see
 each other). Rows shorter than the longest are padded with zero frames, which
 `Batch.frame_mask()` marks as padding.
 
 `LatentBatch` is a `Batch` plus provenance: the global index (epoch * N + p)
 of every sample (feed it to `pretrain.objective.row_seed` so the noise does not
-depend on the run layout), its stored frame indices, and the positions of
+depend on the run's parallel layout), its stored frame indices, and the positions of
 this step that were skipped with the reason.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pretrain.config import ConfigError
-from pretrain.layout import Batch, sequence_length
+from data.batch import Batch, sequence_length
+from jobconfig.errors import ConfigError
 
 
 @dataclass
@@ -49,7 +49,7 @@ class LatentBatch(Batch):
     skipped: list[tuple[int, str | None, str]] = field(default_factory=list)  # (global index, key, reason)
 
     def to(self, device) -> "LatentBatch":
-        return LatentBatch(self.latents.to(device), self.layout, self.keys, self.frame_interval,
+        return LatentBatch(self.latents.to(device), self.clips, self.keys, self.frame_interval,
                            self.global_index, self.frame_indices, self.skipped)
 
     @property
@@ -60,7 +60,7 @@ class LatentBatch(Batch):
     def samples(self) -> list[tuple[int, str, tuple[int, ...], tuple[int, ...], int]]:
         """(global index, key, frame indices, clips, interval) of every sample, in order."""
         out = []
-        for r, row in enumerate(self.layout):
+        for r, row in enumerate(self.clips):
             for s, clips in enumerate(row):
                 out.append((self.global_index[r][s], self.keys[r][s], self.frame_indices[r][s],
                             tuple(clips), self.frame_interval[r][s]))
@@ -120,7 +120,7 @@ def collate(records: list[SampleRecord], pack_tokens: int, dtype: torch.dtype) -
     rows = pack_rows(tokens, pack_tokens)
     frames = [sum(ok[i].latents.shape[0] for i in row) for row in rows]
     latents = torch.empty(len(rows), max(frames), *shapes.pop(), dtype=dtype)
-    layout, keys, intervals, gidx, fidx = [], [], [], [], []
+    clips, keys, intervals, gidx, fidx = [], [], [], [], []
     for r, row in enumerate(rows):
         f0 = 0
         for i in row:
@@ -128,9 +128,9 @@ def collate(records: list[SampleRecord], pack_tokens: int, dtype: torch.dtype) -
             copy_serial(latents[r, f0:f0 + x.shape[0]], x)
             f0 += x.shape[0]
         numpy_view(latents[r, f0:])[...] = 0  # padding frames
-        layout.append([list(ok[i].clips) for i in row])
+        clips.append([list(ok[i].clips) for i in row])
         keys.append([ok[i].key for i in row])
         intervals.append([ok[i].interval for i in row])
         gidx.append([ok[i].global_index for i in row])
         fidx.append([ok[i].frame_indices for i in row])
-    return LatentBatch(latents, layout, keys, intervals, gidx, fidx, skipped)
+    return LatentBatch(latents, clips, keys, intervals, gidx, fidx, skipped)

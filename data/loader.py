@@ -53,12 +53,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.batching import LatentBatch, SampleRecord, collate, copy_serial, numpy_view
-from data.config import DataConfig
 from data.order import Cursor, DatasetMeta, Schedule, epoch_order, resolve_num_streams
 from data.shard_format import ShardFormatError, decode_sample, get_fs, read_index
 from data.shards import CorruptShardError, ShardSource
 from data.stage import SKIP_SHORT, SKIP_TOKENS, plan_sample, sample_rng, sample_tokens, tokens_per_frame
-from pretrain.config import ConfigError
+from jobconfig.data import DataConfig
+from jobconfig.errors import ConfigError
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1

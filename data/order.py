@@ -54,7 +54,8 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from pretrain.config import ConfigError
+from jobconfig.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DatasetMeta:

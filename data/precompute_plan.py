@@ -20,14 +20,15 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from data.precompute_config import InputsConfig, PrecomputeConfig
 from data.shard_format import check_key, get_fs, shard_stem
+from jobconfig.errors import ConfigError
+from jobconfig.precompute import InputsConfig, PrecomputeConfig
 
 PLAN_FILE = "plan.json"
 
 
-class PlanError(RuntimeError):
-    """The inputs cannot be planned, or the output root belongs to another plan."""
+class PlanError(ConfigError):
+    """The inputs cannot be planned, or the output root belongs to another plan (bad input)."""
 
 
 @dataclass(frozen=True)

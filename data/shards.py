@@ -32,7 +32,6 @@ import fsspec
 from data.order import DatasetMeta
 from data.shard_format import ShardFormatError, iter_tar
 
-
 READ_ATTEMPTS = 3
 
 

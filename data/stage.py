@@ -10,20 +10,19 @@ asks for F frames at a frame interval d, split into clips:
   clips random:     K ~ U{2..F}, K-1 distinct cut points drawn from {1..F-1}
 
 A video that cannot give F frames, or whose sample exceeds `max_tokens`
-(pretrain.layout.sequence_length), is not an error: it is skipped with a
+(data.batch.sequence_length), is not an error: it is skipped with a
 reason and counted by the loader. All draws come from the RNG the caller
 passes, seeded by (seed, epoch, global position): never from worker or rank
 state, so the same position gives the same sample in every run layout.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import hashlib
 import random
+from dataclasses import dataclass
 
-from data.config import StageSamplingConfig
-from pretrain.layout import sequence_length
+from data.batch import patches_per_frame, sequence_length
+from jobconfig.data import StageSamplingConfig
 
 SKIP_SHORT = "too_short"
 SKIP_TOKENS = "too_many_tokens"
@@ -58,7 +57,7 @@ def interval_bounds(cfg: StageSamplingConfig, num_frames: int) -> tuple[int, int
     return (cfg.interval_min, hi) if hi >= cfg.interval_min else None
 
 
-def _randint(rng: random.Random, lo: int, hi: int) -> int:
+def uniform_int(rng: random.Random, lo: int, hi: int) -> int:
     """Uniform in [lo, hi] from `random()` alone: the one draw Python guarantees stable across
     versions (randint/sample may change), so a checkpoint resumes identically after an upgrade."""
     return lo + min(int(rng.random() * (hi - lo + 1)), hi - lo)
@@ -66,10 +65,10 @@ def _randint(rng: random.Random, lo: int, hi: int) -> int:
 
 def random_partition(frames: int, rng: random.Random) -> tuple[int, ...]:
     """K ~ U{2..F} clips with K-1 distinct random cut points in {1..F-1} (partial Fisher-Yates)."""
-    k = _randint(rng, 2, frames)
+    k = uniform_int(rng, 2, frames)
     points = list(range(1, frames))
     for i in range(k - 1):
-        j = _randint(rng, i, len(points) - 1)
+        j = uniform_int(rng, i, len(points) - 1)
         points[i], points[j] = points[j], points[i]
     bounds = [0, *sorted(points[: k - 1]), frames]
     return tuple(b - a for a, b in zip(bounds, bounds[1:]))
@@ -80,9 +79,9 @@ def plan_sample(cfg: StageSamplingConfig, num_frames: int, rng: random.Random) -
     bounds = interval_bounds(cfg, num_frames)
     if bounds is None:
         return None
-    d = _randint(rng, bounds[0], bounds[1])
+    d = uniform_int(rng, bounds[0], bounds[1])
     span = (cfg.frames - 1) * d
-    start = _randint(rng, 0, num_frames - 1 - span)
+    start = uniform_int(rng, 0, num_frames - 1 - span)
     frames = tuple(range(start, start + span + 1, d))
     if cfg.clips == "single_frame":
         clips = (1,) * cfg.frames
@@ -92,8 +91,7 @@ def plan_sample(cfg: StageSamplingConfig, num_frames: int, rng: random.Random) -
 
 
 def tokens_per_frame(cfg: StageSamplingConfig, latent_hw: tuple[int, int]) -> int:
-    h, w = latent_hw
-    return (h // cfg.patch_size) * (w // cfg.patch_size)
+    return patches_per_frame(latent_hw, cfg.patch_size)
 
 
 def sample_tokens(cfg: StageSamplingConfig, clips: tuple[int, ...], latent_hw: tuple[int, int]) -> int:

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.precompute_config import VaeConfig
 from data.video import to_model_input
+from jobconfig.precompute import VaeConfig
 
 TINY_VAE = "tiny"
 TINY_VAE_VERSION = 1

@@ -19,8 +19,8 @@ import av
 import numpy as np
 import torch
 
-from data.precompute_config import VideoConfig
 from data.shard_format import get_fs
+from jobconfig.precompute import VideoConfig
 
 
 class VideoRejected(Exception):

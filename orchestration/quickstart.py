@@ -25,7 +25,6 @@ their step.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -36,8 +35,15 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestration.config import CONFIG_ROOT
-from pretrain.config import ConfigError
+from data.synthetic.videos import bouncing_square_frames, write_video
+from data.vae_fit import fit_tiny_vae, fitted_stats
+from data.video import decode_video
+from jobconfig.curriculum import plan_stages
+from jobconfig.loader import CONFIG_ROOT
+from jobconfig.precompute import VideoConfig
+from pretrain.checkpoint.export import read_export_metadata
+from pretrain.evaluation.figures import plot_loss_curves, read_loss_curve, write_strip
+from pretrain.inference.pipeline import predict_videos, resolve_recipe
 
 VIDEO_SIZE, VIDEO_FRAMES, FPS = 64, 40, 8
 
@@ -53,6 +59,8 @@ class Scale:
 
 
 FULL = Scale()
+
+
 REDUCED = Scale(train_videos=16, heldout_videos=3, vae_steps=200, stage_steps=40, generate=3)
 
 
@@ -61,7 +69,6 @@ def log(msg: str) -> None:
 
 
 def make_videos(folder: Path, count: int, first_seed: int) -> list[Path]:
-    from data.synth_videos import bouncing_square_frames, write_video
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -76,9 +83,6 @@ def make_videos(folder: Path, count: int, first_seed: int) -> list[Path]:
 
 
 def fit_vae(videos: list[Path], directory: Path, steps: int) -> dict:
-    from data.precompute_config import VideoConfig
-    from data.vae_fit import fit_tiny_vae, fitted_stats
-    from data.video import decode_video
 
     if (stats := fitted_stats(directory)) is not None:  # before decoding any frame for it
         return stats
@@ -120,7 +124,6 @@ def export_of(out: Path, stage: int) -> Path:
 
 
 def report(workdir: Path, out: Path, summary: dict, vae_stats: dict, scale: Scale, timings: dict) -> dict:
-    from orchestration.visuals import plot_loss_curves, read_loss_curve, write_strip
 
     rep = workdir / "report"
     rep.mkdir(parents=True, exist_ok=True)
@@ -166,9 +169,6 @@ def _strip_rows(folder: Path, name: str) -> list[tuple[str, np.ndarray]]:
 
 
 def run(workdir: Path, scale: Scale, nproc: int = 1) -> dict:
-    from orchestration.predict_cli import predict_videos, resolve_recipe
-    from pretrain.export import read_export_metadata
-    from pretrain.train_cli import plan_stages
 
     workdir = workdir.resolve()
     t = {}
@@ -207,17 +207,3 @@ def run(workdir: Path, scale: Scale, nproc: int = 1) -> dict:
     t["predict"] = time.perf_counter() - t0
     log("step 6/6: report")
     return report(workdir, out, summary, vae_stats, scale, t)
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vgpt quickstart", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default="runs/quickstart")
-    parser.add_argument("--reduced", action="store_true", help="fewer videos and steps (the test suite's mode)")
-    parser.add_argument("--nproc", type=int, default=1, help="training processes (torchrun on loopback)")
-    args = parser.parse_args(argv)
-    try:
-        run(Path(args.workdir), REDUCED if args.reduced else FULL, args.nproc)
-    except (ConfigError, RuntimeError) as e:
-        print(f"vgpt quickstart: {e}", file=sys.stderr, flush=True)
-        return 1
-    return 0

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
-from pretrain.config import ConfigError
+from jobconfig.errors import ConfigError
 
 _BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 
@@ -120,19 +122,47 @@ def select_device(requested: str = "auto", local_rank: int | None = None) -> Dev
     return DeviceSpec(type=kind, device=device, backend=_BACKENDS[kind], accelerator=kind, local_rank=rank)
 
 
-def init_distributed(spec: DeviceSpec, timeout_s: float = 1800.0) -> None:
-    """Start the default process group with the device's backend (env:// rendezvous), once.
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
 
-    Reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, as torchrun and the
-    DeepSpeed launcher set them. A no-op when a group already exists (e.g.
-    `deepspeed.init_distributed` ran first), but the backends must agree.
+
+def free_port() -> int:
+    """A free TCP port on loopback (single-process rendezvous, local torchrun)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(spec: DeviceSpec, timeout_s: float = 1800.0) -> DistInfo:
+    """Join the job's default process group with the device's backend, once per process.
+
+    Under torchrun (or the DeepSpeed launcher, or a test harness) RANK,
+    WORLD_SIZE, MASTER_ADDR and MASTER_PORT come from the environment; without
+    them a 1-rank group is made on loopback, since DeepSpeed always wants one.
+    A no-op when a group already exists, but the backends must agree.
     """
-    import torch.distributed as dist
-
     if dist.is_initialized():
         have = dist.get_backend()
         if have != spec.backend:
             raise ConfigError(f"parallel.device={spec.type!r} needs backend {spec.backend!r}, "
                               f"but the process group was started with {have!r}")
-        return
-    dist.init_process_group(backend=spec.backend, timeout=timedelta(seconds=timeout_s))
+    else:
+        if "WORLD_SIZE" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port()))
+        timeout = timedelta(seconds=timeout_s)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # Under torchrun the rendezvous store outlives a failed attempt; give every attempt its own
+            # key space, or the restarted ranks read the dead ranks' addresses and gloo cannot connect.
+            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                 int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timedelta(minutes=30))
+            dist.init_process_group(backend=spec.backend, store=dist.PrefixStore(f"vgpt/attempt_{restart}/", base),
+                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend=spec.backend, timeout=timeout)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))

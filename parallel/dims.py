@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pretrain.config import ConfigError
+from jobconfig.errors import ConfigError
 
 
 @dataclass(frozen=True)

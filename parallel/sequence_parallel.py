@@ -1,6 +1,6 @@
-"""Ulysses sequence parallelism applied from outside to the plain model's backbone.
+"""Ulysses sequence parallelism applied from outside to one module of a plain model.
 
-The backbone's forward (x [B, L, D], position_ids [B, L], attn) is replaced,
+The target module's forward (x [B, L, D], position_ids [B, L], attn) is replaced,
 on this one module instance, by:
 
   1. pad L to a multiple of sp and keep this rank's contiguous chunk of tokens
@@ -12,7 +12,7 @@ on this one module instance, by:
      unpadded sequence, so the closure is used as is; padding is cut off
      before it and zero-filled after), and one all-to-all takes the output back;
   3. all-gather the chunks and drop the padding, so everything after the
-     backbone (token read-out, final layer, loss) is ordinary replicated code.
+     target module (token read-out, final layer, loss) is ordinary replicated code.
 
 Gradient contract. After step 3 every SP rank computes the same loss from the
 same gathered hidden states, so the gradient arriving at the gather is the
@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.config import ConfigError
+from jobconfig.errors import ConfigError
 
 
 # ---------------------------------------------------------------- collectives with autograd
@@ -104,10 +104,10 @@ def ulysses_attention(attn, seq_len: int, group):
 
 
 class UlyssesForward:
-    """Replacement `forward` for one backbone instance: see the module docstring."""
+    """Replacement `forward` for one module instance: see the module docstring."""
 
-    def __init__(self, backbone: nn.Module, group):
-        self.inner = backbone.forward  # the class's bound forward, captured before replacement
+    def __init__(self, module: nn.Module, group):
+        self.inner = module.forward  # the class's bound forward, captured before replacement
         self.group = group
         self.sp = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -124,26 +124,25 @@ class UlyssesForward:
         return gather_replicated(hidden, dim=1, group=self.group)[:, :L]
 
 
-def apply_sequence_parallel(model: nn.Module, group, module_name: str = "backbone") -> nn.Module:
-    """Make `model.<module_name>` (a Backbone) run Ulysses SP over `group`; in place, returns `model`.
+def apply_sequence_parallel(model: nn.Module, group, target: str, local_heads: int) -> nn.Module:
+    """Make `model.<target>` run Ulysses SP over `group`; in place, returns `model`.
 
-    Parameter names and the module tree are untouched (only the instance's
-    `forward` is replaced), so checkpoints and ZeRO see the plain model. Every
-    rank of `group` must feed the same batch. Heads per rank (after TP) must
-    divide by the group size: `ParallelDims.check_model` says so at startup,
-    and this function checks again on the (possibly TP-sharded) model. A
-    group of one rank changes nothing.
+    `target` is a module called as `forward(x [B, L, D], position_ids [B, L],
+    attn)` whose attention callable sees [B, H, L, D] (the model family names
+    it, pretrain/training/parallelize.py); `local_heads` is H on this rank,
+    after any tensor parallelism. Parameter names and the module tree are
+    untouched (only the instance's `forward` is replaced), so checkpoints and
+    ZeRO see the plain model. Every rank of `group` must feed the same batch.
+    A group of one rank changes nothing.
     """
-    backbone = model.get_submodule(module_name)
-    if isinstance(backbone.__dict__.get("forward"), UlyssesForward):
-        raise RuntimeError(f"apply_sequence_parallel: {module_name} is already sequence parallel")
+    module = model.get_submodule(target)
+    if isinstance(module.__dict__.get("forward"), UlyssesForward):
+        raise RuntimeError(f"apply_sequence_parallel: {target} is already sequence parallel")
     sp = dist.get_world_size(group)
     if sp == 1:
         return model
-    layer = backbone.layers[0].self_attn
-    heads = layer.qkv_proj.weight.shape[0] // (3 * layer.head_dim)  # local heads, after any TP
-    if heads % sp:
-        raise ConfigError(f"parallel.sequence_parallel={sp} does not divide the {heads} attention heads "
-                          f"per rank of {module_name} (model.num_heads / parallel.tensor_parallel)")
-    backbone.forward = UlyssesForward(backbone, group)
+    if local_heads % sp:
+        raise ConfigError(f"parallel.sequence_parallel={sp} does not divide the {local_heads} attention heads "
+                          f"per rank of {target} (model.num_heads / parallel.tensor_parallel)")
+    module.forward = UlyssesForward(module, group)
     return model

@@ -1,6 +1,7 @@
 """Tensor parallelism applied from outside to the plain model, with megatron-core layers.
 
-The plan is data: module-name pattern (fnmatch, `*` also spans dots) -> style.
+The plan is data, given by the model family (e.g. pretrain/training/parallelize.py):
+module-name pattern (fnmatch, `*` also spans dots) -> style.
 
   column         Y = X A^T, A's output rows split over TP ranks; output stays sharded
   column_fusedN  as column, for an output that is N projections concatenated
@@ -37,14 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from pretrain.config import ConfigError
-
-DEFAULT_TP_PLAN: dict[str, str] = {
-    "backbone.layers.*.self_attn.qkv_proj": "column_fused3",
-    "backbone.layers.*.self_attn.o_proj": "row",
-    "backbone.layers.*.mlp.gate_up_proj": "column_fused2",
-    "backbone.layers.*.mlp.down_proj": "row",
-}
+from jobconfig.errors import ConfigError
 
 _STYLE = re.compile(r"^(column|row|column_fused([1-9]))$")
 
@@ -154,7 +148,7 @@ def _match(plan: dict[str, str], model: nn.Module) -> list[tuple[str, str]]:
     return list(matched.items())
 
 
-def apply_tensor_parallel(model: nn.Module, plan: dict[str, str] | None = None, tp_group=None) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], tp_group=None) -> nn.Module:
     """Shard `model` in place over `tp_group` (default: megatron's TP group) following `plan`.
 
     Every TP rank must call it with the same full weights. Shapes are checked
@@ -162,7 +156,6 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str] | None = None, 
     ConfigError naming the module and the numbers. With a TP group of one
     rank the model is returned unchanged.
     """
-    plan = DEFAULT_TP_PLAN if plan is None else plan
     tp_group = _tp_group_or_default(tp_group)
     tp, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
     if tp == 1:
@@ -181,10 +174,9 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str] | None = None, 
     return model
 
 
-def plan_style(module_name: str, plan: dict[str, str] | None = None) -> str | None:
+def plan_style(module_name: str, plan: dict[str, str]) -> str | None:
     """The style `plan` gives the module `module_name` (None: replicated), matched as
     `apply_tensor_parallel` matches; for offline tools that see parameter names, not modules."""
-    plan = DEFAULT_TP_PLAN if plan is None else plan
     for pattern, style in plan.items():
         if fnmatch.fnmatchcase(module_name, pattern):
             _parts(style)

@@ -10,17 +10,18 @@ and the gloo timeout bounds any remaining wait.
 from __future__ import annotations
 
 import os
+import random
 import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from orchestration.config import load_config
-from pretrain.layout import Batch
-from pretrain.model import build_model
-from pretrain.objective import next_clip_loss, row_seed
-from pretrain.synthetic import random_partition
+from jobconfig.loader import load_config
+from data.batch import Batch
+from pretrain.model.videogpt import build_model
+from pretrain.training.objective import next_clip_loss, row_seed
+from data.stage import random_partition
 
 LATENT_HW = (6, 2)  # 3 patches per frame: odd token counts, so sequences of odd length occur
 
@@ -35,9 +36,9 @@ def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from parallel.device import init_distributed, select_device
+    from parallel.device import init_process_group, select_device
 
-    init_distributed(select_device("cpu"), timeout_s=120)
+    init_process_group(select_device("cpu"), timeout_s=120)
     try:
         fn(rank, world_size, *args)
     finally:
@@ -63,8 +64,9 @@ def debug_setup(seed: int = 0):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     frames = 5
     # row 0: two packed samples; row 1: one shorter sample plus a padding frame
+    rng = random.Random(seed)
     for _ in range(100):
-        layout = [[random_partition(3, g), random_partition(2, g)], [random_partition(4, g)]]
+        layout = [[list(random_partition(n, rng)) for n in (3, 2)], [list(random_partition(4, rng))]]
         length = model.sequence(layout, LATENT_HW).src.shape[1]
         if length % 2:
             break

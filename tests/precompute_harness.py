@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from data.shard_format import committed_manifests, iter_tar
-from data.synth_videos import pattern_frames, write_bad_inputs, write_video
+from data.synthetic.videos import pattern_frames, write_bad_inputs, write_video
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/precompute/tiny.yaml"

@@ -1,11 +1,12 @@
 """Activation checkpointing recomputes blocks in backward: same loss, same gradients."""
 import torch
 
-from orchestration.config import load_config
-from parallel.engine import apply_activation_checkpointing
-from pretrain.layout import Batch
-from pretrain.model import build_model
-from pretrain.objective import next_clip_loss
+from jobconfig.loader import load_config
+from pretrain.training import parallelize
+from pretrain.training.parallelize import apply_activation_checkpointing
+from data.batch import Batch
+from pretrain.model.videogpt import build_model
+from pretrain.training.objective import next_clip_loss
 
 
 def grads(model, batch, cfg):
@@ -25,9 +26,12 @@ def test_activation_checkpointing_gives_identical_gradients():
     loss_a, g_a = grads(model, batch, cfg)
     apply_activation_checkpointing(model)
     calls = []
-    inner = model.backbone.checkpoint_fn
-    model.backbone.checkpoint_fn = lambda *a: calls.append(1) or inner(*a)
-    loss_b, g_b = grads(model, batch, cfg)
+    inner = parallelize.checkpoint
+    parallelize.checkpoint = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    try:
+        loss_b, g_b = grads(model, batch, cfg)
+    finally:
+        parallelize.checkpoint = inner
     assert len(calls) == cfg.model.num_layers
     assert torch.equal(loss_a, loss_b)
     for n in g_a:

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from pretrain.attention import ClipMeta, blockwise_attention, dense_attention, flex_attention
-from pretrain.layout import build_sequence
+from pretrain.model.attention import ClipMeta, blockwise_attention, dense_attention, flex_attention
+from pretrain.model.sequence import build_sequence
 
 PATCHES = 2
 

@@ -34,7 +34,7 @@ def s3_run(run_dir, s3_bucket, s3_server, monkeypatch):
 
 
 def ckpt(capsys, *argv: str) -> tuple[int, str, str]:
-    from orchestration.ckpt_cli import main
+    from orchestration.cli.ckpt import main
 
     rc = main(list(argv))
     out, err = capsys.readouterr()

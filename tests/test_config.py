@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestration.config import CONFIG_ROOT, JobConfig, from_dict, load_config, model_presets
-from pretrain.config import ConfigError, ModelConfig
+from jobconfig.loader import CONFIG_ROOT, from_dict, load_config, model_presets
+from jobconfig.job import JobConfig
+from jobconfig.errors import ConfigError
+from jobconfig.model import ModelConfig
 
 ALL_YAML = sorted(CONFIG_ROOT.rglob("*.yaml"))
 
@@ -26,14 +28,14 @@ def test_every_config_file_loads(path: Path):
         cfg = from_dict(ModelConfig, raw, "model")
         assert cfg.hidden_size % cfg.num_heads == 0
     elif path.parent == CONFIG_ROOT / "cluster":  # a cluster description for `vgpt launch`
-        from orchestration.cluster_config import ClusterConfig
+        from orchestration.launch.cluster import ClusterConfig
         assert isinstance(load_config(path, cls=ClusterConfig), ClusterConfig)
     elif path.parent == CONFIG_ROOT / "sweep":  # a scaling-law sweep: its grid must expand into valid trials
-        from orchestration.sweep_config import SweepConfig
-        from orchestration.sweep_trial import plan
+        from orchestration.sweep.config import SweepConfig
+        from orchestration.sweep.trial import plan
         assert plan(load_config(path, cls=SweepConfig))
     elif "stages" in raw:  # a curriculum: every stage, merged with the shared sections
-        from pretrain.train_cli import plan_stages
+        from jobconfig.curriculum import plan_stages
         plan = plan_stages(str(path), [], None)
         assert [name for name, _ in plan] == [f"stage{i}" for i in range(1, len(raw["stages"]) + 1)]
         assert all(isinstance(cfg, JobConfig) for _, cfg in plan)
@@ -82,7 +84,7 @@ def test_cli_rejects_a_bad_key_before_any_work(tmp_path):
 
 
 def test_pretrain_curriculum_follows_method_md():
-    from pretrain.train_cli import plan_stages
+    from jobconfig.curriculum import plan_stages
     plan = dict(plan_stages(str(CONFIG_ROOT / "pretrain.yaml"), [], None))
     assert [plan[f"stage{i}"].data.stage.frames for i in range(1, 5)] == [16, 48, 48, 80]
     assert plan["stage1"].data.stage.clips == "single_frame" and plan["stage2"].data.stage.clips == "random"
@@ -94,7 +96,7 @@ def test_pretrain_curriculum_follows_method_md():
 
 
 def test_a_bad_key_in_a_later_stage_fails_naming_the_stage(tmp_path):
-    from pretrain.train_cli import plan_stages
+    from jobconfig.curriculum import plan_stages
     (tmp_path / "s1.yaml").write_text("train: {steps: 3}\n")
     (tmp_path / "s2.yaml").write_text("train: {stepz: 3}\n")
     (tmp_path / "all.yaml").write_text("stages: [s1.yaml, s2.yaml]\nmodel: {preset: debug}\n")
@@ -103,7 +105,7 @@ def test_a_bad_key_in_a_later_stage_fails_naming_the_stage(tmp_path):
 
 
 def test_inline_stages_merge_and_fail_naming_the_stage(tmp_path):
-    from pretrain.train_cli import plan_stages
+    from jobconfig.curriculum import plan_stages
     (tmp_path / "inline.yaml").write_text("stages:\n  - train: {steps: 3}\n  - train: {steps: 5, lr: 0.5}\n"
                                           "train: {lr: 0.25}\n")
     plan = dict(plan_stages(str(tmp_path / "inline.yaml"), [], None))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from data.toy_dataset import write_toy_dataset
-from pretrain.export import weights_fingerprint
+from data.synthetic.shards import write_toy_dataset
+from pretrain.checkpoint.export import weights_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 

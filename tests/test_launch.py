@@ -15,9 +15,9 @@ import pytest
 import yaml
 from torch.distributed.run import get_args_parser
 
-from orchestration.config import ConfigError
-from orchestration.launch import plan_launch, render
-from orchestration.launch_targets import TARGETS
+from jobconfig.errors import ConfigError
+from orchestration.launch.plan import plan_launch, render
+from orchestration.launch.targets import TARGETS
 from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,10 +12,10 @@ import logging
 
 import pytest
 
-from data.config import DataConfig, StageSamplingConfig
+from jobconfig.data import DataConfig, StageSamplingConfig
 from data.loader import LatentLoader
 from data.shard_format import ShardFormatError
-from data.toy_dataset import video_of, write_toy_dataset
+from data.synthetic.shards import video_of, write_toy_dataset
 
 SIZES = [4, 6, 3, 5]
 BAD = "train-000001"  # 6 samples: v000004 .. v000009
@@ -80,7 +80,7 @@ def test_skip_policy_reports_and_skips_the_whole_shard(damaged, workers, caplog)
             loader = LatentLoader(cfg(damaged, "skip", workers), r, W)
             rank_skips = 0
             for batch in loader:
-                for r_, row in enumerate(batch.layout):
+                for r_, row in enumerate(batch.clips):
                     for s, _ in enumerate(row):
                         key = batch.keys[r_][s]
                         frames = batch.latents[r_, 2 * s: 2 * s + 2, 0, 0, 0].tolist()
@@ -105,7 +105,7 @@ def test_skip_policy_reports_and_skips_the_whole_shard(damaged, workers, caplog)
 def test_an_undecodable_sample_in_a_verified_shard(tmp_path):
     """A shard whose hash is right but one sample's latents are junk (a writer bug): the same policy."""
     from data.shard_format import build_tar, commit_shard, committed_manifests, encode_sample, get_fs, write_index
-    from data.toy_dataset import video_latents
+    from data.synthetic.shards import video_latents
 
     fs, root = get_fs(str(tmp_path))
     good = [(f"v{v:06d}", encode_sample(video_latents(v, 8, (4, 4, 4)), {})) for v in range(3)]

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data.order import Cursor, Schedule, epoch_order, resolve_num_streams
-from pretrain.config import ConfigError
+from jobconfig.errors import ConfigError
 
 
 def served(schedule: Schedule, steps: int, workers: int) -> list[list[tuple[int, int]]]:

@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
-from data.config import DataConfig, StageSamplingConfig
+from jobconfig.data import DataConfig, StageSamplingConfig
 from data.loader import LatentLoader
-from data.toy_dataset import video_of, write_toy_dataset
+from data.synthetic.shards import video_of, write_toy_dataset
 
 SIZES = [3, 7, 2, 5, 4]
 N = sum(SIZES)
@@ -31,7 +31,7 @@ def cfg(root, opts, workers=0):
 def run(loader, steps=None):
     out = []
     for batch in itertools.islice(loader, steps):  # islice: never pulls (consumes) one batch too many
-        for r, row in enumerate(batch.layout):
+        for r, row in enumerate(batch.clips):
             f0 = 0
             for s, clips in enumerate(row):
                 key = batch.keys[r][s]

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data.stage import interval_bounds, plan_sample, sample_rng, sample_tokens
-from orchestration.config import CONFIG_ROOT, load_config
+from jobconfig.loader import CONFIG_ROOT, load_config
 
 # METHOD.md, "The four curriculum stages": frames, interval (fixed d or random [lo, hi]), clips, token limit
 TABLE = {
@@ -102,7 +102,7 @@ def test_stage4_token_count_is_what_the_model_sees():
 
 
 def test_bad_data_config_names_the_key():
-    from pretrain.config import ConfigError
+    from jobconfig.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"data.corrupt_shards: got 'maybe', expected one of \['skip', 'fail'\]"):
         load_config(None, ["--data.corrupt_shards=maybe"])

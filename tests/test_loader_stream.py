@@ -14,11 +14,13 @@ import pytest
 import torch
 
 from data.batching import LatentBatch
-from data.config import DataConfig, StageSamplingConfig
+from jobconfig.data import DataConfig, StageSamplingConfig
 from data.loader import LatentLoader
-from data.toy_dataset import video_of, write_toy_dataset
-from pretrain.config import ConfigError, ModelConfig, ObjectiveConfig
-from pretrain.layout import sequence_length
+from data.synthetic.shards import video_of, write_toy_dataset
+from jobconfig.errors import ConfigError
+from jobconfig.model import ModelConfig
+from jobconfig.train import ObjectiveConfig
+from data.batch import sequence_length
 
 SIZES = [5, 1, 8, 3, 6, 2, 4]  # uneven shards, 29 videos
 N = sum(SIZES)
@@ -42,7 +44,7 @@ def make_cfg(root, **kw) -> DataConfig:
 
 def check_content(batch: LatentBatch) -> None:
     """Every frame of every sample is the stored frame of its own video (encoded as v*1000 + t)."""
-    for r, row in enumerate(batch.layout):
+    for r, row in enumerate(batch.clips):
         f0 = 0
         for s, clips in enumerate(row):
             want = torch.tensor([video_of(batch.keys[r][s]) * 1000 + t for t in batch.frame_indices[r][s]],
@@ -156,21 +158,21 @@ def test_packing_fills_a_token_budget_without_changing_the_samples(root):
     packed, rows_seen = [], 0
     for batch in loader:
         check_content(batch)
-        for row in batch.layout:
+        for row in batch.clips:
             assert sequence_length(row, 4) <= budget or len(row) == 1
-        rows_seen += len(batch.layout)
+        rows_seen += len(batch.clips)
         packed.append((batch.samples(), [(g, r) for g, _, r in batch.skipped]))
     assert packed == plain
     assert rows_seen < sum(len(s) for s, _ in plain), "some rows hold more than one sample"
 
 
 def test_packed_batch_trains_through_the_objective(root):
-    from pretrain.model import build_model
-    from pretrain.objective import next_clip_loss, row_seed
+    from pretrain.model.videogpt import build_model
+    from pretrain.training.objective import next_clip_loss, row_seed
 
     model = build_model(ModelConfig(max_tokens=4096))
     loader = LatentLoader(make_cfg(root, batch_size=4, pack_tokens=60))
-    batch = next(b for b in loader if any(len(row) > 1 for row in b.layout))
+    batch = next(b for b in loader if any(len(row) > 1 for row in b.clips))
     loss = next_clip_loss(model, batch, ObjectiveConfig(), [row_seed(0, g) for g in batch.row_index])
     loss.backward()
     assert torch.isfinite(loss) and loss.item() > 0
@@ -184,8 +186,8 @@ def test_steps_whose_videos_are_all_too_short_still_count(tmp_path):
         batches = list(loader)
         assert len(batches) == 3  # ceil(5 / 2) on both ranks, even when a rank's batch is empty
         for b in batches:
-            assert b.latents.shape[0] == len(b.layout)
-            empty += not b.layout
+            assert b.latents.shape[0] == len(b.clips)
+            empty += not b.clips
             served += [(g, key) for g, key, *_ in b.samples()]
         assert loader.stats["steps"] == 3
         assert loader.stats["skipped/too_short"] + loader.stats["samples"] == 3

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestration.config import load_config
-from pretrain.config import ConfigError, ObjectiveConfig
-from pretrain.layout import Batch
-from pretrain.model import build_model
-from pretrain.objective import next_clip_loss
+from jobconfig.loader import load_config
+from jobconfig.errors import ConfigError
+from jobconfig.train import ObjectiveConfig
+from data.batch import Batch
+from pretrain.model.videogpt import build_model
+from pretrain.training.objective import next_clip_loss
 
 
 def debug_model(backend="blockwise", **overrides):

@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import torch
 
-from orchestration.config import load_config
-from pretrain.debug_run import train
-from pretrain.layout import Batch
-from pretrain.model import build_model
-from pretrain.objective import add_noise, next_clip_loss, per_frame_clip_t, row_seed
-from pretrain.synthetic import moving_square_latents
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from data.batch import Batch
+from data.synthetic.latents import moving_square_latents
+from jobconfig.loader import load_config
+from pretrain.checkpoint.export import load_export
+from pretrain.model.videogpt import build_model
+from pretrain.training.objective import add_noise, next_clip_loss, per_frame_clip_t, row_seed
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def eval_loss(model, cfg, videos):
@@ -20,20 +27,21 @@ def eval_loss(model, cfg, videos):
                    for r in range(4)) / 4
 
 
-def test_200_steps_lower_the_loss_3x_on_moving_squares():
-    cfg = load_config("configs/debug.yaml", ["--train.steps=200"])
+def test_200_steps_lower_the_loss_3x_on_moving_squares(tmp_path):
+    # the one training path (`vgpt train`, the DeepSpeed Trainer), one process in fp32 as the debug run
+    overrides = ["--train.steps=200", "--parallel.precision=fp32", "--parallel.zero_stage=0",
+                 "--train.tensorboard=false", f"--train.out_dir={tmp_path}"]
+    cfg = load_config(REPO / "configs/debug.yaml", overrides)
     videos = moving_square_latents(cfg.synthetic, cfg.model.latent_channels, seed=cfg.train.seed)
     before = eval_loss(build_model(cfg.model, seed=cfg.train.seed), cfg, videos)
-    # train() builds the same model from the same seed; re-run it to get trained weights
-    import pretrain.debug_run as run
-    trained = {}
-    orig = run.build_model
-    run.build_model = lambda *a, **k: trained.setdefault("m", orig(*a, **k))
-    try:
-        losses = train(cfg, quiet=True)
-    finally:
-        run.build_model = orig
-    after = eval_loss(trained["m"], cfg, videos)
+    res = subprocess.run([sys.executable, "-m", "orchestration.cli", "train", "--config",
+                          str(REPO / "configs/debug.yaml"), "--resume", "none", *overrides],
+                         capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trained = build_model(cfg.model)
+    load_export(trained, tmp_path / "export" / "model.safetensors")
+    after = eval_loss(trained, cfg, videos)
     assert len(losses) == 200
     assert before / after >= 3.0, f"held-out loss {before:.4f} -> {after:.4f}: only {before / after:.2f}x lower"
 

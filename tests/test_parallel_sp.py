@@ -12,7 +12,8 @@ from parallel_harness import debug_setup, loss_and_grads, run_ranks
 
 def _sp_worker(rank: int, world: int) -> None:
     from parallel.dims import ParallelDims, build_process_groups, destroy_process_groups
-    from parallel.sequence_parallel import all_to_all, apply_sequence_parallel
+    from parallel.sequence_parallel import all_to_all
+    from pretrain.training.parallelize import sequence_parallelize
 
     cfg, model, batch, seeds = debug_setup()
     dims = ParallelDims(world, sp=2)
@@ -29,16 +30,16 @@ def _sp_worker(rank: int, world: int) -> None:
     assert torch.equal(y, full[:, 2 * rank:2 * rank + 2])
     assert torch.equal(all_to_all(y, scatter_dim=2, gather_dim=1, group=groups.sp_group), x)
 
-    length = model.sequence(batch.layout, tuple(batch.latents.shape[-2:])).src.shape[1]
+    length = model.sequence(batch.clips, tuple(batch.latents.shape[-2:])).src.shape[1]
     assert length % 2 == 1, "the batch must exercise padding"
     ref_loss, ref_grads = loss_and_grads(model, cfg, batch, seeds)
 
-    sp_model = apply_sequence_parallel(copy.deepcopy(model), groups.sp_group)
+    sp_model = sequence_parallelize(copy.deepcopy(model), groups.sp_group)
     assert sp_model.state_dict().keys() == model.state_dict().keys()
     seen = []
     sp_model.backbone.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
     # spy on the clip attention the model builds: it must see H/sp heads of the full, unpadded sequence
-    import pretrain.model as model_module
+    import pretrain.model.videogpt as model_module
     attn_shapes, make_attention = [], model_module.make_attention
 
     def spying_make_attention(*a, **k):
@@ -54,9 +55,8 @@ def _sp_worker(rank: int, world: int) -> None:
 
     local_qkv = grads["backbone.layers.0.self_attn.qkv_proj.weight"].clone()
     # activation checkpointing recomputes layers, collectives included, in backward: same result
-    from functools import partial
-    from torch.utils.checkpoint import checkpoint
-    sp_model.backbone.checkpoint_fn = partial(checkpoint, use_reentrant=False)
+    from pretrain.training.parallelize import apply_activation_checkpointing
+    apply_activation_checkpointing(sp_model)
     ckpt_loss, ckpt_grads = loss_and_grads(sp_model, cfg, batch, seeds)
     torch.testing.assert_close(ckpt_loss, loss, rtol=1e-6, atol=0)
     for name, grad in ckpt_grads.items():
@@ -83,15 +83,15 @@ def _sp_deepspeed_worker(rank: int, world: int) -> None:
     import deepspeed
 
     from parallel.dims import ParallelDims, build_process_groups, destroy_process_groups
-    from parallel.sequence_parallel import apply_sequence_parallel
-    from pretrain.objective import next_clip_loss
+    from pretrain.training.parallelize import sequence_parallelize
+    from pretrain.training.objective import next_clip_loss
 
     cfg, model, batch, seeds = debug_setup()
     groups = build_process_groups(ParallelDims(world, sp=2), cfg.model)
     _, ref_grads = loss_and_grads(model, cfg, batch, seeds)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    sp_model = apply_sequence_parallel(copy.deepcopy(model), groups.sp_group)
+    sp_model = sequence_parallelize(copy.deepcopy(model), groups.sp_group)
     mpu = groups.deepspeed_mpu()
     assert mpu.get_data_parallel_world_size() == 2 and mpu.get_model_parallel_world_size() == 1
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
@@ -116,8 +116,9 @@ def test_deepspeed_zero2_with_our_mpu_averages_sp_gradients_to_the_single_proces
 
 def _tp_sp_worker(rank: int, world: int) -> None:
     from parallel.dims import ParallelDims, build_process_groups, destroy_process_groups
-    from parallel.tensor_parallel import apply_tensor_parallel, shard_tensor, tensor_parallel_modules
-    from parallel.sequence_parallel import apply_sequence_parallel
+    from parallel.tensor_parallel import shard_tensor, tensor_parallel_modules
+    from pretrain.training.parallelize import tensor_parallelize
+    from pretrain.training.parallelize import sequence_parallelize
 
     cfg, model, batch, seeds = debug_setup()
     groups = build_process_groups(ParallelDims(world, tp=2, sp=2), cfg.model)
@@ -127,8 +128,7 @@ def _tp_sp_worker(rank: int, world: int) -> None:
     ref_loss, ref_grads = loss_and_grads(model, cfg, batch, seeds)
 
     # TP first: SP then splits each TP rank's 2 heads over its 2 SP peers
-    sp_model = apply_sequence_parallel(apply_tensor_parallel(copy.deepcopy(model), tp_group=groups.tp_group),
-                                       groups.sp_group)
+    sp_model = sequence_parallelize(tensor_parallelize(copy.deepcopy(model), groups.tp_group), groups.sp_group)
     loss, grads = loss_and_grads(sp_model, cfg, batch, seeds)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     sharded = tensor_parallel_modules(sp_model)

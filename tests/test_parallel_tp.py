@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel.tensor_parallel import DEFAULT_TP_PLAN, apply_tensor_parallel, shard_tensor, unshard_tensor
+from pretrain.training.parallelize import TP_PLAN
+from parallel.tensor_parallel import apply_tensor_parallel, shard_tensor, unshard_tensor
 from parallel_harness import debug_setup, loss_and_grads, run_ranks
 
 
@@ -43,7 +44,7 @@ def _tp_worker(rank: int, world: int) -> None:
     ref_loss, ref_grads = loss_and_grads(model, cfg, batch, seeds)
     full_state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    tp_model = apply_tensor_parallel(copy.deepcopy(model), DEFAULT_TP_PLAN, groups.tp_group)
+    tp_model = apply_tensor_parallel(copy.deepcopy(model), TP_PLAN, groups.tp_group)
     sharded = tensor_parallel_modules(tp_model)
     assert len(sharded) == 4 * cfg.model.num_layers
     attn0 = tp_model.backbone.layers[0].self_attn
@@ -74,10 +75,10 @@ def test_tp2_matches_single_process_loss_and_gradients():
 
 def test_plan_pattern_that_matches_nothing_is_an_error():
     from parallel.tensor_parallel import _match
-    from pretrain.config import ConfigError
+    from jobconfig.errors import ConfigError
 
     _, model, _, _ = debug_setup()
-    assert len(_match(DEFAULT_TP_PLAN, model)) == 8
+    assert len(_match(TP_PLAN, model)) == 8
     with pytest.raises(ConfigError, match="matches no module"):
         _match({"backbone.layers.*.attn.qkv": "column_fused3"}, model)
     with pytest.raises(ConfigError, match="expected nn.Linear"):

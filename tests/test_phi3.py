@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orchestration.config import load_config
-from pretrain.config import ConfigError
-from pretrain.model import build_model
+from jobconfig.loader import load_config
+from jobconfig.errors import ConfigError
+from pretrain.model.videogpt import build_model
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import fsspec
 import pytest
 import torch
 
-from data.precompute_config import VaeConfig, VideoConfig
+from jobconfig.precompute import VaeConfig, VideoConfig
 from data.precompute_plan import make_key
 from data.shard_format import committed_manifests, decode_sample, read_index
 from precompute_harness import BAD, GOOD, RayHead, make_inputs, read_dataset, read_errors

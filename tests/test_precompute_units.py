@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from data.precompute_config import PrecomputeConfig, VaeConfig, VideoConfig
+from jobconfig.precompute import PrecomputeConfig, VaeConfig, VideoConfig
 from data.precompute_plan import (PlanError, build_plan, config_hash, list_inputs, make_key, pin_plan,
                                   plan_hash)
-from data.synth_videos import pattern_frames, write_video
+from data.synthetic.videos import pattern_frames, write_video
 from data.video import VideoRejected, check_source, decode_video, target_geometry
-from orchestration.config import load_config
-from orchestration.precompute_progress import Progress
-from pretrain.config import ConfigError
+from jobconfig.loader import load_config
+from orchestration.precompute.progress import Progress
+from jobconfig.errors import ConfigError
 
 
 # ---------------------------------------------------------------- config
@@ -158,7 +158,7 @@ def test_keys_are_stable_ids_without_dots():
 
 
 def test_inputs_from_dir_glob_and_list_file_and_plan(tmp_path):
-    from data.precompute_config import InputsConfig
+    from jobconfig.precompute import InputsConfig
 
     for name in ("b.mp4", "a.MKV", "sub/c.webm", "notes.txt", ".hidden.mp4"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
@@ -203,11 +203,11 @@ def test_progress_line_reports_rate_eta_and_rejections():
 def test_cli_knows_precompute():
     from orchestration.cli import SUBCOMMANDS
 
-    assert SUBCOMMANDS["precompute"][0] == "orchestration.precompute_job"
+    assert SUBCOMMANDS["precompute"][0] == "orchestration.cli.precompute"
 
 
 def test_inputs_listed_and_decoded_from_s3(s3_bucket, clip):
-    from data.precompute_config import InputsConfig
+    from jobconfig.precompute import InputsConfig
 
     fs, opts, bucket = s3_bucket
     fs.put_file(str(clip[0]), f"{bucket}/raw/a/clip.mp4")

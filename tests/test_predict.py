@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.config import ConfigError, ModelConfig, PredictConfig
-from pretrain.model import build_model
-from pretrain.predict import NextClipPredictor
+from jobconfig.errors import ConfigError
+from jobconfig.model import ModelConfig
+from jobconfig.predict import PredictConfig
+from pretrain.model.videogpt import build_model
+from pretrain.inference.sampler import NextClipPredictor
 
 
 @pytest.fixture(scope="module")

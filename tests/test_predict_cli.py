@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data.synth_videos import bouncing_square_frames, write_video
-from orchestration.predict_cli import main as predict_main
-from pretrain.config import ModelConfig
-from pretrain.export import save_export
-from pretrain.model import build_model
+from data.synthetic.videos import bouncing_square_frames, write_video
+from orchestration.cli.predict import main as predict_main
+from jobconfig.model import ModelConfig
+from pretrain.checkpoint.export import save_export
+from pretrain.model.videogpt import build_model
 
 
 @pytest.fixture(scope="module")

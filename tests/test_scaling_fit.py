@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from orchestration.scaling_fit import PARAMS, LawFit, bootstrap, compute_optimal_ci, fit_law, isoflop_minima
+from orchestration.sweep.fit import PARAMS, LawFit, bootstrap, compute_optimal_ci, fit_law, isoflop_minima
 
 TRUE = LawFit(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 

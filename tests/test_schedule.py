@@ -3,8 +3,9 @@ import math
 
 import pytest
 
-from orchestration.config import load_config
-from parallel.engine import deepspeed_config, lr_lambda
+from jobconfig.loader import load_config
+from parallel.engine import deepspeed_config
+from pretrain.training.optimizer import lr_lambda
 
 
 def test_warmup_then_constant_or_cosine():

@@ -5,7 +5,7 @@ import torch
 import webdataset as wds
 
 from data.shard_format import ShardFormatError, build_tar, decode_sample, encode_sample, iter_tar
-from data.toy_dataset import write_toy_dataset
+from data.synthetic.shards import write_toy_dataset
 
 
 def test_webdataset_library_reads_our_shards(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.sweep import main as sweep_main
+from orchestration.cli.sweep import main as sweep_main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/sweep/tiny.yaml")
@@ -111,7 +111,7 @@ def test_killed_sweep_resumes_to_the_same_results(full_sweep, tmp_path):
 
 
 def test_results_store_keeps_whole_lines_only(tmp_path):
-    from orchestration.sweep import ResultsStore
+    from orchestration.sweep.runner import ResultsStore
 
     store = ResultsStore(str(tmp_path / "sw"))
     store.append({"key": "a", "eval_loss": 1.0})
@@ -123,7 +123,7 @@ def test_results_store_keeps_whole_lines_only(tmp_path):
 
 
 def test_results_store_on_s3(s3_bucket):
-    from orchestration.sweep import ResultsStore
+    from orchestration.sweep.runner import ResultsStore
 
     fs, opts, bucket = s3_bucket
     import fsspec

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.config import ConfigError
-from pretrain.video_metrics import (fvd, frechet_distance, gaussian_stats, load_i3d, psnr, ssim, to_unit)
+from jobconfig.errors import ConfigError
+from pretrain.evaluation.metrics import fvd, frechet_distance, gaussian_stats, load_i3d, psnr, ssim, to_unit
 
 
 def test_psnr_closed_form():

@@ -1,0 +1,55 @@
+"""Curriculum files: `stages: [files or inline mappings]` plus sections shared by every stage.
+
+Each stage's sections override the shared ones, and command-line overrides beat
+both. `plan_stages` loads and validates every stage before anything runs, so a
+bad key in stage 4 fails in the first second, not after stage 3.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from jobconfig.errors import ConfigError
+from jobconfig.job import JobConfig
+from jobconfig.loader import CONFIG_ROOT, from_dict, parse_overrides, read_yaml, resolve_raw
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _resolve(path: str, relative_to: Path) -> Path:
+    p = Path(path)
+    for cand in (p, relative_to / p, CONFIG_ROOT / p):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"stages: {path!r} not found (looked next to {relative_to} and in {CONFIG_ROOT})")
+
+
+def plan_stages(config: str, overrides: list[str], only_stage: int | None) -> list[tuple[str, JobConfig]]:
+    """[(stage name, validated config)] in run order."""
+    path = Path(config)
+    raw = read_yaml(path)
+    pairs = parse_overrides(overrides)
+    if "stages" not in raw:
+        return [(path.stem, from_dict(JobConfig, resolve_raw(raw, pairs)))]
+    shared = {k: v for k, v in raw.items() if k != "stages"}
+    files = raw["stages"]
+    if not isinstance(files, list) or not files:
+        raise ConfigError(f"{path}: stages: expected a non-empty list of stage config files")
+    plan = []
+    for i, f in enumerate(files, start=1):
+        # a stage is a file of sections, or those sections written inline
+        stage_file = path if isinstance(f, dict) else _resolve(f, path.parent)
+        try:
+            stage_raw = f if isinstance(f, dict) else read_yaml(stage_file)
+            cfg = from_dict(JobConfig, resolve_raw(_merge(shared, stage_raw), pairs))
+        except ConfigError as e:
+            raise ConfigError(f"{e} (stage {i}: {stage_file})") from None
+        plan.append((f"stage{i}", cfg))
+    if only_stage is not None:
+        if not 1 <= only_stage <= len(plan):
+            raise ConfigError(f"--stage: got {only_stage}, expected 1..{len(plan)}")
+    return plan

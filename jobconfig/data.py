@@ -1,0 +1,100 @@
+"""Config of the streaming latent loader and of the per-stage sample construction.
+
+`DataConfig` is the `data:` section of the job tree (orchestration/config.py).
+It has two parts: where the latent dataset is and how the loader walks it
+(seed, shuffle, streams, batch, workers, packing, corrupt-shard policy), and
+`StageSamplingConfig`, which turns one stored video into one training sample
+for a curriculum stage (METHOD.md, "The four curriculum stages"):
+
+    stage 1: frames 16, interval fixed 4,        clips single_frame
+    stage 2: frames 48, interval fixed 4,        clips random
+    stage 3: frames 48, interval random [4, 12], clips random
+    stage 4: frames 80, interval random [4, 12], clips random, 1.28M tokens
+
+The fields that define the order of the data (seed, shuffle_buffer,
+num_streams, epoch_tail, the dataset itself) are stored in the loader state and
+checked on resume; batch size, workers and world size may change freely.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from jobconfig.errors import ConfigError
+
+
+@dataclass
+class StageSamplingConfig:
+    frames: int = 16                                   # F frames per sample
+    interval: Literal["fixed", "random"] = "fixed"
+    interval_value: int = 4                            # the fixed interval
+    interval_min: int = 4                              # random: d ~ U{lo .. min(hi, (T-1)//(F-1))}
+    interval_max: int = 12
+    clips: Literal["single_frame", "random"] = "single_frame"  # random: K ~ U{2..F}, random cut points
+    max_tokens: int = 1_280_000                        # per sample (data.batch.sequence_length)
+    patch_size: int = 2                                # latent patch size used to count tokens
+
+    def validate(self) -> None:
+        if self.frames < 1:
+            raise ConfigError(f"frames: got {self.frames}, expected a positive integer")
+        if self.clips == "random" and self.frames < 2:
+            raise ConfigError(f"frames: got {self.frames}, clips=random needs at least 2 frames (K ~ U{{2..F}})")
+        if self.interval_value < 1:
+            raise ConfigError(f"interval_value: got {self.interval_value}, expected a positive integer")
+        if self.interval_min < 1:
+            raise ConfigError(f"interval_min: got {self.interval_min}, expected a positive integer")
+        if self.interval_max < self.interval_min:
+            raise ConfigError(f"interval_max: got {self.interval_max}, expected >= interval_min={self.interval_min}")
+        if self.max_tokens <= 0:
+            raise ConfigError(f"max_tokens: got {self.max_tokens}, expected a positive integer")
+        if self.patch_size <= 0:
+            raise ConfigError(f"patch_size: got {self.patch_size}, expected a positive integer")
+
+    def min_video_frames(self) -> int:
+        """Shortest video (stored frames) this stage can use."""
+        d = self.interval_value if self.interval == "fixed" else self.interval_min
+        return (self.frames - 1) * d + 1
+
+
+@dataclass
+class DataConfig:
+    root: str = "runs/latents"               # latent dataset root: /path, file://..., s3://bucket/prefix
+    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec (e.g. endpoint)
+    seed: int = 0
+    shuffle_buffer: int = 256                # bounded shuffle window per stream, in samples (0: no shuffle)
+    num_streams: int = 0                     # shard streams the global order interleaves; 0: auto (see order.py)
+    batch_size: int = 1                      # samples per rank per step
+    num_workers: int = 0                     # DataLoader worker processes per rank
+    prefetch_shards: int = 2                 # shards fetched ahead per reader (threads; hides s3 latency)
+    pack_tokens: int = 0                     # > 0: pack several samples per row up to this many tokens
+    corrupt_shards: Literal["skip", "fail"] = "fail"
+    verify_sha256: bool = True               # hash every shard against index.json before using it
+    epoch_tail: Literal["roll", "drop"] = "roll"  # see loader.py: how the last partial global step is filled
+    epochs: int = 0                          # stop after this many epochs (0: endless; trainer counts steps)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # latents handed to the trainer
+    stage: StageSamplingConfig = field(default_factory=StageSamplingConfig)
+
+    def validate(self) -> None:
+        if not self.root:
+            raise ConfigError("root: empty, expected a dataset root (/path, file://..., s3://bucket/prefix)")
+        for name in ("shuffle_buffer", "num_streams", "num_workers", "pack_tokens", "epochs", "prefetch_shards"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: got {getattr(self, name)}, expected a non-negative integer")
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch_size: got {self.batch_size}, expected a positive integer")
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Moving-square latents: a fixed tiny dataset whose next frame is predictable."""
+    num_videos: int = 8
+    frames: int = 8
+    latent_height: int = 8
+    latent_width: int = 8
+    clip_policy: Literal["single_frame", "random"] = "random"
+
+    def validate(self) -> None:
+        if self.frames < 2:
+            raise ConfigError(f"frames: got {self.frames}, expected at least 2")
+        if self.num_videos <= 0:
+            raise ConfigError(f"num_videos: got {self.num_videos}, expected a positive integer")

@@ -1,0 +1,203 @@
+"""The one typed config tree and its strict YAML loader.
+
+Every job reads one YAML file into `JobConfig` (dataclasses all the way down),
+then applies `--section.key=value` overrides. Unknown keys and bad values are
+errors that name the full key path and what was allowed, raised before any
+work starts. Sub-configs live next to the code that uses them (`pretrain/config.py`,
+`data/...`); this module only knows how to load them and how they nest.
+
+A `model:` section may name a preset from `configs/model/<preset>.yaml` (the
+size registry); keys given next to the preset override it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from jobconfig.errors import ConfigError
+from jobconfig.job import JobConfig
+
+CONFIG_ROOT = Path(os.environ.get("VGPT_CONFIG_ROOT", Path(__file__).resolve().parents[1] / "configs"))
+
+
+# ---------------------------------------------------------------- conversion
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{path}: got {value!r}, expected one of {list(allowed)}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            if type(None) in get_args(tp):
+                return None
+            raise ConfigError(f"{path}: got null, expected {_type_name(args[0])}")
+        errors = []
+        for a in args:
+            try:
+                return _convert(a, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: got {value!r}, expected a list")
+        (item_tp, *_) = get_args(tp) or (Any,)
+        items = [_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: got {value!r}, expected a mapping")
+        _, val_tp = get_args(tp)
+        return {str(k): _convert(val_tp, v, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{path}: got {value!r}, expected true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{path}: got {value!r}, expected an integer")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{path}: got {value!r}, expected an integer") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: got {value!r}, expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: got {value!r}, expected a number") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path}: got {value!r}, expected a string")
+        return str(value)
+    raise ConfigError(f"{path}: unsupported config type {tp!r}")
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, strictly. `path` prefixes error messages."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or '<root>'}: expected a mapping for {cls.__name__}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(f"unknown config key '{where}'; allowed keys here: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(hints[name], value, f"{path}.{name}" if path else name)
+    try:
+        obj = cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path or '<root>'}: {e}") from None
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ConfigError as e:
+            raise ConfigError(f"{path}.{e}" if path else str(e)) from None
+    return obj
+
+
+def to_dict(cfg: Any) -> Any:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------- loading
+def model_presets() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_ROOT / "model").glob("*.yaml"))
+
+
+def _expand_model_preset(raw: dict) -> dict:
+    model = raw.get("model")
+    if not isinstance(model, dict) or "preset" not in model:
+        return raw
+    preset = model["preset"]
+    file = CONFIG_ROOT / "model" / f"{preset}.yaml"
+    if not file.is_file():
+        raise ConfigError(f"model.preset: got {preset!r}, expected one of {model_presets()}")
+    base = yaml.safe_load(file.read_text()) or {}
+    return {**raw, "model": {**base, **model}}
+
+
+def _set_path(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override --{dotted}: '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """`--section.key=value` (value parsed as YAML) into (path, value) pairs."""
+    out = []
+    for a in args:
+        if not a.startswith("--") or "=" not in a:
+            raise ConfigError(f"override {a!r}: expected the form --section.key=value")
+        key, value = a[2:].split("=", 1)
+        out.append((key, yaml.safe_load(value) if value != "" else ""))
+    return out
+
+
+def resolve_raw(raw: dict, overrides: list[tuple[str, Any]] = ()) -> dict:
+    """Apply (path, value) overrides to a raw mapping, then expand the model preset."""
+    raw = dict(raw)
+    for key, value in overrides:
+        _set_path(raw, key, value)
+    return _expand_model_preset(raw)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def load_raw(path: str | Path | None, overrides: list[tuple[str, Any]] = ()) -> dict:
+    return resolve_raw(read_yaml(path) if path is not None else {}, overrides)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), cls: type = JobConfig) -> Any:
+    """Load a YAML job config with `--a.b=c` overrides into `cls`; strict."""
+    pairs = parse_overrides(list(overrides))
+    raw = load_raw(path, pairs)
+    try:
+        return from_dict(cls, raw)
+    except ConfigError as e:
+        where = f" (in {path})" if path else ""
+        raise ConfigError(f"{e}{where}") from None

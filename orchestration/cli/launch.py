@@ -1,0 +1,39 @@
+"""`vgpt launch`: write the launch files for one curriculum stage on one cluster.
+
+    vgpt launch --stage 4 --cluster configs/cluster/h100-slurm.yaml --target slurm --out launch/s4
+    vgpt launch --stage 1 --cluster configs/cluster/local-cpu.yaml --target torchrun --out DIR \
+        [--config configs/pretrain.yaml] [--cluster.key=value ...] [--section.key=value ...]
+
+Replaces the reference's hand-edited per-stage bash scripts: the stage's config
+comes from the curriculum (`plan_stages`), the cluster's shape from
+`configs/cluster/*.yaml`, and the parallel layout (DP x TP x SP) is derived and
+checked for every node count of the elastic range before anything is written.
+`--cluster.x=y` overrides edit the cluster description; other `--a.b=c`
+overrides go to the training job (and into the rendered command).
+"""
+from __future__ import annotations
+
+import argparse
+
+from orchestration.launch.plan import plan_launch, render
+from orchestration.launch.targets import TARGETS
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vgpt launch", description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", type=int, required=True)
+    parser.add_argument("--cluster", required=True, help="a configs/cluster/*.yaml description")
+    parser.add_argument("--target", required=True, choices=sorted(TARGETS))
+    parser.add_argument("--out", required=True, help="directory for the rendered files")
+    parser.add_argument("--config", default="configs/pretrain.yaml", help="the curriculum (as seen from workdir)")
+    args, rest = parser.parse_known_args(argv)
+    cluster_ov = ["--" + a[len("--cluster."):] for a in rest if a.startswith("--cluster.")]
+    overrides = [a for a in rest if not a.startswith("--cluster.")]
+    spec = plan_launch(args.stage, args.cluster, args.config, overrides, cluster_ov)
+    files = render(spec, args.target, args.out)
+    lay = spec.layout
+    print(f"stage {args.stage} on {spec.cluster.name}: {lay.world_size} devices = DP {lay.dp} x TP {lay.tp} "
+          f"x SP {lay.sp}")
+    for f in files:
+        print(f"  wrote {f}")
+    return 0

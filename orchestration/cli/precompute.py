@@ -1,0 +1,23 @@
+"""`vgpt precompute --config F [--precompute.key=value ...]`: the latent-precompute Ray job
+(orchestration/precompute/job.py): videos -> VAE latents -> WebDataset shards.
+"""
+from __future__ import annotations
+
+import argparse
+
+from jobconfig.errors import ConfigError
+from jobconfig.loader import load_config
+from orchestration.precompute.job import run
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vgpt precompute", description=__doc__.split("\n\n")[0],
+                                     epilog="Other arguments: --precompute.section.key=value overrides.")
+    parser.add_argument("--config", required=True, help="a job YAML with a precompute: section")
+    args, overrides = parser.parse_known_args(argv)
+    cfg = load_config(args.config, overrides).precompute
+    try:
+        run(cfg)
+    except FileNotFoundError as e:  # an input or the VAE directory named by the config is not there
+        raise ConfigError(str(e)) from None
+    return 0

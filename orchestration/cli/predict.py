@@ -1,0 +1,57 @@
+"""`vgpt predict`: continue real videos with a trained export, and score the continuation.
+
+    vgpt predict --checkpoint runs/pretrain/stage4/export/model.safetensors \
+        --video clip.mp4 [more.mp4 s3://bucket/x.mp4 ...] --context 8 --generate 8 [--out predictions]
+
+Frames are taken as the training latents were made: the export records the
+dataset it was trained on, whose plan.json holds the precompute recipe (VAE,
+resize/crop, frame stride), and the stage's frame interval. `--vae`,
+`--frame-interval` and `--max-image-size` override it (needed for exports
+trained on synthetic latents). The context is encoded with that VAE, the next
+`--generate` frames are predicted (pretrain/inference/sampler.py: Euler steps, image
+guidance, sliding window, KV cache; `--predict.*` overrides), decoded, and
+written per video: prediction.mp4 (context then prediction), frames.npz (the
+same frames exactly, and the ground truth, as uint8 arrays), strip.png
+(context | prediction | ground truth), metrics.json and metrics.png (PSNR
+and SSIM per predicted frame against the ground truth when the video has it,
+next to the "repeat the last context frame" baseline). With several videos
+and `--predict.i3d_path`, summary.json also holds the FVD of the set.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from jobconfig.errors import ConfigError
+from jobconfig.loader import load_config
+from pretrain.checkpoint.export import read_export_metadata
+from pretrain.inference.pipeline import predict_videos, resolve_recipe
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vgpt predict", description=__doc__.split("\n\n")[0],
+                                     epilog="Other arguments: --predict.key=value overrides (steps, guidance, "
+                                            "clip_frames, max_frame_window, kv_cache, seed, i3d_path).")
+    parser.add_argument("--checkpoint", required=True, help="an export (model.safetensors)")
+    parser.add_argument("--video", required=True, nargs="+", help="video paths or fsspec URLs")
+    parser.add_argument("--context", type=int, required=True, help="context frames")
+    parser.add_argument("--generate", type=int, required=True, help="frames to predict")
+    parser.add_argument("--out", default="predictions")
+    parser.add_argument("--start", type=int, default=0, help="first frame of the context (in sampled frames)")
+    parser.add_argument("--config", default=None, help="a job YAML: its predict: section, and its model: "
+                                                       "section is checked against the export")
+    parser.add_argument("--vae", default=None)
+    parser.add_argument("--frame-interval", type=int, default=None)
+    parser.add_argument("--max-image-size", type=int, default=None)
+    args, overrides = parser.parse_known_args(argv)
+    if args.context < 1 or args.generate < 1:
+        raise ConfigError(f"--context/--generate: got {args.context}/{args.generate}, expected positive integers")
+    job = load_config(args.config, overrides)
+    recipe = resolve_recipe(read_export_metadata(args.checkpoint), args.vae, args.frame_interval, args.max_image_size)
+    summary = predict_videos(args.checkpoint, args.video, args.context, args.generate, Path(args.out),
+                             job.predict, recipe, model_cfg=job.model if args.config else None, start=args.start)
+    if "mean_psnr" in summary:
+        print(f"[predict] mean PSNR {summary['mean_psnr']:.2f} dB vs repeat-last-frame "
+              f"{summary['baseline_repeat_last_mean_psnr']:.2f} dB; SSIM {summary['mean_ssim']:.3f} vs "
+              f"{summary['baseline_repeat_last_mean_ssim']:.3f}; outputs in {args.out}/", flush=True)
+    return 0

@@ -1,0 +1,119 @@
+"""`vgpt train`: run one stage, or the whole curriculum, with one Trainer.
+
+    vgpt train --config configs/stages/stage2.yaml [--a.b=c ...]           one stage
+    vgpt train --config configs/pretrain.yaml [--stage N] [--resume auto]  stages in order
+    vgpt train ... --nproc 2                                               local multi-process (torchrun)
+
+A curriculum file (jobconfig/curriculum.py) has `stages: [files or inline
+mappings]` plus sections shared by every stage. Stage N+1 starts from stage
+N's export (`train.init_from`), and each stage writes under `<out_dir>/stageN`.
+Every stage's config, parallel layout and token limits are checked before any
+process group starts, so a bad key in stage 4 fails in the first second.
+`train.data: synthetic` trains on moving-square latents instead of a dataset
+(configs/debug.yaml); `vgpt train-debug` is the deprecated name of that.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from data.batch import patches_per_frame, sequence_length
+from data.shard_format import ShardFormatError, get_fs, read_index
+from jobconfig.curriculum import plan_stages
+from jobconfig.errors import ConfigError
+from jobconfig.job import JobConfig
+from orchestration.faults import trainer_hooks
+from parallel.device import free_port
+from pretrain.training.trainer import Trainer, check_layout_fits
+
+
+def check_token_limits(plan: list[tuple[str, JobConfig]]) -> None:
+    """A stage whose samples cannot fit its token limit fails now, not at its first step.
+
+    The smallest sequence F frames can make is one clip (no clean copies):
+    F * (patches + 2) tokens. With the dataset's latent size known (index.json
+    `latent_shape`), that must fit both data.stage.max_tokens and model.max_tokens.
+    """
+    for name, cfg in plan:
+        if cfg.train.data != "latents":
+            continue
+        st = cfg.data.stage
+        if st.max_tokens > cfg.model.max_tokens:
+            raise ConfigError(f"{name}: data.stage.max_tokens={st.max_tokens} exceeds model.max_tokens="
+                              f"{cfg.model.max_tokens}; the loader would hand the model sequences it refuses")
+        try:
+            index = read_index(*get_fs(cfg.data.root, cfg.data.storage_options))
+        except (ShardFormatError, FileNotFoundError, OSError):
+            continue  # no dataset yet: the loader reports it when the stage starts
+        shape = index.get("latent_shape")
+        if not shape:
+            continue
+        patches = patches_per_frame((shape[1], shape[2]), cfg.model.patch_size)
+        need = sequence_length([[st.frames]], patches)
+        limit = min(st.max_tokens, cfg.model.max_tokens)
+        if need > limit:
+            raise ConfigError(f"{name}: data.stage.frames={st.frames} needs at least {need} tokens per sample at "
+                              f"latent {shape[1]}x{shape[2]} ({patches} patches per frame), above the token "
+                              f"limit {limit} (data.stage.max_tokens / model.max_tokens)")
+
+
+def run_plan(plan: list[tuple[str, JobConfig]], only_stage: int | None, resume: str) -> list[Path]:
+    chained = len(plan) > 1
+    exports: list[Path] = []
+    base_out = Path(plan[0][1].train.out_dir)
+    for i, (name, cfg) in enumerate(plan, start=1):
+        if chained:
+            cfg.train.out_dir = str(base_out / name)
+            if i > 1 and not cfg.train.init_from:
+                cfg.train.init_from = str(base_out / f"stage{i - 1}" / "export" / "model.safetensors")
+        if only_stage is not None and i != only_stage:
+            continue
+        export = Path(cfg.train.out_dir) / "export" / "model.safetensors"
+        if chained and only_stage is None and export.is_file() and resume != "none":
+            exports.append(export)  # finished in an earlier invocation
+            continue
+        exports.append(Trainer(cfg, stage_name=name, hooks=trainer_hooks()).run(resume=resume))
+    return exports
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vgpt train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--stage", type=int, default=None, help="run only this stage of a curriculum")
+    parser.add_argument("--resume", default="auto", help="auto (newest complete checkpoint) | none | a path")
+    parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (spawns torchrun)")
+    parser.add_argument("--max-restarts", type=int, default=0,
+                        help="with --nproc: torchrun restarts all workers this often after a failure; "
+                             "each restart resumes from the newest complete checkpoint")
+    args, overrides = parser.parse_known_args(argv)
+    plan = plan_stages(args.config, overrides, args.stage)
+    spawn = args.nproc > 1 and "WORLD_SIZE" not in os.environ
+    for _, cfg in plan:  # every stage's layout and token limits, before any process group starts
+        check_layout_fits(cfg, args.nproc if spawn else int(os.environ.get("WORLD_SIZE", "1")))
+    check_token_limits(plan)
+    if spawn:
+        return _spawn_torchrun(args.nproc, args.max_restarts, argv)
+    run_plan(plan, args.stage, args.resume)
+    return 0
+
+
+def _spawn_torchrun(nproc: int, max_restarts: int, argv: list[str]) -> int:
+    """Re-run this command under torchrun on loopback (c10d rendezvous, elastic restarts)."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--nproc", "--max-restarts"):
+            skip = True
+            continue
+        if a.startswith(("--nproc=", "--max-restarts=")):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", f"--max_restarts={max_restarts}",
+           "-m", "orchestration.cli", "train", *rest]
+    return subprocess.call(cmd)

@@ -1,0 +1,94 @@
+"""Fault injection for the failure tests, in one place: every switch, what it does, where it fires.
+
+The production code has no fault code of its own: it exposes hook points
+(`TrainerHooks`, the checkpoint manager's `before_commit`, the precompute
+committer's `after_commit`, the sweep driver's `after_record`) and the
+commands that run it install these hooks. Each switch is an environment
+variable, so it reaches torchrun workers and Ray workers:
+
+  VGPT_FAULT_KILL=RANK:STEP            `vgpt train`: SIGKILL that rank after that step, in the
+                                       first attempt only (elastic restarts then run through)
+  VGPT_FAULT_CKPT=before_manifest:STEP `vgpt train`: rank 0 exits (17) when the checkpoint of that
+                                       step is written but its manifest is not
+  VGPT_FAULT_KILL_AFTER_SHARDS=N       `vgpt precompute`: the driver exits (13) after N committed shards
+  VGPT_FAULT_DECODE_EXIT=<dir>         `vgpt precompute`: the first decode task kills its worker
+  VGPT_FAULT_ENCODER_EXIT=<dir>        `vgpt precompute`: the first encode call kills its actor
+  VGPT_SWEEP_FAULT_EXIT_AFTER=K        `vgpt sweep run`: the driver exits (3) after recording K trials
+
+The two `<dir>` switches fire once per marker directory (an O_EXCL file), so
+Ray's retry of the killed work succeeds.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Callable
+
+from pretrain.training.trainer import Trainer, TrainerHooks
+
+
+def trainer_hooks() -> TrainerHooks:
+    return TrainerHooks(after_step=_kill_after_step(), before_checkpoint_commit=_exit_before_manifest())
+
+
+def _kill_after_step() -> Callable[[Trainer], None] | None:
+    spec = os.environ.get("VGPT_FAULT_KILL")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    rank, step = (int(x) for x in spec.split(":"))
+
+    def hook(trainer: Trainer) -> None:
+        if trainer.dist.rank == rank and trainer.step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return hook
+
+
+def _exit_before_manifest() -> Callable[[int], None] | None:
+    spec = os.environ.get("VGPT_FAULT_CKPT")
+    if not spec:
+        return None
+
+    def hook(step: int) -> None:
+        if spec == f"before_manifest:{step}":
+            os._exit(17)
+    return hook
+
+
+def exit_after_commits() -> Callable[[int], None] | None:
+    """The precompute driver's hook, called with the number of shards committed so far."""
+    limit = int(os.environ.get("VGPT_FAULT_KILL_AFTER_SHARDS", "0") or 0)
+    if not limit:
+        return None
+
+    def hook(count: int) -> None:
+        if count >= limit:
+            print(f"[precompute] FAULT INJECTION: exiting after {count} committed shard(s)", flush=True)
+            os._exit(13)
+    return hook
+
+
+def worker_dies_once(kind: str) -> None:
+    """In a Ray decode task (`kind` 'decode') or encoder call ('encoder'): exit the worker process
+    the first time, per marker directory."""
+    where = os.environ.get({"decode": "VGPT_FAULT_DECODE_EXIT", "encoder": "VGPT_FAULT_ENCODER_EXIT"}[kind])
+    if not where:
+        return
+    try:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        os.close(os.open(Path(where) / kind, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os._exit(1)
+
+
+def exit_after_records() -> Callable[[int], None] | None:
+    """The sweep driver's hook, called with the number of trials recorded by this run."""
+    limit = int(os.environ.get("VGPT_SWEEP_FAULT_EXIT_AFTER", "0"))
+    if not limit:
+        return None
+
+    def hook(recorded: int) -> None:
+        if recorded >= limit:
+            os._exit(3)
+    return hook

@@ -1,0 +1,111 @@
+"""The typed config of `vgpt sweep`: which trials to run and how to judge them.
+
+Loaded with `load_config(path, overrides, cls=SweepConfig)`. A trial is the base
+job config (`base`, whose data and objective sections say which stage's data
+and objective the sweep uses) plus `job_overrides`, plus the trial's own model
+size, learning rate, batch size and step count (budget // batch). Grid errors
+(an unknown size, a budget smaller than one batch) are ConfigErrors raised at
+load time, before Ray or any trial starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobconfig.errors import ConfigError
+from jobconfig.loader import model_presets
+
+
+@dataclass
+class SizeSpec:
+    """One model size: a preset of the size registry (configs/model/) plus optional key overrides."""
+    name: str = ""
+    preset: str = ""  # empty: the size's name is the preset
+    model: dict[str, Any] = field(default_factory=dict)  # e.g. {hidden_size: 32, num_layers: 1}
+
+    def validate(self) -> None:
+
+        if not self.name:
+            raise ConfigError("name: every size needs a name")
+        if not self.preset:
+            self.preset = self.name
+        if self.preset not in model_presets():
+            raise ConfigError(f"preset: unknown model size {self.preset!r}; the size registry (configs/model/) "
+                              f"has {model_presets()}")
+
+
+@dataclass
+class GridConfig:
+    sizes: list[SizeSpec] = field(default_factory=list)
+    budgets: list[int] = field(default_factory=list)  # training samples (rows) per trial
+    lrs: list[float] = field(default_factory=lambda: [1e-3])
+    batch_sizes: list[int] = field(default_factory=lambda: [4])  # the lr x batch sub-grid, per size
+
+    def validate(self) -> None:
+        for name in ("sizes", "budgets", "lrs", "batch_sizes"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name}: the grid needs at least one entry")
+        names = [s.name for s in self.sizes]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"sizes: names must be unique, got {names}")
+        if any(lr <= 0 for lr in self.lrs):
+            raise ConfigError(f"lrs: got {self.lrs}, expected positive numbers")
+        if any(b <= 0 for b in self.batch_sizes):
+            raise ConfigError(f"batch_sizes: got {self.batch_sizes}, expected positive integers")
+        for budget in self.budgets:
+            for b in self.batch_sizes:
+                if budget < b:
+                    raise ConfigError(f"budgets: budget {budget} samples is smaller than one batch "
+                                      f"(batch_size {b}): the trial would train 0 steps")
+
+
+@dataclass
+class EvalConfig:
+    """The held-out set: fixed moving-square videos (a seed the training data never uses) and fixed noise."""
+    num_videos: int = 8
+    seed: int = 12345
+
+    def validate(self) -> None:
+        if self.num_videos <= 0:
+            raise ConfigError(f"num_videos: got {self.num_videos}, expected a positive integer")
+
+
+@dataclass
+class ResourceConfig:
+    """Per-trial Ray resource request, and where a local Ray is started when none is given."""
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_retries: int = 1
+    address: str = ""  # a Ray cluster; empty: start a local Ray on loopback
+    local_num_cpus: int = 2
+
+
+@dataclass
+class FitConfig:
+    bootstrap: int = 100
+    seed: int = 0
+    level: float = 0.95
+    compute_budgets: list[float] = field(default_factory=lambda: [1e18, 1e20, 1e22])
+
+
+@dataclass
+class SweepConfig:
+    name: str = "sweep"
+    base: str = "configs/debug.yaml"  # base job config; relative paths from the repository root
+    job_overrides: list[str] = field(default_factory=list)  # --section.key=value for every trial
+    out_dir: str = "runs/sweep"  # sweep directory: local path or s3://
+    scratch_dir: str = ""  # local trial dirs when out_dir is remote (default: a temp dir)
+    grid: GridConfig = field(default_factory=GridConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resources: ResourceConfig = field(default_factory=ResourceConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+
+    def validate(self) -> None:
+        for o in self.job_overrides:
+            if not o.startswith("--") or "=" not in o:
+                raise ConfigError(f"job_overrides: {o!r} is not of the form --section.key=value")
+
+
+def as_dict(cfg: SweepConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,106 @@
+"""One sweep trial: plan it (a JobConfig and its key), train it, measure it.
+
+`plan(cfg)` expands the sweep grid into trials, each a full JobConfig (the
+base job config + the sweep's job overrides + the trial's size, lr, batch and
+steps = budget // batch), keyed by sha256 of the canonical JSON of that config
+and the evaluation set (first 16 hex): the same trial always has the same key,
+so a re-run can skip what is finished. Planning builds every config, so a bad
+grid fails here, before any trial starts.
+
+`run_trial(spec, trial_dir)` runs in a fresh process (a Ray task with
+max_calls=1: the Trainer initialises torch.distributed, so never two Trainers
+in one process): the real Trainer on the DeepSpeed engine, then the held-out
+loss of the exported model on a fixed evaluation set (moving-square videos
+from a seed training never uses, fixed clip cuts and noise seeds, one
+`next_clip_loss` under no_grad). The curve is the per-step *train* loss from
+metrics.jsonl (no extra held-out evaluations mid-run), with cumulative tokens
+and FLOPs (6N plus attention per token, as the trainer's MFU).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from jobconfig.errors import ConfigError
+from jobconfig.job import JobConfig
+from jobconfig.loader import from_dict, load_config
+from orchestration.sweep.config import SweepConfig
+from pretrain.evaluation.heldout import held_out_loss
+from pretrain.model.videogpt import build_model
+from pretrain.training.metrics import model_flops_per_token
+from pretrain.training.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def resolve_path(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else REPO / p
+
+
+def trial_key(job: dict, eval_cfg: dict) -> str:
+    job = json.loads(json.dumps(job))
+    job["train"]["out_dir"] = ""  # the trial dir is named by the key, not part of it
+    canon = json.dumps({"job": job, "eval": eval_cfg}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def plan(cfg: SweepConfig) -> list[dict]:
+    """Every trial of the grid as {key, size, budget, lr, batch_size, job (dict)}; strict."""
+    base = resolve_path(cfg.base)
+    trials = []
+    for size in cfg.grid.sizes:
+        for budget in cfg.grid.budgets:
+            for lr in cfg.grid.lrs:
+                for bs in cfg.grid.batch_sizes:
+                    over = [*cfg.job_overrides, f"--model.preset={size.preset}",
+                            *(f"--model.{k}={v}" for k, v in size.model.items()),
+                            f"--train.lr={lr}", f"--train.batch_size={bs}", f"--train.steps={budget // bs}",
+                            "--train.grad_accum_steps=1", "--train.tensorboard=false", "--train.checkpoint_every=0"]
+                    job = load_config(base, over)
+                    if job.train.data != "synthetic":
+                        raise ConfigError("sweep: the held-out set is synthetic; set train.data=synthetic "
+                                          f"in {cfg.base} or job_overrides")
+                    d = dataclasses.asdict(job)
+                    ev = dataclasses.asdict(cfg.eval)
+                    trials.append({"key": trial_key(d, ev), "size": size.name, "budget": budget, "lr": lr,
+                                   "batch_size": bs, "job": d, "eval": ev})
+    keys = [t["key"] for t in trials]
+    if len(set(keys)) != len(keys):
+        raise ConfigError("grid: two trials resolve to the same config (duplicate sizes or budgets?)")
+    return trials
+
+
+def run_trial(spec: dict, trial_dir: str) -> dict:
+    """Train one trial from scratch in `trial_dir` and return its result record."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(1)  # one CPU per trial, and the same reduction order every run
+    t0 = time.time()
+    out = Path(trial_dir)
+    shutil.rmtree(out, ignore_errors=True)  # a retried or interrupted trial starts clean
+    job = from_dict(JobConfig, spec["job"])
+    job.train.out_dir = str(out)
+    export = Trainer(job, f"trial-{spec['key']}").run(resume="none")
+    eval_loss = held_out_loss(job, export, spec["eval"])
+    n_params = _count_params(job)
+    curve, tokens, flops = [], 0.0, 0.0
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        tokens += m["tokens"]
+        flops += m["tokens"] * model_flops_per_token(job.model, n_params, m["tokens"] / max(m["samples"], 1))
+        curve.append({"step": m["step"], "loss": m["loss"], "tokens": tokens, "flops": flops})
+    return {"key": spec["key"], "size": spec["size"], "budget": spec["budget"], "lr": spec["lr"],
+            "batch_size": spec["batch_size"], "steps": job.train.steps, "N": n_params, "D": tokens,
+            "flops": flops, "flops_6nd": 6.0 * n_params * tokens, "eval_loss": eval_loss,
+            "final_train_loss": curve[-1]["loss"], "curve": curve, "seconds": round(time.time() - t0, 2)}
+
+
+def _count_params(job: JobConfig) -> int:
+
+    return sum(p.numel() for p in build_model(job.model, device="cpu", seed=0).parameters())

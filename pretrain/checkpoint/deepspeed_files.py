@@ -1,0 +1,318 @@
+"""Read a DeepSpeed checkpoint directory offline into full-size, plain-model tensors.
+
+What: for every parameter of the plain (unsharded) model, its fp32 master
+weight and, when asked, its Adam moments (`exp_avg`, `exp_avg_sq`), put
+together from whatever layout wrote the checkpoint: ZeRO 0/1/2/3, fp32 or
+bf16, any data-parallel size, any tensor-parallel size (our megatron-core TP
+plan, parallel/tensor_parallel.py); plus the optimizer step, the param-group
+hyper-parameters, the LR-scheduler state and the engine's step counters.
+`vgpt ckpt export/inspect/reshard` and a resume on another layout use it.
+
+Why not DeepSpeed's own tools: `zero_to_fp32` reads only `mp_rank_00` (TP rank
+0) and no optimizer state; `ds_to_universal` merges TP shards only through the
+UNIVERSAL_CHECKPOINT_INFO patterns that Megatron-LM or AutoTP register, its
+ZeRO-3 loader re-slices only AutoTP parameters, it writes one pickle per
+parameter and tensor kind, and neither tool knows ZeRO-0. The files read here,
+as DeepSpeed 0.19 writes them:
+
+  ZeRO-0    mp_rank_TT_model_states.pt: 'module' (this TP rank's shard) and
+            'optimizer': the torch optimizer's state_dict (fp32 run), or
+            FP16_Optimizer's {'fp32_groups', 'optimizer_state_dict'} (bf16 run)
+  ZeRO-1/2  [bf16_]zero_pp_rank_D_mp_rank_TT_optim_states.pt: per param group
+            the rank's flat fp32 partition, the Adam state of that partition,
+            and 'param_slice_mappings' (name -> start and numel of the piece of
+            each parameter inside this partition; pieces are in rank order)
+  ZeRO-3    zero_pp_rank_D_mp_rank_TT_optim_states.pt: 'fp32_flat_groups' in
+            which every parameter, in 'param_shapes' order (from the matching
+            model_states file), owns ceil(numel / dp) elements on every rank
+
+DeepSpeed's .pt files are pickles holding DeepSpeed objects (weights_only
+cannot read them), so `read_checkpoint` verifies the directory against our
+manifest (sha256) before unpickling anything, unless the caller just did.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parallel.tensor_parallel import plan_style, unshard_tensor
+from pretrain.checkpoint.integrity import CheckpointError, HashingWriter, verify
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+_MODEL_Z012 = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+
+
+_MODEL_Z3 = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+
+
+class ConsolidateError(RuntimeError):
+    """The checkpoint's files do not hold what this reader expects; the message names file and key."""
+
+
+@dataclass
+class FullState:
+    weights: dict[str, torch.Tensor]  # fp32 masters (and buffers), plain-model names and shapes
+    moments: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # "exp_avg" -> {name: tensor}
+    optimizer: dict[str, Any] = field(default_factory=dict)  # step, hyper, lr_scheduler, engine counters
+    source: dict[str, Any] = field(default_factory=dict)  # zero_stage, tp, dp, bf16 of the writer
+
+
+def _load(path: Path) -> dict:
+    # mmap: tensors are paged in when sliced, not all at once
+    return torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+
+
+def _get(d: dict, key: str, where: Path):
+    if not isinstance(d, dict) or key not in d:
+        raise ConsolidateError(f"{where}: no {key!r} entry (expected a DeepSpeed 0.19 checkpoint file)")
+    return d[key]
+
+
+def _scalar(v) -> float:
+    return float(v.item() if torch.is_tensor(v) else v)
+
+
+def _hyper(param_group: dict) -> dict:
+    return {k: v for k, v in param_group.items() if k != "params"}
+
+
+def model_files(ckpt: Path) -> tuple[bool, dict[int, Path]]:
+    """(zero-3?, {tp_rank: model_states file of dp rank 0}) of a checkpoint directory."""
+    z012, z3 = {}, {}
+    for p in ckpt.iterdir():
+        if m := _MODEL_Z012.match(p.name):
+            z012[int(m.group(1))] = p
+        elif (m := _MODEL_Z3.match(p.name)) and int(m.group(1)) == 0:
+            z3[int(m.group(2))] = p
+    files = z3 or z012
+    if not files:
+        raise ConsolidateError(f"{ckpt}: no mp_rank_*_model_states.pt or zero_pp_rank_*_model_states.pt file "
+                               "(not a DeepSpeed checkpoint)")
+    if sorted(files) != list(range(len(files))):
+        raise ConsolidateError(f"{ckpt}: tensor-parallel ranks {sorted(files)} on disk, expected 0..{len(files) - 1}")
+    return bool(z3), files
+
+
+def _optim_file(ckpt: Path, dp: int, tp: int) -> Path:
+    for prefix in ("", "bf16_"):
+        p = ckpt / f"{prefix}zero_pp_rank_{dp}_mp_rank_{tp:02d}_optim_states.pt"
+        if p.is_file():
+            return p
+    raise ConsolidateError(f"{ckpt}: missing zero_pp_rank_{dp}_mp_rank_{tp:02d}_optim_states.pt "
+                           f"(data-parallel rank {dp} of tensor-parallel rank {tp})")
+
+
+def _param_shapes(meta: dict, where: Path) -> dict[str, torch.Size]:
+    groups = _get(meta, "param_shapes", where)
+    if meta.get("frozen_param_shapes"):
+        raise ConsolidateError(f"{where}: frozen parameters {list(meta['frozen_param_shapes'])[:3]} are not "
+                               "supported (every parameter of Video-GPT trains)")
+    return {k: torch.Size(v) for g in groups for k, v in g.items()}
+
+
+# ---------------------------------------------------------------- one tensor-parallel rank
+def _rank_zero0(meta: dict, where: Path, with_optimizer: bool):
+    module = _get(meta, "module", where)
+    buffers = set(meta.get("buffer_names") or [])
+    names = [k for k, v in module.items() if torch.is_tensor(v) and k not in buffers]
+    opt = meta.get("optimizer")
+    if opt is None:
+        if with_optimizer:
+            raise ConsolidateError(f"{where}: 'optimizer' is empty (saved without optimizer state)")
+        return {n: module[n].float() for n in names}, {}, {}
+    if "fp32_groups" in opt:  # FP16_Optimizer (bf16 run): fp32 masters next to the bf16 module
+        masters = [t for g in opt["fp32_groups"] for t in g]
+        osd = _get(opt, "optimizer_state_dict", where)
+    else:
+        masters, osd = [module[n] for n in names], opt
+    if len(masters) != len(names):
+        raise ConsolidateError(f"{where}: {len(masters)} optimizer parameters but {len(names)} module parameters")
+    weights = {n: m.float().reshape(module[n].shape) for n, m in zip(names, masters)}
+    order = [i for g in osd["param_groups"] for i in g["params"]]
+    moments: dict = {k: {} for k in MOMENTS} if with_optimizer else {}
+    steps = set()
+    for n, i in zip(names, order):
+        st = osd["state"].get(i)
+        if st is None:
+            raise ConsolidateError(f"{where}: no optimizer state for parameter {n!r} (index {i})")
+        for k in moments:
+            moments[k][n] = _get(st, k, where).float().reshape(module[n].shape)
+        steps.add(_scalar(st["step"]))
+    return weights, moments, {"step": max(steps, default=0.0), "hyper": _hyper(osd["param_groups"][0])}
+
+
+def _rank_zero12(ckpt: Path, meta: dict, where: Path, tp: int, dp: int, with_optimizer: bool):
+    shapes = _param_shapes(meta, where)
+    pieces: dict[str, dict[str, list]] = {k: {} for k in ("fp32", *MOMENTS)}
+    info: dict = {}
+    for d in range(dp):
+        f = _optim_file(ckpt, d, tp)
+        osd = _get(_load(f), "optimizer_state_dict", f)
+        fp32 = _get(osd, "single_partition_of_fp32_groups", f)
+        base = _get(osd, "base_optimizer_state", f)
+        states = base["state"] if isinstance(base, dict) else base  # rigid: torch state_dict; elastic: list
+        if d == 0 and isinstance(base, dict):
+            info = {"step": _scalar(states[0]["step"]), "hyper": _hyper(base["param_groups"][0])}
+        for g, mapping in enumerate(_get(osd, "param_slice_mappings", f)):
+            for name, frag in mapping.items():
+                pieces["fp32"].setdefault(name, []).append(fp32[g].narrow(0, frag.start, frag.numel))
+                for k in MOMENTS if with_optimizer else ():
+                    pieces[k].setdefault(name, []).append(_get(states[g], k, f).narrow(0, frag.start, frag.numel))
+    if with_optimizer and not info:
+        raise ConsolidateError(f"{ckpt}: elastic ZeRO checkpoints carry no param groups; save with "
+                               "zero_optimization.elastic_checkpoint=false")
+    out = {k: {} for k in pieces if k == "fp32" or with_optimizer}
+    for kind in out:
+        for name, shape in shapes.items():
+            parts = pieces[kind].get(name)
+            if not parts:
+                raise ConsolidateError(f"{ckpt}: parameter {name!r} of tensor-parallel rank {tp} has no {kind} "
+                                       f"fragment in any of the {dp} optimizer files")
+            flat = torch.cat(parts).float()
+            if flat.numel() != shape.numel():
+                raise ConsolidateError(f"{ckpt}: parameter {name!r} (tp rank {tp}): fragments hold {flat.numel()} "
+                                       f"elements, param_shapes says {tuple(shape)}")
+            out[kind][name] = flat.view(shape)
+    weights = out.pop("fp32")
+    module = meta.get("module") or {}
+    for b in meta.get("buffer_names") or []:
+        weights[b] = module[b]
+    return weights, out, info
+
+
+def _rank_zero3(ckpt: Path, meta: dict, where: Path, tp: int, dp: int, with_optimizer: bool):
+    shapes = _param_shapes(meta, where)
+    flats: dict[str, list[torch.Tensor]] = {k: [] for k in ("fp32", *(MOMENTS if with_optimizer else ()))}
+    info: dict = {}
+    for d in range(dp):
+        f = _optim_file(ckpt, d, tp)
+        osd = _get(_load(f), "optimizer_state_dict", f)
+        flats["fp32"].append(torch.cat(list(_get(osd, "fp32_flat_groups", f))))
+        inner = _get(osd, "optimizer_state_dict", f)
+        sub_groups = [inner["state"][i] for i in sorted(inner["state"])]
+        if d == 0 and sub_groups:
+            info = {"step": _scalar(sub_groups[0]["step"]), "hyper": _hyper(inner["param_groups"][0])}
+        for k in MOMENTS if with_optimizer else ():
+            flats[k].append(torch.cat([_get(s, k, f) for s in sub_groups]))
+    out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in flats}
+    offset = 0
+    for name, shape in shapes.items():
+        n = shape.numel()
+        part = math.ceil(n / dp)  # every rank holds `part` elements of every parameter, zero padded
+        for kind, per_rank in flats.items():
+            out[kind][name] = torch.cat([r.narrow(0, offset, part) for r in per_rank])[:n].float().view(shape)
+        offset += part
+    have = flats["fp32"][0].numel()
+    if offset != have:
+        raise ConsolidateError(f"{_optim_file(ckpt, 0, tp)}: param_shapes account for {offset} elements per rank, "
+                               f"the flat fp32 partition holds {have}")
+    return out.pop("fp32"), out, info
+
+
+# ---------------------------------------------------------------- the whole checkpoint
+def read_checkpoint(ckpt: str | Path, with_optimizer: bool = True, tp_plan: dict[str, str] | None = None,
+                    verified: bool = False) -> FullState:
+    """Full-size fp32 weights (and Adam moments) of a native DeepSpeed checkpoint of any layout."""
+
+    ckpt = Path(ckpt)
+    if not verified:
+        problems = verify(ckpt, full=True)
+        if problems:
+            raise CheckpointError(f"{ckpt} is not a complete checkpoint: " + "; ".join(problems))
+    zero3, files = model_files(ckpt)
+    per_tp = []
+    first: dict = {}
+    for tp, f in sorted(files.items()):
+        meta = _load(f)
+        ds_cfg = _get(meta, "ds_config", f)
+        stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+        dp = int(_get(meta, "dp_world_size", f))
+        if stage == 0:
+            per_tp.append(_rank_zero0(meta, f, with_optimizer))
+        elif stage in (1, 2):
+            per_tp.append(_rank_zero12(ckpt, meta, f, tp, dp, with_optimizer))
+        elif zero3:
+            per_tp.append(_rank_zero3(ckpt, meta, f, tp, dp, with_optimizer))
+        else:
+            raise ConsolidateError(f"{f}: ds_config says ZeRO stage {stage}, but the files are not ZeRO-3 files")
+        if tp == 0:
+            first = {"meta": meta, "stage": stage, "dp": dp, "bf16": bool(ds_cfg.get("bf16", {}).get("enabled"))}
+    weights = _merge_tp([r[0] for r in per_tp], tp_plan, ckpt)
+    moments = {k: _merge_tp([r[1][k] for r in per_tp], tp_plan, ckpt) for k in per_tp[0][1]}
+    meta, info = first["meta"], per_tp[0][2]
+    optimizer = {**info, "lr_scheduler": meta.get("lr_scheduler"),
+                 **{k: meta.get(k) for k in ("global_steps", "global_samples", "skipped_steps")}}
+    source = {"zero_stage": first["stage"], "tp": len(files), "dp": first["dp"], "bf16": first["bf16"]}
+    return FullState(weights, moments, optimizer, source)
+
+
+def _merge_tp(shards: list[dict[str, torch.Tensor]], plan: dict[str, str] | None, ckpt: Path) -> dict:
+    """Undo tensor parallelism: sharded parameters are concatenated by their plan style,
+    replicated ones (norms, embedders, the head) are taken from TP rank 0."""
+    if len(shards) == 1:
+        return shards[0]
+    for t, s in enumerate(shards[1:], start=1):
+        if s.keys() != shards[0].keys():
+            diff = sorted(set(s) ^ set(shards[0]))[:3]
+            raise ConsolidateError(f"{ckpt}: tensor-parallel rank {t} holds other parameters than rank 0: {diff}")
+    out = {}
+    for name, t0 in shards[0].items():
+        style = plan_style(name.rpartition(".")[0], plan)
+        out[name] = t0 if style is None else unshard_tensor([s[name] for s in shards], style)
+    return out
+
+
+class HashingCheckpointEngine:
+    """DeepSpeed's TorchCheckpointEngine with every saved file hashed while written and fsynced;
+    `written` maps each path this rank saved to its manifest entry. Everything else is delegated."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.written: dict[str, dict[str, Any]] = {}
+
+    def save(self, state_dict, path: str) -> None:
+        import torch
+
+        writer = HashingWriter(path)
+        try:
+            torch.save(state_dict, writer,
+                       _use_new_zipfile_serialization=getattr(self.inner, "zipfile_serialization", True))
+        finally:
+            info = writer.close()
+        self.written[os.path.abspath(path)] = info
+
+    def load(self, path: str, map_location=None):
+        """torch.load with mmap: tensor data is copied once, from the page cache into DeepSpeed's
+        buffers, instead of being read into fresh storages first (halves DeepSpeed's load time here).
+        Only called for checkpoints the manager has verified. On CPU, tensors DeepSpeed keeps as they
+        come (e.g. the Adam state) stay copy-on-write mappings of the file, so a pruned checkpoint's
+        disk space is released when the process ends, not at the prune."""
+        import torch
+
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+        except RuntimeError:  # not the zip format (mmap needs it): the engine's own way
+            return self.inner.load(path, map_location=map_location)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def install(engine) -> HashingCheckpointEngine | None:
+    """Wrap `engine.checkpoint_engine` when it is DeepSpeed's plain torch one (others are left alone,
+    and the manager hashes their files after the fact)."""
+    current = getattr(engine, "checkpoint_engine", None)
+    if isinstance(current, HashingCheckpointEngine):
+        return current
+    if type(current).__name__ != "TorchCheckpointEngine":
+        return None
+    engine.checkpoint_engine = HashingCheckpointEngine(current)
+    return engine.checkpoint_engine

@@ -1,0 +1,301 @@
+"""One checkpoint manager for everything resumable.
+
+Layout under the run's checkpoint root:
+
+    step_00000020/            DeepSpeed engine state (model, optimizer, scheduler; ZeRO shards)
+    step_00000020/trainer_state.json   stage, step, consumed samples, loader state, config
+    step_00000020/rng.safetensors      torch CPU RNG state (no pickle)
+    step_00000020/manifest.json        size + sha256 (per 64 MiB block) of every file above, written last
+    latest                     the tag of the newest complete checkpoint, moved after the manifest
+
+A checkpoint is complete when its manifest exists and every file matches it.
+The engine's own `latest` file is not written (we move ours last), so a save
+killed half-way never becomes the one `--resume auto` picks. Loading refuses a
+checkpoint with a missing or corrupt file, names it, and falls back to the
+next older complete one, loudly. Each rank hashes and fsyncs the shards it
+writes while writing them, and ranks split the re-hashing before a resume
+(ckpt_io.py), so integrity costs little next to the write and read themselves.
+
+Every checkpoint records the parallel layout that wrote it (`layout` in
+trainer_state.json). DeepSpeed loads its own files only into the same tensor-
+parallel size, ZeRO data-parallel size (dp x sp), ZeRO stage and precision;
+when any of these differs, `load` says so loudly, converts the checkpoint on
+rank 0 into the layout-independent portable form (ckpt_portable.py) and loads
+that into the engine instead. `vgpt ckpt reshard` writes that form offline.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from jobconfig.loader import from_dict
+from jobconfig.model import ModelConfig
+from pretrain.checkpoint.deepspeed_files import install, read_checkpoint
+from pretrain.checkpoint.integrity import MANIFEST, CheckpointError, _atomic_write, verify, write_manifest
+from pretrain.checkpoint.portable import load_portable, write_portable
+
+TRAINER_STATE = "trainer_state.json"
+
+
+RNG_FILE = "rng.safetensors"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def write_latest(root: Path, tag: str) -> None:
+    """Point `root/latest` at `tag`; moved only after the checkpoint's manifest exists."""
+    _atomic_write(Path(root) / "latest", tag)
+
+
+# ---------------------------------------------------------------- layouts
+NATIVE = "deepspeed"  # layout["format"] of checkpoints DeepSpeed wrote
+
+
+PORTABLE = "portable"
+
+
+def layout_of(state: dict[str, Any]) -> dict[str, Any]:
+    """The layout recorded in a trainer state; derived from its config for older checkpoints."""
+    if "layout" in state:
+        return state["layout"]
+    pc = state.get("config", {}).get("parallel", {})
+    ws, tp, sp = state.get("world_size", 1), pc.get("tensor_parallel", 1), pc.get("sequence_parallel", 1)
+    return {"format": NATIVE, "world_size": ws, "dp": ws // (tp * sp), "tp": tp, "sp": sp,
+            "zero_stage": pc.get("zero_stage", 2), "precision": pc.get("precision", "bf16")}
+
+
+def describe(layout: dict[str, Any]) -> str:
+    keys = ("world_size", "dp", "tp", "sp", "zero_stage", "precision")
+    return " ".join(f"{k}={layout[k]}" for k in keys if k in layout)
+
+
+def layout_change(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What keeps DeepSpeed from loading `saved` natively into `current` ([] = nothing)."""
+    diff = [f"{k} {saved.get(k)} -> {current.get(k)}" for k in ("tp", "zero_stage", "precision")
+            if saved.get(k) != current.get(k)]
+    # ZeRO partitions over data parallel x sequence parallel (the gradient group)
+    dp_saved, dp_now = saved.get("dp", 1) * saved.get("sp", 1), current.get("dp", 1) * current.get("sp", 1)
+    if dp_saved != dp_now:
+        diff.append(f"ZeRO partitions (dp x sp) {dp_saved} -> {dp_now}")
+    return diff
+
+
+def make_portable(src: Path, dst: Path, layout: dict[str, Any] | None = None, verified: bool = False) -> Path:
+    """Convert checkpoint `src` (any layout) into a portable checkpoint directory `dst`, with its
+    own trainer state (layout marked portable, `layout` recorded as the intended target) and manifest."""
+
+    state = json.loads((src / TRAINER_STATE).read_text())
+    saved = layout_of(state)
+    tmp = dst.with_name(f".{dst.name}.tmp")  # not a `step_*` name: never listed as a checkpoint
+    shutil.rmtree(tmp, ignore_errors=True)
+    if saved.get("format") == PORTABLE:
+        problems = [] if verified else verify(src)
+        if problems:
+            raise CheckpointError(f"{src} is not a complete checkpoint: " + "; ".join(problems))
+        shutil.copytree(src, tmp)
+        (tmp / MANIFEST).unlink()
+    else:
+        full = read_checkpoint(src, with_optimizer=True, tp_plan=saved.get("tp_plan"), verified=verified)
+        write_portable(full, tmp, from_dict(ModelConfig, state["config"]["model"], "model"))
+        shutil.copy2(src / RNG_FILE, tmp / RNG_FILE)
+    source = saved.get("source", saved) if saved.get("format") == PORTABLE else saved
+    state["layout"] = {"format": PORTABLE, "source": source, **{k: v for k, v in (layout or {}).items()
+                                                                 if k not in ("format", "source")}}
+    _atomic_write(tmp / TRAINER_STATE, json.dumps(state, indent=1))
+    write_manifest(tmp, int(state["step"]))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return dst
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(obj) -> list:
+    import torch.distributed as dist
+
+    rank, world = _world()
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class CheckpointManager:
+    def __init__(self, root: str | Path, rank: int = 0, keep_last: int = 3, keep_every: int = 0,
+                 before_commit: Callable[[int], None] | None = None):
+        """`before_commit(step)`: called on rank 0 once a save's files are on disk and its manifest
+        is not yet written (fault injection, orchestration/faults.py)."""
+        self.root = Path(root)
+        self.before_commit = before_commit
+        self.rank = rank
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self._pruner = None  # the thread deleting pruned checkpoints, if any
+
+    # ------------------------------------------------------------ save
+    def save(self, engine, step: int, trainer_state: dict[str, Any], barrier=None) -> Path:
+        """Collective: every rank calls it. Rank 0 writes the manifest and moves `latest`."""
+        tag = tag_for(step)
+        ckpt = self.root / tag
+        if self.rank == 0 and ckpt.exists():
+            shutil.rmtree(ckpt)  # an incomplete leftover of a killed save of this same step
+        if barrier:
+            barrier()
+        hashing = install(engine)  # this rank's shards: hashed while written, fsynced
+        if hashing:
+            hashing.written.clear()
+        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        mine = {}
+        for path, info in (hashing.written if hashing else {}).items():
+            if Path(path).resolve().parent == ckpt.resolve():
+                mine[Path(path).name] = info
+        if self.rank == 0:
+            save_file({"cpu": torch.get_rng_state()}, str(ckpt / RNG_FILE))
+            _atomic_write(ckpt / TRAINER_STATE, json.dumps({**trainer_state, "step": step}, indent=1))
+        # every rank's shards are on disk before the manifest vouches for them: the gather is the barrier
+        if _world()[1] > 1:
+            known = {k: v for entries in _all_gather(mine) for k, v in entries.items()}
+        else:
+            known = mine
+            if barrier:
+                barrier()
+        if self.rank == 0:
+            if self.before_commit:
+                self.before_commit(step)
+            write_manifest(ckpt, step, known)
+            write_latest(self.root, tag)
+            self.prune(background=True)
+        if barrier:
+            barrier()
+        return ckpt
+
+    # ------------------------------------------------------------ find / load
+    def tags(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+    def problems(self, ckpt: Path, full: bool = True, collective: bool = False) -> list[str]:
+        """verify(), with the files split over the ranks when `collective` (every rank must call)."""
+        if not collective or _world()[1] == 1:
+            return verify(ckpt, full=full)
+        found = _all_gather(verify(ckpt, full=full, share=_world()))
+        return sorted({p for rank_problems in found for p in rank_problems})
+
+    def newest_complete(self, full_verify: bool = True, collective: bool = False) -> Path | None:
+        """Newest checkpoint that verifies; warns about every newer one it had to skip."""
+        for tag in reversed(self.tags()):
+            problems = self.problems(self.root / tag, full=full_verify, collective=collective)
+            if not problems:
+                return self.root / tag
+            warnings.warn(f"checkpoint {self.root / tag} is not usable, falling back to an older one: "
+                          + "; ".join(problems), stacklevel=2)
+        return None
+
+    def load(self, engine, ckpt: Path, model=None, layout: dict[str, Any] | None = None, tp_rank: int = 0,
+             tp_size: int = 1, log=print) -> dict[str, Any]:
+        """Restore engine and RNG from a verified checkpoint; return the trainer state. Collective.
+
+        With `layout` (this run's) and `model` (the plain model the engine
+        wraps), a checkpoint from another layout is converted and re-partitioned
+        instead of failing inside DeepSpeed.
+        """
+
+        state = json.loads((ckpt / TRAINER_STATE).read_text())
+        saved = layout_of(state)
+        diff = layout_change(saved, layout) if layout is not None else []
+        if saved.get("format") == PORTABLE:
+            log(f"loading portable checkpoint {ckpt} (source {describe(saved.get('source', {}))}) "
+                f"into {describe(layout or {})}")
+            load_portable(engine, model, ckpt, tp_rank, tp_size)
+        elif not diff:
+            install(engine)  # mmap loads (ckpt_io.HashingCheckpointEngine.load)
+            load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+            if load_path is None:
+                raise CheckpointError(f"{ckpt}: DeepSpeed could not load it")
+        else:
+            msg = (f"PARALLEL LAYOUT CHANGED: checkpoint {ckpt} was written by {describe(saved)}; this run is "
+                   f"{describe(layout)} ({'; '.join(diff)}). Converting it to the portable form and "
+                   "re-partitioning weights and optimizer state for this layout.")
+            warnings.warn(msg, stacklevel=2)
+            log(msg)
+            work = self.root / ".converted" / ckpt.name
+            self._on_rank0(lambda: make_portable(ckpt, work, layout, verified=True), f"converting {ckpt}")
+            load_portable(engine, model, work, tp_rank, tp_size)
+            self._on_rank0(lambda: shutil.rmtree(work, ignore_errors=True), f"removing {work}")
+        torch.set_rng_state(load_file(str(ckpt / RNG_FILE))["cpu"])
+        return state
+
+    def _on_rank0(self, fn, what: str) -> None:
+        """Run `fn` on rank 0 while the others wait; an error on rank 0 is raised on every rank."""
+        import torch.distributed as dist
+
+        error = None
+        if self.rank == 0:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+                import traceback
+
+                traceback.print_exc()
+                error = f"{type(e).__name__}: {e}"
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise CheckpointError(f"{what} on rank 0 failed: {error}")
+
+    # ------------------------------------------------------------ retention
+    def prune(self, background: bool = False) -> list[str]:
+        """Keep the newest `keep_last` complete checkpoints and every `keep_every`-th step.
+
+        Pruned checkpoints are renamed out of sight at once and deleted after; with
+        `background` (at a save) in a thread, since unlinking GBs is part of the training stall."""
+        if self.keep_last <= 0:
+            return []
+        complete = [t for t in self.tags() if (self.root / t / MANIFEST).is_file()]
+        keep = set(complete[-self.keep_last:])
+        if self.keep_every:
+            keep |= {t for t in complete if int(t.split("_")[1]) % self.keep_every == 0}
+        removed = [t for t in complete if t not in keep]
+        self.wait()
+        for t in removed:
+            trash = self.root / f".trash-{t}"
+            shutil.rmtree(trash, ignore_errors=True)  # a leftover of an earlier process
+            os.replace(self.root / t, trash)
+        if background:
+            import threading
+
+            # not a daemon: the interpreter waits for it at exit rather than leaving half a directory
+            self._pruner = threading.Thread(target=self._empty_trash, name="ckpt-prune")
+            self._pruner.start()
+        else:
+            self._empty_trash()
+        return removed
+
+    def wait(self) -> None:
+        """Until the background deletion of pruned checkpoints has finished."""
+        if self._pruner is not None:
+            self._pruner.join()
+            self._pruner = None
+
+    def _empty_trash(self) -> None:
+        for trash in self.root.glob(".trash-*"):
+            shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,215 @@
+"""The portable checkpoint: a training state that no parallel layout owns, and
+loading it into a DeepSpeed engine of any layout. This is how a run resumes on
+another world size (or TP size, or ZeRO stage) and what `vgpt ckpt reshard` writes.
+
+    step_N/weights.safetensors     fp32 master weights of the plain model; a valid
+                                   export too (model config in the header)
+    step_N/exp_avg.safetensors     Adam first moments, same names and full shapes
+    step_N/exp_avg_sq.safetensors  Adam second moments
+    step_N/optimizer.json          Adam step, param-group hyper-parameters, LR
+                                   scheduler state, engine counters, source layout
+    (+ trainer_state.json, rng.safetensors, manifest.json, as every checkpoint)
+
+Why this design, of the three on offer:
+- DeepSpeed refuses a native ZeRO checkpoint on another data-parallel size
+  ("Automatic adjustment of ZeRO's optimizer state partitioning with a new
+  world size is not currently supported", engine._load_zero_checkpoint), even
+  with `elastic_checkpoint` set: the check runs before the elastic code.
+- The universal checkpoint (ds_to_universal + load_universal) covers ZeRO-1/2/3,
+  but it merges and re-slices TP shards only for Megatron-LM's or AutoTP's
+  registered patterns (its ZeRO-3 loader only for AutoTP), not for our
+  megatron-core layers with fused qkv / gate_up columns; it does not cover
+  ZeRO-0; it must be switched on in the DeepSpeed config before the engine
+  exists; and it is pickles throughout (one file per parameter and tensor kind).
+- Ours: full, TP-merged fp32 weights and Adam moments, by name, in safetensors
+  (no pickle), read offline from any native layout (ckpt_consolidate.py) and
+  written into the live engine through DeepSpeed's own per-parameter
+  fragment API (`safe_set_full_fp32_param` / `safe_set_full_optimizer_state`),
+  which knows each stage's partitioning (ZeRO-1/2 flat partitions, ZeRO-3
+  per-parameter partitions, the bf16 optimizer); TP slices come from the live
+  model's own swapped layers (`tp_style`). The same tensors serve export.
+  Cost: ~3x the fp32 model in one place during conversion, on rank 0.
+
+Adam creates its state lazily at the first step, so before the fragment API can
+write into it, `load_portable` creates zero state for every master partition
+and re-links DeepSpeed's fragment views (ZeRO-1/2, bf16); all of it is
+collective and every rank must call it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from parallel.tensor_parallel import shard_tensor, tensor_parallel_modules
+from pretrain.checkpoint.deepspeed_files import MOMENTS, FullState
+from pretrain.checkpoint.export import save_export
+
+WEIGHTS = "weights.safetensors"
+
+
+OPTIMIZER = "optimizer.json"
+
+
+FORMAT = "vgpt-portable-1"
+
+
+class PortableError(RuntimeError):
+    """A portable checkpoint does not fit the model or engine; the message names file and key."""
+
+
+def is_portable(ckpt: Path) -> bool:
+    return (Path(ckpt) / OPTIMIZER).is_file()
+
+
+def _jsonable(v: Any, key: str):
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if torch.is_tensor(v) and v.numel() == 1:
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x, key) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x, f"{key}.{k}") for k, x in v.items()}
+    raise PortableError(f"optimizer state {key}: a {type(v).__name__} cannot be stored in {OPTIMIZER}")
+
+
+def write_portable(full: FullState, ckpt: Path, model_cfg) -> None:
+    """The tensors of `full` as a portable checkpoint directory (not its manifest: the caller's job)."""
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_export(full.weights, ckpt / WEIGHTS, model_cfg, extra={"format_note": FORMAT})
+    for kind in MOMENTS:
+        if kind not in full.moments:
+            raise PortableError(f"{ckpt}: no {kind} to write (the source was read without optimizer state)")
+        save_file({k: v.contiguous() for k, v in full.moments[kind].items()}, str(ckpt / f"{kind}.safetensors"))
+    meta = {"format": FORMAT, "optimizer": _jsonable(full.optimizer, "optimizer"), "source": full.source}
+    (ckpt / OPTIMIZER).write_text(json.dumps(meta, indent=1))
+
+
+def read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(ckpt) / WEIGHTS))
+
+
+# ---------------------------------------------------------------- into a live engine
+def _masters(opt) -> list[torch.Tensor]:
+    """The fp32 master tensors the inner optimizer keeps state for, per DeepSpeed wrapper."""
+    for attr in ("fp32_partitioned_groups_flat",   # ZeRO-3
+                 "single_partition_of_fp32_groups",  # ZeRO-1/2
+                 "fp32_groups_flat_partition"):      # BF16_Optimizer
+        if hasattr(opt, attr):
+            return list(getattr(opt, attr))
+    if hasattr(opt, "fp32_groups"):  # FP16_Optimizer (ZeRO-0 with bf16): per-parameter masters
+        return [t for g in opt.fp32_groups for t in g]
+    if isinstance(opt, torch.optim.Optimizer):  # ZeRO-0 in fp32: the torch optimizer itself
+        return [p for g in opt.param_groups for p in g["params"]]
+    raise PortableError(f"cannot load a portable checkpoint into a {type(opt).__name__} optimizer")
+
+
+def _step_value(base, step: float):
+    # torch's Adam/AdamW keep `step` as a float tensor; DeepSpeed's CPU Adam as an int
+    return torch.tensor(float(step)) if type(base).__module__.startswith("torch.optim") else int(step)
+
+
+def _prepare_state(opt, step: float) -> Any:
+    """Create the (lazy) Adam state of every master with `step`; returns the inner optimizer."""
+    base = getattr(opt, "optimizer", opt)
+    for m in _masters(opt):
+        st = base.state[m]
+        st["step"] = _step_value(base, step)
+        for k in MOMENTS:
+            if k not in st:
+                st[k] = torch.zeros_like(m)
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO-1/2 and the bf16 optimizer point each parameter's fragment at views of this state
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+    return base
+
+
+def _fp16_master(opt, p) -> torch.Tensor | None:
+    for lp_group, hp_group in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", [])):
+        for lp, hp in zip(lp_group, hp_group):
+            if lp is p:
+                return hp
+    return None
+
+
+def _set_parameter(opt, base, p: torch.nn.Parameter, w: torch.Tensor, moments: dict[str, torch.Tensor]) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if hasattr(p, "ds_id"):  # ZeRO-3: write the gathered parameter, DeepSpeed re-partitions it
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            p.data.copy_(w.view_as(p.data).to(p.dtype))
+    else:
+        p.data.copy_(w.view_as(p.data).to(p.dtype))
+    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):  # partitioned fp32 masters and moments
+        safe_set_full_fp32_param(p, w)
+        for k, v in moments.items():
+            safe_set_full_optimizer_state(p, v, k)
+        return
+    master = _fp16_master(opt, p) if hasattr(opt, "fp32_groups") else p
+    if master is None:
+        raise PortableError(f"no fp32 master found for a parameter of shape {tuple(p.shape)} in "
+                            f"{type(opt).__name__}")
+    master.data.copy_(w.view_as(master))
+    for k, v in moments.items():
+        base.state[master][k].copy_(v.view_as(master))
+
+
+def load_portable(engine, model: torch.nn.Module, ckpt: Path, tp_rank: int = 0, tp_size: int = 1) -> dict:
+    """Weights, Adam moments and step, LR scheduler and counters of `ckpt` into `engine`.
+
+    Collective over all ranks. `model` is the plain model the engine wraps,
+    after `apply_tensor_parallel`: its swapped layers say how each tensor is
+    split over `tp_size` ranks. Returns the optimizer.json contents.
+    """
+
+    ckpt = Path(ckpt)
+    meta = json.loads((ckpt / OPTIMIZER).read_text())
+    if meta.get("format") != FORMAT:
+        raise PortableError(f"{ckpt / OPTIMIZER}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    info = meta["optimizer"]
+    opt = engine.optimizer
+    base = _prepare_state(opt, info["step"])
+    styles = {f"{n}.{pn}": m.tp_style for n, m in tensor_parallel_modules(model).items()
+              for pn, _ in m.named_parameters(recurse=False)}
+    files = {"weights": ckpt / WEIGHTS, **{k: ckpt / f"{k}.safetensors" for k in MOMENTS}}
+    with safe_open(str(files["weights"]), "pt") as fw, safe_open(str(files["exp_avg"]), "pt") as f1, \
+            safe_open(str(files["exp_avg_sq"]), "pt") as f2, torch.no_grad():
+        readers = {"weights": fw, "exp_avg": f1, "exp_avg_sq": f2}
+        for name, p in model.named_parameters():
+            tensors = {}
+            for kind, f in readers.items():
+                if name not in f.keys():
+                    raise PortableError(f"{files[kind]}: no tensor {name!r} (the model has it)")
+                t = f.get_tensor(name).float()
+                if name in styles and tp_size > 1:
+                    t = shard_tensor(t, styles[name], tp_rank, tp_size)
+                want = getattr(p, "ds_shape", p.shape)
+                if tuple(t.shape) != tuple(want):
+                    raise PortableError(f"{files[kind]}: {name!r} has shape {tuple(t.shape)} for TP rank "
+                                        f"{tp_rank}/{tp_size}, the model expects {tuple(want)}")
+                tensors[kind] = t.to(p.device)
+            _set_parameter(opt, base, p, tensors.pop("weights"), tensors)
+        for name, buf in model.named_buffers():
+            if name in fw.keys():
+                buf.copy_(fw.get_tensor(name).to(buf.dtype))
+    for group in base.param_groups:  # hyper-parameters the schedule moves (lr, initial_lr, ...)
+        for k, v in info.get("hyper", {}).items():
+            if k in group and k != "params":
+                group[k] = tuple(v) if isinstance(group[k], tuple) else v
+    if engine.lr_scheduler is not None and info.get("lr_scheduler"):
+        engine.lr_scheduler.load_state_dict(dict(info["lr_scheduler"]))
+    for k in ("global_steps", "global_samples", "skipped_steps"):
+        if info.get(k) is not None:
+            setattr(engine, k, int(info[k]))
+    return meta

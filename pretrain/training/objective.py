@@ -1,0 +1,94 @@
+"""Next-clip diffusion: rectified flow with clean-target (x1) prediction.
+
+For a batch of clean latents and its clip sizes (METHOD.md, Objective):
+  t ~ U(0, 1) once per clip, shared by the clip's frames;
+  x_t = t * x1 + (1 - t) * eps, eps ~ N(0, I)       (t = 1 is clean data);
+  the clean context copy is itself noised: t_ctx ~ U(context_noise_min, 1) per frame;
+  loss = MSE(pred, x1) averaged per frame, then over the real frames of the batch.
+Padding frames never contribute. All randomness of a row comes from its own
+seed (`row_seeds`), which the caller derives from (run seed, global sample
+index): the noise a sample gets does not depend on which rank, batch slot or
+world size it landed in, so data-parallel runs match single-process runs and
+resumed runs match uninterrupted ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from data.batch import Batch, validate_clips
+from jobconfig.train import ObjectiveConfig
+
+
+@dataclass
+class NoisedBatch:
+    x_noisy: torch.Tensor  # [B, F, C, h, w]
+    x_clean: torch.Tensor  # context copy, lightly noised
+    t: torch.Tensor        # [B, F] per-frame t of its clip
+    frame_mask: torch.Tensor  # [B, F] bool
+
+
+def row_seed(run_seed: int, global_row: int, salt: int = 0) -> int:
+    """A 63-bit seed for one batch row from (run seed, global row index, salt), well mixed."""
+    import numpy as np
+    return int(np.random.SeedSequence([run_seed, global_row, salt]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _clip_t(clip_sizes: list[int], num_frames: int, g: torch.Generator) -> torch.Tensor:
+    """[F]: one U(0,1) draw per clip, repeated over the clip's frames (padding frames get 1)."""
+    draws = torch.rand(len(clip_sizes), generator=g)
+    t = torch.repeat_interleave(draws, torch.tensor(clip_sizes))
+    return torch.cat([t, torch.ones(num_frames - len(t))])
+
+
+def per_frame_clip_t(clips: list[list[list[int]]], num_frames: int, row_seeds: list[int]) -> torch.Tensor:
+    """[B, F] per-frame t, each row from its own seed (the same draws `add_noise` makes)."""
+    return torch.stack([_clip_t([c for s in row for c in s], num_frames, torch.Generator().manual_seed(seed))
+                        for row, seed in zip(clips, row_seeds)])
+
+
+def add_noise(batch: Batch, cfg: ObjectiveConfig, row_seeds: list[int]) -> NoisedBatch:
+    x1 = batch.latents
+    B, F = x1.shape[:2]
+    if len(row_seeds) != B:
+        raise ValueError(f"row_seeds: got {len(row_seeds)} seeds for a batch of {B} rows")
+    lo = cfg.context_noise_min
+    ts, eps, eps_ctx, t_ctx = [], [], [], []
+    for row, seed in zip(batch.clips, row_seeds):
+        g = torch.Generator().manual_seed(seed)
+        ts.append(_clip_t([c for s in row for c in s], F, g))
+        eps.append(torch.randn(x1.shape[1:], generator=g))
+        eps_ctx.append(torch.randn(x1.shape[1:], generator=g))
+        t_ctx.append(lo + (1 - lo) * torch.rand(F, generator=g))
+    t = torch.stack(ts).to(x1.device)
+    t_ctx = torch.stack(t_ctx).to(x1.device)
+    eps = torch.stack(eps).to(x1.device, x1.dtype)
+    eps_ctx = torch.stack(eps_ctx).to(x1.device, x1.dtype)
+    bc = lambda s: s.to(x1.dtype)[:, :, None, None, None]
+    return NoisedBatch(
+        x_noisy=bc(t) * x1 + (1 - bc(t)) * eps,
+        x_clean=bc(t_ctx) * x1 + (1 - bc(t_ctx)) * eps_ctx,
+        t=t.to(x1.dtype),
+        frame_mask=batch.frame_mask().to(x1.device),
+    )
+
+
+def masked_frame_mse(pred: torch.Tensor, target: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    per_frame = (pred.float() - target.float()).pow(2).flatten(2).mean(-1)  # [B, F]
+    mask = frame_mask.float()
+    return (per_frame * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def next_clip_loss(model, batch: Batch, cfg: ObjectiveConfig, row_seeds: list[int], forward=None) -> torch.Tensor:
+    """One training loss for a batch.
+
+    `model` is the plain VideoGPT (config, sequence tables); `forward` is what
+    runs it, the DeepSpeed engine wrapping it in distributed runs (default: the model).
+    """
+    x1 = batch.latents
+    validate_clips(batch.clips, x1.shape[1], x1.shape[2], model.cfg.latent_channels)
+    noised = add_noise(batch, cfg, row_seeds)
+    seq = model.sequence(batch.clips, tuple(x1.shape[-2:]))
+    pred = (forward or model)(noised.x_noisy, noised.x_clean, noised.t, seq)
+    return masked_frame_mse(pred, x1, noised.frame_mask)
