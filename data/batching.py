@@ -10,7 +10,7 @@ each other). Rows shorter than the longest are padded with zero frames, which
 `Batch.frame_mask()` marks as padding.
 
 `LatentBatch` is a `Batch` plus provenance: the global index (epoch * N + p)
-of every sample (feed it to `pretrain.objective.row_seed` so the noise does not
+of every sample (feed it to `pretrain.training.objective.row_seed` so the noise does not
 depend on the run's parallel layout), its stored frame indices, and the positions of
 this step that were skipped with the reason.
 """

@@ -1,6 +1,6 @@
 """Config of the streaming latent loader and of the per-stage sample construction.
 
-`DataConfig` is the `data:` section of the job tree (orchestration/config.py).
+`DataConfig` is the `data:` section of the job tree (jobconfig/job.py).
 It has two parts: where the latent dataset is and how the loader walks it
 (seed, shuffle, streams, batch, workers, packing, corrupt-shard policy), and
 `StageSamplingConfig`, which turns one stored video into one training sample

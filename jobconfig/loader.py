@@ -1,10 +1,11 @@
-"""The one typed config tree and its strict YAML loader.
+"""The strict YAML loader of every typed config tree: jobs, clusters, sweeps.
 
-Every job reads one YAML file into `JobConfig` (dataclasses all the way down),
-then applies `--section.key=value` overrides. Unknown keys and bad values are
-errors that name the full key path and what was allowed, raised before any
-work starts. Sub-configs live next to the code that uses them (`pretrain/config.py`,
-`data/...`); this module only knows how to load them and how they nest.
+A job reads one YAML file into `JobConfig` (jobconfig/job.py, dataclasses all
+the way down), then applies `--section.key=value` overrides. Unknown keys and
+bad values are errors that name the full key path and what was allowed,
+raised before any work starts. The sections are in this package next to it
+(model.py, train.py, data.py, ...), one per concern; this module knows only
+how to read, convert and validate a dataclass tree.
 
 A `model:` section may name a preset from `configs/model/<preset>.yaml` (the
 size registry); keys given next to the preset override it.

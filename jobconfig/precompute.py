@@ -1,7 +1,7 @@
 """Config of the latent-precompute farm (`vgpt precompute`): the `precompute:` section.
 
 Plain dataclasses with `validate()` raising `ConfigError("key: why")`, nested
-into `JobConfig` by `orchestration.config`. Split by concern: what to read
+into `JobConfig` (jobconfig/job.py). Split by concern: what to read
 (inputs), what to write (output), how frames are taken (video), the VAE, and
 the Ray resources. Only `inputs`, `output.root`, `video`, `vae` and
 `output.shard_name/videos_per_shard` change the dataset; `ray` and `progress`

@@ -1,1 +1,2 @@
-"""Running jobs: config tree, CLI, precompute job, launch configs, sweeps, checkpoint tools."""
+"""Running jobs: every `vgpt` verb (cli/), the precompute Ray job (precompute/), launch files
+(launch/), scaling-law sweeps (sweep/), the quickstart, and fault injection (faults.py)."""

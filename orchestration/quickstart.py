@@ -59,8 +59,6 @@ class Scale:
 
 
 FULL = Scale()
-
-
 REDUCED = Scale(train_videos=16, heldout_videos=3, vae_steps=200, stage_steps=40, generate=3)
 
 

@@ -16,7 +16,8 @@ ROOT is a run's out_dir or its `checkpoints/` folder; `list`, `verify` and
 from the environment only and the endpoint from --endpoint-url or
 AWS_ENDPOINT_URL_S3. `--step` defaults to the newest complete checkpoint.
 Export and inspect read the DeepSpeed shards offline (no process group, no
-GPU), after the manifest check, with pretrain/ckpt_consolidate.py.
+GPU), after the manifest check, with pretrain/checkpoint/deepspeed_files.py. Local
+roots and object stores go through the same storage layer (pretrain/checkpoint/storage.py).
 """
 from __future__ import annotations
 
@@ -26,47 +27,34 @@ import sys
 import tempfile
 from pathlib import Path
 
-from jobconfig.errors import ConfigError
+import torch
+
 from jobconfig.loader import from_dict
 from jobconfig.model import ModelConfig
 from parallel.dims import ParallelDims
 from pretrain.checkpoint.deepspeed_files import read_checkpoint
 from pretrain.checkpoint.export import save_export
-from pretrain.checkpoint.integrity import MANIFEST, verify
-from pretrain.checkpoint.manager import (
-    PORTABLE,
-    TRAINER_STATE,
-    CheckpointManager,
-    describe,
-    layout_of,
-    make_portable,
-    tag_for,
-    write_latest,
-)
+from pretrain.checkpoint.manager import PORTABLE, CheckpointManager, describe, layout_of, make_portable, write_latest
 from pretrain.checkpoint.portable import read_weights
-from pretrain.checkpoint.storage import RemoteRoot, is_remote
+from pretrain.checkpoint.storage import TRAINER_STATE, CheckpointStore, tag_for, verify_checkpoint
+from pretrain.training.parallelize import TP_PLAN
+
+HEADER = f"{'tag':16s} {'stage':8s} {'step':>7s} {'samples':>9s} {'layout':16s} {'size MB':>9s}  state"
+REMOTE_COMMANDS = ("list", "verify", "export")
 
 
-def _root(path: str) -> Path:
-    p = Path(path)
-    return p / "checkpoints" if (p / "checkpoints").is_dir() else p
-
-
-def _pick(manager: CheckpointManager, step: int | None) -> Path:
+def _pick(store: CheckpointStore, step: int | None) -> str:
+    """The tag of `--step`, or of the newest checkpoint that looks complete: its file sizes match on a
+    local disk; on an object store, its manifest exists (the fetch that follows checks every byte)."""
     if step is not None:
-        ckpt = manager.root / tag_for(step)
-        if not ckpt.is_dir():
-            raise SystemExit(f"vgpt ckpt: no checkpoint for step {step} under {manager.root}")
-        return ckpt
-    ckpt = manager.newest_complete(full_verify=False)
-    if ckpt is None:
-        raise SystemExit(f"vgpt ckpt: no complete checkpoint under {manager.root}")
-    return ckpt
-
-
-def _state(ckpt: Path) -> dict:
-    f = ckpt / TRAINER_STATE
-    return json.loads(f.read_text()) if f.is_file() else {}
+        if tag_for(step) not in store.tags():
+            raise SystemExit(f"vgpt ckpt: no checkpoint for step {step} under {store.url()}")
+        return tag_for(step)
+    committed = (lambda tag: [] if store.is_complete(tag) else ["no manifest"]) if store.remote else None
+    tag = store.newest_complete(full=False, problems=committed)
+    if tag is None:
+        raise SystemExit(f"vgpt ckpt: no complete checkpoint under {store.url()}")
+    return tag
 
 
 def _short_layout(st: dict) -> str:
@@ -84,20 +72,17 @@ def _row(tag: str, st: dict, size: int, complete: bool, latest: str | None) -> s
             f"{_short_layout(st):16s} {size / 2**20:9.1f}  {mark}")
 
 
-HEADER = f"{'tag':16s} {'stage':8s} {'step':>7s} {'samples':>9s} {'layout':16s} {'size MB':>9s}  state"
-
-
-def cmd_list(manager: CheckpointManager, args) -> int:
-    latest = (manager.root / "latest").read_text().strip() if (manager.root / "latest").is_file() else None
+def cmd_list(store: CheckpointStore, args) -> int:
+    latest = store.latest()
     print(HEADER)
-    for tag in manager.tags():
-        ckpt = manager.root / tag
-        size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
-        print(_row(tag, _state(ckpt), size, (ckpt / MANIFEST).is_file(), latest))
+    for tag in store.tags():
+        print(_row(tag, store.trainer_state(tag), store.size(tag), store.is_complete(tag), latest))
     return 0
 
 
-def _report(results: list[tuple[str, list[str]]]) -> int:
+def cmd_verify(store: CheckpointStore, args) -> int:
+    tags = [tag_for(args.step)] if args.step is not None else store.tags()
+    results = [(tag, store.verify(tag)) for tag in tags]
     for tag, problems in results:
         print(f"{tag}: " + ("ok" if not problems else "BROKEN"))
         for p in problems:
@@ -105,24 +90,25 @@ def _report(results: list[tuple[str, list[str]]]) -> int:
     return 1 if any(problems for _, problems in results) else 0
 
 
-def cmd_verify(manager: CheckpointManager, args) -> int:
-    tags = [tag_for(args.step)] if args.step is not None else manager.tags()
-    return _report([(tag, verify(manager.root / tag, full=True)) for tag in tags])
+def _state(ckpt: Path) -> dict:
+    f = ckpt / TRAINER_STATE
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
-def consolidated_weights(ckpt: Path, verified: bool = False):
-    """Full-size fp32 weights of any checkpoint: native (any ZeRO stage, TP, DP) or portable."""
-
+def consolidated_weights(ckpt: Path, verified: bool = False) -> dict[str, torch.Tensor]:
+    """Full-size fp32 weights of a local checkpoint: native (any ZeRO stage, TP, DP) or portable."""
     layout = layout_of(_state(ckpt))
     if layout.get("format") == PORTABLE:
-        if not verified and (problems := verify(ckpt)):
+        if not verified and (problems := verify_checkpoint(ckpt)):
             raise SystemExit(f"vgpt ckpt: {ckpt} is broken:\n  " + "\n  ".join(problems))
         return read_weights(ckpt)
-    return read_checkpoint(ckpt, with_optimizer=False, tp_plan=layout.get("tp_plan"), verified=verified).weights
+    # checkpoints record their TP plan; one without (written before plans were recorded) used this model's
+    return read_checkpoint(ckpt, with_optimizer=False, tp_plan=layout.get("tp_plan", TP_PLAN),
+                           verified=verified).weights
 
 
-def cmd_inspect(manager: CheckpointManager, args) -> int:
-    ckpt = _pick(manager, args.step)
+def cmd_inspect(store: CheckpointStore, args) -> int:
+    ckpt = store.local_dir(_pick(store, args.step))
     st = _state(ckpt)
     cfg = st.get("config", {})
     print(f"checkpoint {ckpt}")
@@ -138,43 +124,40 @@ def cmd_inspect(manager: CheckpointManager, args) -> int:
     return 0
 
 
-def _export(ckpt: Path, out: str, dtype_name: str, source: str, verified: bool) -> Path:
-    import torch
-
-    st = _state(ckpt)
-    model_cfg = from_dict(ModelConfig, st["config"]["model"], "model")
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    return save_export(consolidated_weights(ckpt, verified=verified), out, model_cfg, dtype=dtype,
-                       extra={"stage": st.get("stage"), "step": st.get("step"), "source": source})
-
-
-def cmd_export(manager: CheckpointManager, args) -> int:
-    ckpt = _pick(manager, args.step)
-    problems = verify(ckpt, full=True)
-    if problems:
-        print(f"vgpt ckpt export: {ckpt} is broken:\n  " + "\n  ".join(problems), file=sys.stderr)
-        return 1
-    out = _export(ckpt, args.out, args.dtype, str(ckpt), verified=True)
-    print(f"exported {ckpt.name} ({args.dtype}) to {out}")
+def cmd_export(store: CheckpointStore, args) -> int:
+    tag = _pick(store, args.step)
+    with tempfile.TemporaryDirectory(prefix="vgpt-ckpt-") as tmp:
+        if store.remote:  # a verified local copy: nothing is unpickled before its bytes are checked
+            ckpt = Path(tmp) / tag
+            problems = store.fetch(tag, ckpt)
+        else:
+            ckpt = store.local_dir(tag)
+            problems = store.verify(tag)
+        if problems:
+            print(f"vgpt ckpt export: {store.url(tag)} is broken:\n  " + "\n  ".join(problems), file=sys.stderr)
+            return 1
+        st = _state(ckpt)
+        model_cfg = from_dict(ModelConfig, st["config"]["model"], "model")
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        out = save_export(consolidated_weights(ckpt, verified=True), args.out, model_cfg, dtype=dtype,
+                          extra={"stage": st.get("stage"), "step": st.get("step"), "source": store.url(tag)})
+    print(f"exported {store.url(tag) if store.remote else tag} ({args.dtype}) to {out}")
     return 0
 
 
-def cmd_reshard(manager: CheckpointManager, args) -> int:
-
-    src = _pick(manager, args.step)
+def cmd_reshard(store: CheckpointStore, args) -> int:
+    src = store.local_dir(_pick(store, args.step))
     st = _state(src)
     dims = ParallelDims(args.dp * args.tp * args.sp, args.tp, args.sp)
-    try:
-        dims.check_model(from_dict(ModelConfig, st["config"]["model"], "model"))
-    except ConfigError as e:
-        print(f"vgpt ckpt reshard: {e}", file=sys.stderr)
-        return 2
+    dims.check_model(from_dict(ModelConfig, st["config"]["model"], "model"))
     dst_root = Path(args.out)
-    if dst_root.resolve() == manager.root.resolve():
+    if dst_root.resolve() == Path(store.root).resolve():
         print(f"vgpt ckpt reshard: --out {dst_root} is the source's own checkpoint root; give a new one",
               file=sys.stderr)
         return 2
     target = {"world_size": dims.world_size, "dp": dims.dp, "tp": dims.tp, "sp": dims.sp}
+    if dims.tp > 1:
+        target["tp_plan"] = TP_PLAN
     dst = make_portable(src, dst_root / src.name, target)
     write_latest(dst_root, src.name)
     print(f"resharded {src} ({describe(layout_of(st))}) for {describe(target)} into {dst}")
@@ -183,49 +166,15 @@ def cmd_reshard(manager: CheckpointManager, args) -> int:
     return 0
 
 
-def cmd_prune(manager: CheckpointManager, args) -> int:
-    manager.keep_last, manager.keep_every = args.keep_last, args.keep_every
+def cmd_prune(store: CheckpointStore, args) -> int:
+    manager = CheckpointManager(store.root, keep_last=args.keep_last, keep_every=args.keep_every)
     removed = manager.prune()
     print(f"removed {len(removed)} checkpoint(s): {' '.join(removed) or '-'}")
     return 0
 
 
-# ---------------------------------------------------------------- object storage
-def remote_main(args) -> int:
-
-    root = RemoteRoot(args.root, args.endpoint_url)
-    if not root.exists():
-        print(f"vgpt ckpt: {root.url()} does not exist", file=sys.stderr)
-        return 2
-    if args.command == "list":
-        latest = root.latest()
-        print(HEADER)
-        for tag in root.tags():
-            print(_row(tag, root.trainer_state(tag), root.size(tag), root.is_complete(tag), latest))
-        return 0
-    if args.command == "verify":
-        tags = [tag_for(args.step)] if args.step is not None else root.tags()
-        return _report([(tag, root.verify(tag)) for tag in tags])
-    tag = tag_for(args.step) if args.step is not None else root.newest_complete()
-    if tag is None:
-        print(f"vgpt ckpt: no complete checkpoint under {root.url()}", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory(prefix="vgpt-ckpt-") as tmp:
-        local = Path(tmp) / tag
-        problems = root.fetch(tag, local)
-        if problems:
-            print(f"vgpt ckpt export: {root.url(tag)} is broken:\n  " + "\n  ".join(problems), file=sys.stderr)
-            return 1
-        out = _export(local, args.out, args.dtype, root.url(tag), verified=True)
-    print(f"exported {root.url(tag)} ({args.dtype}) to {out}")
-    return 0
-
-
 COMMANDS = {"list": cmd_list, "verify": cmd_verify, "inspect": cmd_inspect, "export": cmd_export,
             "reshard": cmd_reshard, "prune": cmd_prune}
-
-
-REMOTE_COMMANDS = ("list", "verify", "export")
 
 
 def main(argv: list[str]) -> int:
@@ -247,15 +196,12 @@ def main(argv: list[str]) -> int:
         parser.error(f"{args.command} needs --out")
     if args.command == "reshard" and (args.dp is None or min(args.dp, args.tp, args.sp) < 1):
         parser.error("reshard needs --dp N (and optionally --tp M, --sp K), all positive")
-
-    if is_remote(args.root):
-        if args.command not in REMOTE_COMMANDS:
-            print(f"vgpt ckpt {args.command}: works on local checkpoints only; on object storage use "
-                  f"{', '.join(REMOTE_COMMANDS)}", file=sys.stderr)
-            return 2
-        return remote_main(args)
-    manager = CheckpointManager(_root(args.root))
-    if not manager.root.is_dir():
-        print(f"vgpt ckpt: {manager.root} does not exist", file=sys.stderr)
+    store = CheckpointStore.of_run(args.root, args.endpoint_url)
+    if store.remote and args.command not in REMOTE_COMMANDS:
+        print(f"vgpt ckpt {args.command}: works on local checkpoints only; on object storage use "
+              f"{', '.join(REMOTE_COMMANDS)}", file=sys.stderr)
         return 2
-    return COMMANDS[args.command](manager, args)
+    if not store.exists():
+        print(f"vgpt ckpt: {store.url()} does not exist", file=sys.stderr)
+        return 2
+    return COMMANDS[args.command](store, args)

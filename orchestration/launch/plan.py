@@ -1,15 +1,11 @@
-"""`vgpt launch`: write the launch files for one curriculum stage on one cluster.
+"""A launch of one curriculum stage on one cluster: plan it, then render its files.
 
-    vgpt launch --stage 4 --cluster configs/cluster/h100-slurm.yaml --target slurm --out launch/s4
-    vgpt launch --stage 1 --cluster configs/cluster/local-cpu.yaml --target torchrun --out DIR \
-        [--config configs/pretrain.yaml] [--cluster.key=value ...] [--section.key=value ...]
-
-Replaces the reference's hand-edited per-stage bash scripts: the stage's config
-comes from the curriculum (`plan_stages`), the cluster's shape from
-`configs/cluster/*.yaml`, and the parallel layout (DP x TP x SP) is derived and
-checked for every node count of the elastic range before anything is written.
-`--cluster.x=y` overrides edit the cluster description; other `--a.b=c`
-overrides go to the training job (and into the rendered command).
+`plan_launch` loads the cluster description (configs/cluster/*.yaml) and the
+stage's config from the curriculum (jobconfig/curriculum.py) with the
+cluster's storage and accelerator, and derives the stage's parallel layout
+(DP x TP x SP, layout.py) for every node count of the elastic range, so an
+impossible launch fails before anything is written. `render` writes one
+target's files (targets.py) under a directory, scripts executable.
 """
 from __future__ import annotations
 

@@ -20,8 +20,6 @@ from orchestration.launch.cluster import ClusterConfig
 from orchestration.launch.layout import StageLayout
 
 HOST_VAR = "VGPT_RDZV_HOST"
-
-
 ASCEND_ENV = "/usr/local/Ascend/ascend-toolkit/set_env.sh"
 
 

@@ -22,8 +22,6 @@ from scipy.optimize import minimize
 from scipy.special import logsumexp
 
 PARAMS = ("E", "A", "B", "alpha", "beta")
-
-
 HUBER_DELTA = 1e-3
 
 

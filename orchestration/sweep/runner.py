@@ -1,6 +1,6 @@
 """`vgpt sweep run|fit`: scaling-law sweeps of real training runs on Ray, and their fit.
 
-run: plan every trial of the grid (orchestration.sweep_trial; a bad grid fails
+run: plan every trial of the grid (orchestration/sweep/trial.py; a bad grid fails
 here, before Ray starts), skip trials whose result line is already in
 `<sweep_dir>/results.jsonl`, schedule the rest as Ray tasks (each with the
 sweep's resource request, `max_calls=1` so every Trainer gets a fresh

@@ -1,4 +1,4 @@
-"""Read a DeepSpeed checkpoint directory offline into full-size, plain-model tensors.
+"""DeepSpeed's checkpoint files: written with hashing, read offline into full-size, plain-model tensors.
 
 What: for every parameter of the plain (unsharded) model, its fp32 master
 weight and, when asked, its Adam moments (`exp_avg`, `exp_avg_sq`), put
@@ -29,6 +29,10 @@ as DeepSpeed 0.19 writes them:
 DeepSpeed's .pt files are pickles holding DeepSpeed objects (weights_only
 cannot read them), so `read_checkpoint` verifies the directory against our
 manifest (sha256) before unpickling anything, unless the caller just did.
+
+Writing: `HashingCheckpointEngine` (installed on a live engine by `install`)
+is DeepSpeed's own torch checkpoint engine with every file saved through an
+integrity.HashingWriter (hashed while written, fsynced) and loaded with mmap.
 """
 from __future__ import annotations
 
@@ -42,14 +46,11 @@ from typing import Any
 import torch
 
 from parallel.tensor_parallel import plan_style, unshard_tensor
-from pretrain.checkpoint.integrity import CheckpointError, HashingWriter, verify
+from pretrain.checkpoint.integrity import CheckpointError, HashingWriter
+from pretrain.checkpoint.storage import verify_checkpoint
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
 _MODEL_Z012 = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-
-
 _MODEL_Z3 = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 
 
@@ -224,7 +225,7 @@ def read_checkpoint(ckpt: str | Path, with_optimizer: bool = True, tp_plan: dict
 
     ckpt = Path(ckpt)
     if not verified:
-        problems = verify(ckpt, full=True)
+        problems = verify_checkpoint(ckpt, full=True)
         if problems:
             raise CheckpointError(f"{ckpt} is not a complete checkpoint: " + "; ".join(problems))
     zero3, files = model_files(ckpt)
@@ -259,6 +260,9 @@ def _merge_tp(shards: list[dict[str, torch.Tensor]], plan: dict[str, str] | None
     replicated ones (norms, embedders, the head) are taken from TP rank 0."""
     if len(shards) == 1:
         return shards[0]
+    if not plan:
+        raise ConsolidateError(f"{ckpt}: {len(shards)} tensor-parallel ranks but no tensor-parallel plan to merge "
+                               "them with (trainer_state.json layout.tp_plan)")
     for t, s in enumerate(shards[1:], start=1):
         if s.keys() != shards[0].keys():
             diff = sorted(set(s) ^ set(shards[0]))[:3]

@@ -1,10 +1,12 @@
 """Checkpoint file integrity at disk speed: block-wise sha256, hashed while written, fsynced.
 
-What: a manifest entry per file is its size and the sha256 of each 64 MiB
-block (`sha256_blocks`); older manifests with one whole-file `sha256` still
-verify. `HashingCheckpointEngine` wraps DeepSpeed's checkpoint engine so that
-each rank hashes the files it writes while `torch.save` is still writing
-them, and fsyncs them, before the manager's manifest vouches for them.
+What: a checkpoint is committed by its manifest (`write_manifest`, written
+last), whose entry per file is its size and the sha256 of each 64 MiB block
+(`sha256_blocks`); older manifests with one whole-file `sha256` still verify.
+`HashingWriter` is the file object the DeepSpeed writer saves through
+(deepspeed_files.py), so that each rank hashes the files it writes while
+`torch.save` is still writing them, and fsyncs them, before the manifest
+vouches for them. storage.py verifies against the manifest.
 
 Why: one sha256 stream runs at ~1 GB/s per core, below a local disk (2-3
 GB/s here) and far below a parallel file system. Hashing fixed blocks lets a
@@ -24,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 BLOCK = 64 << 20
-
-
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -155,7 +155,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt; the message names the file."""
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -178,30 +178,4 @@ def write_manifest(ckpt: Path, step: int, known: dict[str, dict] | None = None) 
             fsync_path(p)
             entry = hash_file(p)
         files[rel] = entry
-    _atomic_write(ckpt / MANIFEST, json.dumps({"tag": ckpt.name, "step": step, "files": files}, indent=1))
-
-
-def verify(ckpt_dir: Path, full: bool = True, share: tuple[int, int] = (0, 1)) -> list[str]:
-    """Problems with one checkpoint directory ([] when complete). `full` re-hashes every file;
-    `share=(i, n)` checks only every n-th file from the i-th (ranks split the work)."""
-    ckpt_dir = Path(ckpt_dir)
-    manifest_path = ckpt_dir / MANIFEST
-    if not manifest_path.is_file():
-        return [f"{manifest_path}: missing (save did not finish)"]
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        return [f"{manifest_path}: unreadable ({e})"]
-    problems = []
-    for i, (rel, info) in enumerate(manifest["files"].items()):
-        p = ckpt_dir / rel
-        if i % share[1] != share[0]:
-            continue
-        if not full:
-            if not p.is_file():
-                problems.append(f"{p}: missing")
-            elif p.stat().st_size != info["bytes"]:
-                problems.append(f"{p}: {p.stat().st_size} bytes, manifest says {info['bytes']}")
-        elif problem := check_file(p, info):
-            problems.append(problem)
-    return problems
+    atomic_write(ckpt / MANIFEST, json.dumps({"tag": ckpt.name, "step": step, "files": files}, indent=1))

@@ -14,13 +14,13 @@ killed half-way never becomes the one `--resume auto` picks. Loading refuses a
 checkpoint with a missing or corrupt file, names it, and falls back to the
 next older complete one, loudly. Each rank hashes and fsyncs the shards it
 writes while writing them, and ranks split the re-hashing before a resume
-(ckpt_io.py), so integrity costs little next to the write and read themselves.
+(integrity.py), so integrity costs little next to the write and read themselves.
 
 Every checkpoint records the parallel layout that wrote it (`layout` in
 trainer_state.json). DeepSpeed loads its own files only into the same tensor-
 parallel size, ZeRO data-parallel size (dp x sp), ZeRO stage and precision;
 when any of these differs, `load` says so loudly, converts the checkpoint on
-rank 0 into the layout-independent portable form (ckpt_portable.py) and loads
+rank 0 into the layout-independent portable form (portable.py) and loads
 that into the engine instead. `vgpt ckpt reshard` writes that form offline.
 """
 from __future__ import annotations
@@ -28,38 +28,31 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from jobconfig.loader import from_dict
 from jobconfig.model import ModelConfig
 from pretrain.checkpoint.deepspeed_files import install, read_checkpoint
-from pretrain.checkpoint.integrity import MANIFEST, CheckpointError, _atomic_write, verify, write_manifest
+from pretrain.checkpoint.integrity import MANIFEST, CheckpointError, atomic_write, write_manifest
 from pretrain.checkpoint.portable import load_portable, write_portable
-
-TRAINER_STATE = "trainer_state.json"
-
-
-RNG_FILE = "rng.safetensors"
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
+from pretrain.checkpoint.storage import LATEST, RNG_FILE, TRAINER_STATE, CheckpointStore, tag_for, verify_checkpoint
 
 
 def write_latest(root: Path, tag: str) -> None:
     """Point `root/latest` at `tag`; moved only after the checkpoint's manifest exists."""
-    _atomic_write(Path(root) / "latest", tag)
+    atomic_write(Path(root) / LATEST, tag)
 
 
 # ---------------------------------------------------------------- layouts
 NATIVE = "deepspeed"  # layout["format"] of checkpoints DeepSpeed wrote
-
-
 PORTABLE = "portable"
 
 
@@ -92,25 +85,26 @@ def layout_change(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 def make_portable(src: Path, dst: Path, layout: dict[str, Any] | None = None, verified: bool = False) -> Path:
     """Convert checkpoint `src` (any layout) into a portable checkpoint directory `dst`, with its
     own trainer state (layout marked portable, `layout` recorded as the intended target) and manifest."""
-
     state = json.loads((src / TRAINER_STATE).read_text())
     saved = layout_of(state)
     tmp = dst.with_name(f".{dst.name}.tmp")  # not a `step_*` name: never listed as a checkpoint
     shutil.rmtree(tmp, ignore_errors=True)
     if saved.get("format") == PORTABLE:
-        problems = [] if verified else verify(src)
+        problems = [] if verified else verify_checkpoint(src)
         if problems:
             raise CheckpointError(f"{src} is not a complete checkpoint: " + "; ".join(problems))
         shutil.copytree(src, tmp)
         (tmp / MANIFEST).unlink()
     else:
-        full = read_checkpoint(src, with_optimizer=True, tp_plan=saved.get("tp_plan"), verified=verified)
+        # a TP checkpoint records how its shards merge; the target layout's plan is the same model's
+        tp_plan = saved.get("tp_plan") or (layout or {}).get("tp_plan")
+        full = read_checkpoint(src, with_optimizer=True, tp_plan=tp_plan, verified=verified)
         write_portable(full, tmp, from_dict(ModelConfig, state["config"]["model"], "model"))
         shutil.copy2(src / RNG_FILE, tmp / RNG_FILE)
     source = saved.get("source", saved) if saved.get("format") == PORTABLE else saved
     state["layout"] = {"format": PORTABLE, "source": source, **{k: v for k, v in (layout or {}).items()
                                                                  if k not in ("format", "source")}}
-    _atomic_write(tmp / TRAINER_STATE, json.dumps(state, indent=1))
+    atomic_write(tmp / TRAINER_STATE, json.dumps(state, indent=1))
     write_manifest(tmp, int(state["step"]))
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
@@ -118,16 +112,12 @@ def make_portable(src: Path, dst: Path, layout: dict[str, Any] | None = None, ve
 
 
 def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def _all_gather(obj) -> list:
-    import torch.distributed as dist
-
     rank, world = _world()
     if world == 1:
         return [obj]
@@ -142,6 +132,7 @@ class CheckpointManager:
         """`before_commit(step)`: called on rank 0 once a save's files are on disk and its manifest
         is not yet written (fault injection, orchestration/faults.py)."""
         self.root = Path(root)
+        self.store = CheckpointStore(self.root)
         self.before_commit = before_commit
         self.rank = rank
         self.keep_last, self.keep_every = keep_last, keep_every
@@ -166,7 +157,7 @@ class CheckpointManager:
                 mine[Path(path).name] = info
         if self.rank == 0:
             save_file({"cpu": torch.get_rng_state()}, str(ckpt / RNG_FILE))
-            _atomic_write(ckpt / TRAINER_STATE, json.dumps({**trainer_state, "step": step}, indent=1))
+            atomic_write(ckpt / TRAINER_STATE, json.dumps({**trainer_state, "step": step}, indent=1))
         # every rank's shards are on disk before the manifest vouches for them: the gather is the barrier
         if _world()[1] > 1:
             known = {k: v for entries in _all_gather(mine) for k, v in entries.items()}
@@ -186,26 +177,21 @@ class CheckpointManager:
 
     # ------------------------------------------------------------ find / load
     def tags(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+        return self.store.tags()
 
     def problems(self, ckpt: Path, full: bool = True, collective: bool = False) -> list[str]:
-        """verify(), with the files split over the ranks when `collective` (every rank must call)."""
+        """Verification of one checkpoint, with the files split over the ranks when `collective`
+        (every rank must call)."""
         if not collective or _world()[1] == 1:
-            return verify(ckpt, full=full)
-        found = _all_gather(verify(ckpt, full=full, share=_world()))
+            return verify_checkpoint(ckpt, full=full)
+        found = _all_gather(verify_checkpoint(ckpt, full=full, share=_world()))
         return sorted({p for rank_problems in found for p in rank_problems})
 
     def newest_complete(self, full_verify: bool = True, collective: bool = False) -> Path | None:
         """Newest checkpoint that verifies; warns about every newer one it had to skip."""
-        for tag in reversed(self.tags()):
-            problems = self.problems(self.root / tag, full=full_verify, collective=collective)
-            if not problems:
-                return self.root / tag
-            warnings.warn(f"checkpoint {self.root / tag} is not usable, falling back to an older one: "
-                          + "; ".join(problems), stacklevel=2)
-        return None
+        tag = self.store.newest_complete(
+            problems=lambda t: self.problems(self.root / t, full=full_verify, collective=collective))
+        return None if tag is None else self.root / tag
 
     def load(self, engine, ckpt: Path, model=None, layout: dict[str, Any] | None = None, tp_rank: int = 0,
              tp_size: int = 1, log=print) -> dict[str, Any]:
@@ -215,7 +201,6 @@ class CheckpointManager:
         wraps), a checkpoint from another layout is converted and re-partitioned
         instead of failing inside DeepSpeed.
         """
-
         state = json.loads((ckpt / TRAINER_STATE).read_text())
         saved = layout_of(state)
         diff = layout_change(saved, layout) if layout is not None else []
@@ -224,7 +209,7 @@ class CheckpointManager:
                 f"into {describe(layout or {})}")
             load_portable(engine, model, ckpt, tp_rank, tp_size)
         elif not diff:
-            install(engine)  # mmap loads (ckpt_io.HashingCheckpointEngine.load)
+            install(engine)  # mmap loads (deepspeed_files.HashingCheckpointEngine.load)
             load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
             if load_path is None:
@@ -244,15 +229,11 @@ class CheckpointManager:
 
     def _on_rank0(self, fn, what: str) -> None:
         """Run `fn` on rank 0 while the others wait; an error on rank 0 is raised on every rank."""
-        import torch.distributed as dist
-
         error = None
         if self.rank == 0:
             try:
                 fn()
             except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
-                import traceback
-
                 traceback.print_exc()
                 error = f"{type(e).__name__}: {e}"
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -270,7 +251,7 @@ class CheckpointManager:
         `background` (at a save) in a thread, since unlinking GBs is part of the training stall."""
         if self.keep_last <= 0:
             return []
-        complete = [t for t in self.tags() if (self.root / t / MANIFEST).is_file()]
+        complete = [t for t in self.tags() if self.store.is_complete(t)]
         keep = set(complete[-self.keep_last:])
         if self.keep_every:
             keep |= {t for t in complete if int(t.split("_")[1]) % self.keep_every == 0}
@@ -281,8 +262,6 @@ class CheckpointManager:
             shutil.rmtree(trash, ignore_errors=True)  # a leftover of an earlier process
             os.replace(self.root / t, trash)
         if background:
-            import threading
-
             # not a daemon: the interpreter waits for it at exit rather than leaving half a directory
             self._pruner = threading.Thread(target=self._empty_trash, name="ckpt-prune")
             self._pruner.start()

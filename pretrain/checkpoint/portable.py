@@ -22,7 +22,7 @@ Why this design, of the three on offer:
   ZeRO-0; it must be switched on in the DeepSpeed config before the engine
   exists; and it is pickles throughout (one file per parameter and tensor kind).
 - Ours: full, TP-merged fp32 weights and Adam moments, by name, in safetensors
-  (no pickle), read offline from any native layout (ckpt_consolidate.py) and
+  (no pickle), read offline from any native layout (deepspeed_files.py) and
   written into the live engine through DeepSpeed's own per-parameter
   fragment API (`safe_set_full_fp32_param` / `safe_set_full_optimizer_state`),
   which knows each stage's partitioning (ZeRO-1/2 flat partitions, ZeRO-3
@@ -50,11 +50,7 @@ from pretrain.checkpoint.deepspeed_files import MOMENTS, FullState
 from pretrain.checkpoint.export import save_export
 
 WEIGHTS = "weights.safetensors"
-
-
 OPTIMIZER = "optimizer.json"
-
-
 FORMAT = "vgpt-portable-1"
 
 

@@ -1,32 +1,49 @@
-"""Checkpoints on object storage (s3://bucket/prefix, or any fsspec URL): what
-`vgpt ckpt list`, `verify` and `export` need, without copying the run first.
+"""Where checkpoints live: one storage layer for a local path or an fsspec URL (s3://bucket/run).
 
-Credentials come only from the environment, through the storage library's
-own chain (for S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE,
-instance roles); nothing here accepts or prints them. The endpoint (an S3
-compatible store) comes from `--endpoint-url`, else AWS_ENDPOINT_URL_S3, else
+A checkpoint root holds `step_NNNNNNNN/` directories (each committed by its
+`manifest.json`, integrity.py) and a `latest` file naming the newest committed
+one. `CheckpointStore` lists, reads, verifies and fetches them, written once
+for both kinds of storage: the training run's manager uses it on its local
+root, `vgpt ckpt` on local roots and object stores alike.
+
+Verification re-hashes every file against the manifest. On a local disk the
+blocks of a file are hashed in parallel straight from the file (integrity.py,
+disk speed); on an object store every file is streamed once through the block
+hasher, and `fetch` writes the stream into a local copy as it goes, so a
+checkpoint downloaded for export is verified without a second read.
+
+Credentials come only from the environment, through the storage library's own
+chain (for S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance
+roles); nothing here accepts or prints them. The endpoint of an S3-compatible
+store comes from `endpoint_url`, else AWS_ENDPOINT_URL_S3, else
 AWS_ENDPOINT_URL. Listings are never cached: a checkpoint committed since the
 last call must show.
-
-`verify` streams every file through sha256 against the checkpoint's manifest.
-`fetch` (for export) downloads a checkpoint into a local directory while
-hashing it and reports any mismatch before a DeepSpeed pickle is opened; the
-export itself is then the local one.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
+from typing import Callable
 
-from pretrain.checkpoint.integrity import BLOCK, MANIFEST, BlockHasher, matches
-from pretrain.checkpoint.manager import TRAINER_STATE
+import fsspec
 
+from pretrain.checkpoint.integrity import BLOCK, MANIFEST, BlockHasher, check_file, matches
+
+TRAINER_STATE = "trainer_state.json"
+RNG_FILE = "rng.safetensors"
+LATEST = "latest"
 CHUNK = 1 << 22
 
 
-def is_remote(root: str) -> bool:
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_remote(root: str | Path) -> bool:
+    root = str(root)
     return "://" in root and not root.startswith("file://")
 
 
@@ -41,30 +58,57 @@ def storage_options(url: str, endpoint_url: str | None = None) -> dict:
     return opts
 
 
-class RemoteRoot:
-    """A run's checkpoint root at an fsspec URL (the run's out_dir or its checkpoints/ folder)."""
+class CheckpointStore:
+    """The checkpoint root at `root` (a local path or an fsspec URL)."""
 
-    def __init__(self, url: str, endpoint_url: str | None = None):
-        import fsspec
+    def __init__(self, root: str | Path, endpoint_url: str | None = None):
+        url = str(root)
+        self.remote = is_remote(url)
+        self.protocol = url.split("://", 1)[0] if self.remote else "file"
+        if self.remote:
+            self.fs, path = fsspec.core.url_to_fs(url, **storage_options(url, endpoint_url))
+            self.root = path.rstrip("/")
+        else:
+            self.fs, self.root = fsspec.filesystem("file"), str(Path(url.removeprefix("file://")))
 
-        self.protocol = url.split("://", 1)[0]
-        self.fs, path = fsspec.core.url_to_fs(url, **storage_options(url, endpoint_url))
-        path = path.rstrip("/")
-        self.root = f"{path}/checkpoints" if self.fs.isdir(f"{path}/checkpoints") else path
+    @classmethod
+    def of_run(cls, path: str | Path, endpoint_url: str | None = None) -> "CheckpointStore":
+        """A run's out_dir (whose checkpoints/ folder is the root) or a checkpoint root itself."""
+        store = cls(path, endpoint_url)
+        inner = cls(f"{str(path).rstrip('/')}/checkpoints", endpoint_url)
+        return inner if inner.exists() else store
 
+    # ------------------------------------------------------------ names
     def url(self, *parts: str) -> str:
-        return f"{self.protocol}://" + "/".join([self.root, *parts])
+        """How messages name a file: the plain path locally, the full URL on an object store."""
+        path = "/".join([self.root, *parts])
+        return f"{self.protocol}://{path}" if self.remote else path
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
+    def local_dir(self, tag: str) -> Path:
+        if self.remote:
+            raise ValueError(f"{self.url(tag)} is on an object store; fetch() it first")
+        return Path(self.root) / tag
+
+    # ------------------------------------------------------------ listing
     def exists(self) -> bool:
         return self.fs.isdir(self.root)
 
     def tags(self) -> list[str]:
+        """Checkpoint directories, oldest first (pruned or temporary ones are not `step_*`)."""
+        if not self.exists():
+            return []
         entries = self.fs.ls(self.root, detail=True)
         names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"]
         return sorted(n for n in names if n.startswith("step_"))
+
+    def latest(self) -> str | None:
+        try:
+            return self.fs.cat_file(self._path(LATEST)).decode().strip()
+        except FileNotFoundError:
+            return None
 
     def read_json(self, *parts: str) -> dict | None:
         try:
@@ -72,36 +116,51 @@ class RemoteRoot:
         except FileNotFoundError:
             return None
 
-    def latest(self) -> str | None:
-        try:
-            return self.fs.cat_file(self._path("latest")).decode().strip()
-        except FileNotFoundError:
-            return None
+    def trainer_state(self, tag: str) -> dict:
+        return self.read_json(tag, TRAINER_STATE) or {}
 
     def size(self, tag: str) -> int:
         return sum(info["size"] for info in self.fs.find(self._path(tag), detail=True).values())
 
     def is_complete(self, tag: str) -> bool:
+        """Committed: its manifest exists (`verify` says whether the files still match it)."""
         return self.fs.exists(self._path(tag, MANIFEST))
 
-    def newest_complete(self) -> str | None:
-        return next((t for t in reversed(self.tags()) if self.is_complete(t)), None)
-
-    def _manifest(self, tag: str) -> tuple[dict | None, list[str]]:
+    # ------------------------------------------------------------ verification
+    def manifest(self, tag: str) -> tuple[dict | None, list[str]]:
+        """(manifest, []) or (None, [the problem])."""
         try:
-            return self.read_json(tag, MANIFEST), []
-        except json.JSONDecodeError as e:
+            manifest = self.read_json(tag, MANIFEST)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return None, [f"{self.url(tag, MANIFEST)}: unreadable ({e})"]
+        if manifest is None:
+            return None, [f"{self.url(tag, MANIFEST)}: missing (save did not finish)"]
+        return manifest, []
 
-    def _check(self, tag: str, rel: str, info: dict, sink=None) -> str | None:
-        """Stream one file through sha256 (and into `sink`); a problem line, or None."""
+    def verify(self, tag: str, full: bool = True, share: tuple[int, int] = (0, 1)) -> list[str]:
+        """Problems with one checkpoint ([] when complete). `full` re-hashes every file (else sizes
+        only); `share=(i, n)` checks only every n-th file from the i-th (ranks split the work)."""
+        manifest, problems = self.manifest(tag)
+        if manifest is None:
+            return problems
+        for i, (rel, info) in enumerate(manifest["files"].items()):
+            if i % share[1] == share[0] and (problem := self._check(tag, rel, info, full)):
+                problems.append(problem)
+        return problems
+
+    def _check(self, tag: str, rel: str, info: dict, full: bool = True, sink=None) -> str | None:
+        """One file against its manifest entry (streamed into `sink` if given); a problem line, or None."""
         url = self.url(tag, rel)
+        if not self.remote and sink is None and full:
+            return check_file(Path(url), info)  # parallel block hashing straight from the disk
         try:
             size = self.fs.size(self._path(tag, rel))
         except FileNotFoundError:
             return f"{url}: missing"
         if size != info["bytes"]:
             return f"{url}: {size} bytes, manifest says {info['bytes']}"
+        if not full:
+            return None
         blocks = BlockHasher(info.get("block_bytes", BLOCK))
         whole = hashlib.sha256()  # manifests written before block hashes
         with self.fs.open(self._path(tag, rel), "rb", block_size=CHUNK) as f:
@@ -112,21 +171,23 @@ class RemoteRoot:
         digest = blocks.digest() if "sha256_blocks" in info else whole.hexdigest()
         return None if matches(info, digest) else f"{url}: sha256 mismatch"
 
-    def verify(self, tag: str) -> list[str]:
-        """Problems with one checkpoint ([] when complete): every file re-hashed as it streams."""
-        manifest, problems = self._manifest(tag)
-        if problems:
-            return problems
-        if manifest is None:
-            return [f"{self.url(tag, MANIFEST)}: missing (save did not finish)"]
-        return [p for rel, info in manifest["files"].items() if (p := self._check(tag, rel, info))]
+    def newest_complete(self, full: bool = True, problems: Callable[[str], list[str]] | None = None) -> str | None:
+        """Tag of the newest checkpoint that verifies; warns about every newer one it had to skip.
+        `problems(tag)` replaces `verify(tag, full)` (the manager splits it over the ranks)."""
+        for tag in reversed(self.tags()):
+            found = problems(tag) if problems else self.verify(tag, full=full)
+            if not found:
+                return tag
+            warnings.warn(f"checkpoint {self.url(tag)} is not usable, falling back to an older one: "
+                          + "; ".join(found), stacklevel=2)
+        return None
 
     def fetch(self, tag: str, dest: Path) -> list[str]:
-        """Download checkpoint `tag` into `dest` (a local checkpoint directory), hashing every file on
-        the way; the problems found ([] = `dest` is a verified copy, manifest included)."""
-        manifest, problems = self._manifest(tag)
-        if problems or manifest is None:
-            return problems or [f"{self.url(tag, MANIFEST)}: missing (save did not finish)"]
+        """Copy checkpoint `tag` into the local directory `dest`, hashing every file on the way; the
+        problems found ([] = `dest` is a verified copy, manifest included)."""
+        manifest, problems = self.manifest(tag)
+        if manifest is None:
+            return problems
         dest.mkdir(parents=True, exist_ok=True)
         for rel, info in manifest["files"].items():
             target = dest / rel
@@ -135,10 +196,13 @@ class RemoteRoot:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(target, "wb") as sink:
-                if problem := self._check(tag, rel, info, sink):
+                if problem := self._check(tag, rel, info, sink=sink):
                     problems.append(problem)
         (dest / MANIFEST).write_text(json.dumps(manifest))
         return problems
 
-    def trainer_state(self, tag: str) -> dict:
-        return self.read_json(tag, TRAINER_STATE) or {}
+
+def verify_checkpoint(ckpt: str | Path, full: bool = True, share: tuple[int, int] = (0, 1)) -> list[str]:
+    """`CheckpointStore.verify` for one local checkpoint directory."""
+    ckpt = Path(ckpt)
+    return CheckpointStore(ckpt.parent).verify(ckpt.name, full=full, share=share)

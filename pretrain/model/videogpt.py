@@ -175,7 +175,7 @@ class VideoGPT(nn.Module):
         out = hidden.gather(1, noisy_out_index[..., None].expand(-1, -1, D))
         return self.output_head(out.view(B * F, P, D), t.reshape(B * F), (h, w)).view(B, F, C, h, w)
 
-    # pieces shared with inference (pretrain/predict.py), which assembles its own token sequences
+    # pieces shared with inference (pretrain/inference/sampler.py), which assembles its own token sequences
     def embed_patches(self, x: torch.Tensor, noisy: bool) -> torch.Tensor:
         """[N, C, h, w] latents -> [N, P, D] patch tokens with the 2D position embedding."""
         p = self.cfg.patch_size
