@@ -1,8 +1,8 @@
-"""Clip attention at the stage-4 token layout: block-wise vs the dense-mask reference.
+"""Clip attention on a stage-4 token sequence: block-wise vs the dense-mask reference.
 
 80 frames at 220 patches per frame (a 320x176 frame), a random clip partition
 (K ~ U{2..80}), so about 35k tokens; heads and width are scaled down for CPU
-but the token layout is the real one. Each measurement runs in a fresh
+but the token sequence is the real one. Each measurement runs in a fresh
 subprocess so peak RSS is its own. Prints ratios measured in this one run:
     time  (forward+backward) dense / blockwise       goal >= 1.5x
     peak memory above baseline, dense / blockwise
@@ -21,7 +21,7 @@ import sys
 import time
 
 
-def layout(frames: int, seed: int):
+def stage4_clips(frames: int, seed: int):
     from data.stage import random_partition
 
     return [[list(random_partition(frames, random.Random(seed)))]]
@@ -39,7 +39,7 @@ def measure(backend: str, args) -> dict:
     from pretrain.model.sequence import build_sequence
 
     torch.manual_seed(0)
-    seq = build_sequence(layout(args.frames, args.seed), 220, max_tokens=2_000_000)
+    seq = build_sequence(stage4_clips(args.frames, args.seed), 220, max_tokens=2_000_000)
     meta = ClipMeta(seq.sample_id, seq.clip_id, seq.is_noisy)
     L = seq.seq_len
     q, k, v = (torch.randn(1, args.heads, L, args.head_dim, requires_grad=True) for _ in range(3))
@@ -84,7 +84,7 @@ def main() -> None:
         res[backend] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         print(f"{backend:10s} {res[backend]}", flush=True)
     b, d, f = res["blockwise"], res["dense"], res["flex_mask"]
-    print(f"\nstage-4 layout: {b['tokens']} tokens, {b['clips']} clips, heads={args.heads}, head_dim={args.head_dim}")
+    print(f"\nstage-4 sequence: {b['tokens']} tokens, {b['clips']} clips, heads={args.heads}, head_dim={args.head_dim}")
     print(f"attention fwd+bwd time   dense/blockwise = {d['seconds'] / b['seconds']:.2f}x  (goal >= 1.5x)")
     print(f"peak memory above base   dense/blockwise = {d['peak_mb_above_base'] / max(b['peak_mb_above_base'], 1):.1f}x "
           f"({d['peak_mb_above_base']:.0f} MB vs {b['peak_mb_above_base']:.0f} MB)")

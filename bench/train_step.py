@@ -58,7 +58,7 @@ def main() -> None:
     frames = torch.rand(1, args.frames, 3, args.size, args.size) * 2 - 1
     with torch.no_grad():
         latents = vae.encode(frames[0]).latent_dist.sample()[None] * vae.config.scaling_factor
-    layout = [[list(random_partition(args.frames, random.Random(0)))]]
+    clips = [[list(random_partition(args.frames, random.Random(0)))]]
 
     def step_fn(attention: str, encode: bool):
         cfg = load_config(None, [f"--model.preset={args.preset}", f"--model.attention={attention}",
@@ -72,7 +72,7 @@ def main() -> None:
                     x1 = vae.encode(frames[0]).latent_dist.sample()[None] * vae.config.scaling_factor
             else:
                 x1 = latents
-            loss = next_clip_loss(model, Batch(x1, layout), cfg.objective, [row_seed(0, 0)])
+            loss = next_clip_loss(model, Batch(x1, clips), cfg.objective, [row_seed(0, 0)])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -80,12 +80,12 @@ def main() -> None:
 
     ours_fn, model = step_fn("blockwise", encode=False)
     ref_fn, _ = step_fn("dense", encode=True)
-    tokens = sum(model.sequence(layout, tuple(latents.shape[-2:])).lengths)
+    tokens = sum(model.sequence(clips, tuple(latents.shape[-2:])).lengths)
     ours = timed(ours_fn, args.steps)
     ref = timed(ref_fn, args.steps)
     dense_only, _ = step_fn("dense", encode=False)
     dense = timed(dense_only, args.steps)
-    print(f"model {args.preset}, {args.frames} frames of {args.size}px, {len(layout[0][0])} clips, "
+    print(f"model {args.preset}, {args.frames} frames of {args.size}px, {len(clips[0][0])} clips, "
           f"{tokens} tokens, VAE {args.vae}")
     print(f"ours (latents + block-wise)      {ours * 1000:8.0f} ms/step")
     print(f"reference (VAE in step + dense)  {ref * 1000:8.0f} ms/step")

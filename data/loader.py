@@ -52,11 +52,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.batch import patches_per_frame
 from data.batching import LatentBatch, SampleRecord, collate, copy_serial, numpy_view
 from data.order import Cursor, DatasetMeta, Schedule, epoch_order, resolve_num_streams
 from data.shard_format import ShardFormatError, decode_sample, get_fs, read_index
 from data.shards import CorruptShardError, ShardSource
-from data.stage import SKIP_SHORT, SKIP_TOKENS, plan_sample, sample_rng, sample_tokens, tokens_per_frame
+from data.stage import SKIP_SHORT, SKIP_TOKENS, plan_sample, sample_rng, sample_tokens
 from jobconfig.data import DataConfig
 from jobconfig.errors import ConfigError
 
@@ -184,7 +185,7 @@ class _Readers(IterableDataset):
         if plan is None:
             rec.skip = SKIP_SHORT
             return rec
-        rec.patches = tokens_per_frame(cfg.stage, tuple(latents.shape[-2:]))
+        rec.patches = patches_per_frame(tuple(latents.shape[-2:]), cfg.stage.patch_size)
         if sample_tokens(cfg.stage, plan.clips, tuple(latents.shape[-2:])) > cfg.stage.max_tokens:
             rec.skip = SKIP_TOKENS
             return rec

@@ -13,7 +13,7 @@ A video that cannot give F frames, or whose sample exceeds `max_tokens`
 (data.batch.sequence_length), is not an error: it is skipped with a
 reason and counted by the loader. All draws come from the RNG the caller
 passes, seeded by (seed, epoch, global position): never from worker or rank
-state, so the same position gives the same sample in every run layout.
+state, so the same position gives the same sample in every parallel layout.
 """
 from __future__ import annotations
 
@@ -90,9 +90,5 @@ def plan_sample(cfg: StageSamplingConfig, num_frames: int, rng: random.Random) -
     return SamplePlan(frames, d, clips)
 
 
-def tokens_per_frame(cfg: StageSamplingConfig, latent_hw: tuple[int, int]) -> int:
-    return patches_per_frame(latent_hw, cfg.patch_size)
-
-
 def sample_tokens(cfg: StageSamplingConfig, clips: tuple[int, ...], latent_hw: tuple[int, int]) -> int:
-    return sequence_length([list(clips)], tokens_per_frame(cfg, latent_hw))
+    return sequence_length([list(clips)], patches_per_frame(latent_hw, cfg.patch_size))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -51,7 +52,6 @@ def save_tiny_vae(directory: str | Path, seed: int = 0, **overrides) -> Path:
     try:
         os.rename(tmp, directory)  # concurrent actors on one machine: first rename wins
     except OSError:
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch.distributed as dist
+
 from jobconfig.errors import ConfigError
 
 
@@ -126,11 +128,9 @@ class DeepSpeedMPU:
         self._g = groups
 
     def _size(self, group) -> int:
-        import torch.distributed as dist
         return dist.get_world_size(group)
 
     def _rank(self, group) -> int:
-        import torch.distributed as dist
         return dist.get_rank(group)
 
     def get_model_parallel_group(self):
@@ -159,7 +159,6 @@ class DeepSpeedMPU:
         return self._rank(self._g.grad_group)
 
     def get_data_parallel_group_ranks(self) -> list[int]:
-        import torch.distributed as dist
         return dist.get_process_group_ranks(self._g.grad_group)
 
     def get_pipeline_model_parallel_world_size(self) -> int:
@@ -172,16 +171,14 @@ class DeepSpeedMPU:
 def build_process_groups(dims: ParallelDims, model_cfg=None) -> ParallelGroups:
     """Create TP, SP (megatron context-parallel), DP and DP x SP groups; collective over all ranks.
 
-    Needs the default process group started (`parallel.device.init_distributed`)
+    Needs the default process group started (`parallel.device.init_process_group`)
     with exactly `dims.world_size` ranks. Validation happens before megatron is
     touched. Call `destroy_process_groups()` before building another layout in
     the same process (megatron keeps them in module globals).
     """
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         raise RuntimeError("build_process_groups: torch.distributed is not initialised; "
-                           "call parallel.device.init_distributed first")
+                           "call parallel.device.init_process_group first")
     if dist.get_world_size() != dims.world_size:
         raise ConfigError(f"ParallelDims was built for world size {dims.world_size} "
                           f"but the process group has {dist.get_world_size()} ranks")

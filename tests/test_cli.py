@@ -20,3 +20,15 @@ def test_train_debug_runs_and_writes_the_loss_curve(tmp_path):
 def test_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "orchestration.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train-debug" in out.stdout
+
+
+def test_every_verb_reports_bad_input_through_the_one_handler():
+    import importlib
+
+    from orchestration.cli import SUBCOMMANDS
+
+    for name, (module, _) in SUBCOMMANDS.items():
+        assert getattr(importlib.import_module(module).main, "reports_bad_input", False), name
+    out = subprocess.run([sys.executable, "-m", "orchestration.cli", "config", "--config", "no/such.yaml"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip() == "vgpt config: config file 'no/such.yaml' does not exist"

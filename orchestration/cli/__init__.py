@@ -3,13 +3,16 @@
 A verb module exposes `main(argv: list[str]) -> int` and is imported only when
 run, so `vgpt --help` stays fast and one broken extra (say, ray not installed)
 does not break the others. Errors of bad input (`ConfigError`: a wrong key,
-value, file or argument) are reported here, once, for every verb: one line
-`vgpt <verb>: <what is wrong>` on stderr and exit status 2, never a traceback.
+value, file or argument) are reported by one handler for every verb,
+`reports_bad_input`, which wraps each verb's `main`: one line `vgpt <verb>:
+<what is wrong>` on stderr and exit status 2, never a traceback.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
+from typing import Callable
 
 from jobconfig.errors import ConfigError
 
@@ -30,6 +33,21 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 BAD_INPUT = 2  # exit status of every verb for a ConfigError
 
 
+def reports_bad_input(verb: str) -> Callable:
+    """Decorator of every verb's `main`: the one place a ConfigError becomes a message and exit status 2."""
+    def wrap(main: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+        @functools.wraps(main)
+        def run(argv: list[str]) -> int:
+            try:
+                return int(main(argv) or 0)
+            except ConfigError as e:
+                print(f"vgpt {verb}: {e}", file=sys.stderr, flush=True)
+                return BAD_INPUT
+        run.reports_bad_input = True
+        return run
+    return wrap
+
+
 def _usage() -> str:
     width = max(len(n) for n in SUBCOMMANDS)
     lines = ["usage: vgpt <command> [args...]", "", "commands:"]
@@ -46,9 +64,4 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"vgpt: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return BAD_INPUT
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    try:
-        return int(module.main(rest) or 0)
-    except ConfigError as e:
-        print(f"vgpt {name}: {e}", file=sys.stderr, flush=True)
-        return BAD_INPUT
+    return importlib.import_module(SUBCOMMANDS[name][0]).main(rest)

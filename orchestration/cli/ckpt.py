@@ -31,6 +31,7 @@ import torch
 
 from jobconfig.loader import from_dict
 from jobconfig.model import ModelConfig
+from orchestration.cli import reports_bad_input
 from parallel.dims import ParallelDims
 from pretrain.checkpoint.deepspeed_files import read_checkpoint
 from pretrain.checkpoint.export import save_export
@@ -177,6 +178,7 @@ COMMANDS = {"list": cmd_list, "verify": cmd_verify, "inspect": cmd_inspect, "exp
             "reshard": cmd_reshard, "prune": cmd_prune}
 
 
+@reports_bad_input("ckpt")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vgpt ckpt", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=sorted(COMMANDS))

@@ -6,8 +6,10 @@ import argparse
 import yaml
 
 from jobconfig.loader import load_config, to_dict
+from orchestration.cli import reports_bad_input
 
 
+@reports_bad_input("config")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vgpt config")
     parser.add_argument("--config", required=True)

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 
+from orchestration.cli import reports_bad_input
 from orchestration.launch.plan import plan_launch, render
 from orchestration.launch.targets import TARGETS
 
 
+@reports_bad_input("launch")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vgpt launch", description=__doc__.splitlines()[0])
     parser.add_argument("--stage", type=int, required=True)

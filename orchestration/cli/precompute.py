@@ -7,9 +7,11 @@ import argparse
 
 from jobconfig.errors import ConfigError
 from jobconfig.loader import load_config
+from orchestration.cli import reports_bad_input
 from orchestration.precompute.job import run
 
 
+@reports_bad_input("precompute")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vgpt precompute", description=__doc__.split("\n\n")[0],
                                      epilog="Other arguments: --precompute.section.key=value overrides.")

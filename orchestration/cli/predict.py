@@ -24,10 +24,12 @@ from pathlib import Path
 
 from jobconfig.errors import ConfigError
 from jobconfig.loader import load_config
+from orchestration.cli import reports_bad_input
 from pretrain.checkpoint.export import read_export_metadata
 from pretrain.inference.pipeline import predict_videos, resolve_recipe
 
 
+@reports_bad_input("predict")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vgpt predict", description=__doc__.split("\n\n")[0],
                                      epilog="Other arguments: --predict.key=value overrides (steps, guidance, "

@@ -7,9 +7,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from orchestration.cli import reports_bad_input
 from orchestration.quickstart import FULL, REDUCED, run
 
 
+@reports_bad_input("quickstart")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vgpt quickstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/quickstart")

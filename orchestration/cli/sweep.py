@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 
 from jobconfig.loader import load_config
+from orchestration.cli import reports_bad_input
 from orchestration.sweep.config import SweepConfig
 from orchestration.sweep.runner import fit_sweep, run_sweep
 
 
+@reports_bad_input("sweep")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vgpt sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["run", "fit"])

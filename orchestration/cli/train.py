@@ -25,6 +25,7 @@ from data.shard_format import ShardFormatError, get_fs, read_index
 from jobconfig.curriculum import plan_stages
 from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
+from orchestration.cli import reports_bad_input
 from orchestration.faults import trainer_hooks
 from parallel.device import free_port
 from pretrain.training.trainer import Trainer, check_layout_fits
@@ -79,6 +80,7 @@ def run_plan(plan: list[tuple[str, JobConfig]], only_stage: int | None, resume: 
     return exports
 
 
+@reports_bad_input("train")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vgpt train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from jobconfig.loader import CONFIG_ROOT, load_config
+from orchestration.cli import reports_bad_input
 from orchestration.faults import trainer_hooks
 from pretrain.evaluation.figures import plot_loss_curves
 from pretrain.training.trainer import Trainer
@@ -27,6 +28,7 @@ class _DebugTrainer(Trainer):
                 f"lr {m['lr']:.2e}  {m['samples_per_s']:.1f} samples/s  ETA {eta:.0f}s")
 
 
+@reports_bad_input("train-debug")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vgpt train-debug", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="job YAML (default: configs/debug.yaml)")

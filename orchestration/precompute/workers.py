@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 import ray
+import torch
 
 from data.shard_format import encode_sample
 from data.vae import LatentVae
@@ -39,8 +40,6 @@ class Encoder:
     """Holds one VAE; turns decoded frames into a finished sample (latents + meta.json)."""
 
     def __init__(self, cfg: VaeConfig, latent_dtype: str):
-        import torch
-
         if cfg.device != "cuda" and not ray.get_gpu_ids():
             # Ray sets OMP threads from num_cpus; torch reads it only at import on some builds.
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))

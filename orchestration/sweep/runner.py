@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from orchestration.sweep import fit as sf
+import fsspec
+
 from orchestration.faults import exit_after_records
+from orchestration.sweep import fit as sf
 from orchestration.sweep.config import SweepConfig
 from orchestration.sweep.trial import plan, run_trial
 
@@ -39,8 +42,6 @@ class ResultsStore:
     """`<sweep_dir>/results.jsonl` (and failures.jsonl), local or remote; complete lines only."""
 
     def __init__(self, url: str):
-        import fsspec
-
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.local = self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol
@@ -146,7 +147,6 @@ def run_sweep(cfg: SweepConfig) -> int:
     finally:
         ray.shutdown()
         if ray_temp:
-            import shutil
             shutil.rmtree(ray_temp, ignore_errors=True)
     if failed:
         print(f"[sweep {cfg.name}] {failed} trial(s) failed (see failures.jsonl); re-run to retry them",

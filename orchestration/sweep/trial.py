@@ -22,7 +22,10 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
+
+import torch
 
 from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
@@ -76,9 +79,6 @@ def plan(cfg: SweepConfig) -> list[dict]:
 
 def run_trial(spec: dict, trial_dir: str) -> dict:
     """Train one trial from scratch in `trial_dir` and return its result record."""
-    import time
-
-    import torch
 
     torch.set_num_threads(1)  # one CPU per trial, and the same reduction order every run
     t0 = time.time()

@@ -283,8 +283,6 @@ class HashingCheckpointEngine:
         self.written: dict[str, dict[str, Any]] = {}
 
     def save(self, state_dict, path: str) -> None:
-        import torch
-
         writer = HashingWriter(path)
         try:
             torch.save(state_dict, writer,
@@ -299,8 +297,6 @@ class HashingCheckpointEngine:
         Only called for checkpoints the manager has verified. On CPU, tensors DeepSpeed keeps as they
         come (e.g. the Adam state) stay copy-on-write mappings of the file, so a pruned checkpoint's
         disk space is released when the process ends, not at the prune."""
-        import torch
-
         try:
             return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
         except RuntimeError:  # not the zip format (mmap needs it): the engine's own way

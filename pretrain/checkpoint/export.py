@@ -5,6 +5,7 @@ file made for another model shape is refused with the first differing key.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -109,8 +110,6 @@ def load_exported_model(path: str | Path, device: str | torch.device = "cpu",
 
 def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     """sha256 over (name, dtype, shape, bytes) of every tensor, in name order."""
-    import hashlib
-
     h = hashlib.sha256()
     for k in sorted(state_dict):
         t = state_dict[k].detach().to("cpu").contiguous()

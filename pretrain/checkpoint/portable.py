@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from parallel.tensor_parallel import shard_tensor, tensor_parallel_modules
 from pretrain.checkpoint.deepspeed_files import MOMENTS, FullState
@@ -88,8 +88,6 @@ def write_portable(full: FullState, ckpt: Path, model_cfg) -> None:
 
 
 def read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     return load_file(str(Path(ckpt) / WEIGHTS))
 
 

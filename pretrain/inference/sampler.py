@@ -18,7 +18,7 @@ Two interchangeable ways to evaluate the model at one Euler step:
                   and every Euler step runs only the noisy clip's tokens
                   against them. Appending a clip to an unchanged window is
                   incremental; a window that slid is rebuilt (its positions moved).
-  kv_cache=False  the whole training-layout sequence [noisy/clean history ...
+  kv_cache=False  the whole training-time token sequence [noisy/clean history ...
                   noisy clip] through `VideoGPT.forward` at every step: the
                   reference the cache is tested against.
 Both see the same tokens at the same positions under the same rule, so they
@@ -236,7 +236,7 @@ class NextClipPredictor:
 
     # ------------------------------------------------------------ recompute path
     def _denoise_recompute(self, x: torch.Tensor, t: float, window: list[torch.Tensor], guided: bool) -> torch.Tensor:
-        """The training-layout forward over [history clips..., noisy clip] (and [noisy clip] alone)."""
+        """The training-time forward over [history clips..., noisy clip] (and [noisy clip] alone)."""
         n, H = len(x), sum(len(c) for c in window)
         frames = H + n
         clean = torch.cat(window + [x])  # the new clip's clean copy is never used (last clip)

@@ -1,4 +1,4 @@
-"""Decoder-only transformer in the Phi-3 layout, without a causal mask of its own.
+"""Decoder-only transformer with the Phi-3 architecture, without a causal mask of its own.
 
 RMSNorm, fused QKV, RoPE on explicit position ids (rotate-half convention, as
 Phi-3), SwiGLU MLP with a fused gate/up projection. Attention is whatever
@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from jobconfig.errors import ConfigError
 from jobconfig.model import ModelConfig
@@ -164,8 +165,6 @@ def load_phi3_backbone(backbone: Backbone, checkpoint_dir: str | Path) -> list[s
     Reads only safetensors (no pickle). Returns the checkpoint keys it ignored
     (token embeddings, LM head): Video-GPT has no text vocabulary.
     """
-    from safetensors import safe_open
-
     check_phi3_config(backbone.cfg, checkpoint_dir)
     files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
     if not files:

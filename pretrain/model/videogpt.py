@@ -7,7 +7,7 @@ created on `meta` (no memory, no init cost even at 3.8B) and materialised with
 
 Pieces (METHOD.md, Tokens / Objective): two patch embedders (noisy, clean), a
 2D sin-cos position table cropped from a 192x192 grid, a learned diffusion
-marker token and a time token per noisy frame, the Phi-3-layout backbone, and
+marker token and a time token per noisy frame, the Phi-3-architecture backbone, and
 a DiT final layer whose adaLN is driven by a second timestep embedder.
 """
 from __future__ import annotations

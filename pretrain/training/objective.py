@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from data.batch import Batch, validate_clips
@@ -31,7 +32,6 @@ class NoisedBatch:
 
 def row_seed(run_seed: int, global_row: int, salt: int = 0) -> int:
     """A 63-bit seed for one batch row from (run seed, global row index, salt), well mixed."""
-    import numpy as np
     return int(np.random.SeedSequence([run_seed, global_row, salt]).generate_state(1, np.uint64)[0] >> 1)
 
 
