@@ -50,7 +50,8 @@ def implemented_mask(backend, meta: ClipMeta) -> torch.Tensor:
     return backend(q, k, v, meta)[:, 0] > 0
 
 
-def random_partition(frames, rng):
+def any_clip_sizes(frames, rng):
+    """Any partition of `frames`, one clip included (wider than the stages' sampler, data/stage.py)."""
     k = rng.randint(1, frames)
     cuts = sorted(rng.sample(range(1, frames), k - 1))
     b = [0, *cuts, frames]
@@ -66,7 +67,7 @@ def layouts():
         [[[2, 1], [1, 1, 1]]],     # two packed samples in one row
     ]
     for _ in range(4):
-        cases.append([[random_partition(rng.randint(2, 6), rng) for _ in range(rng.randint(1, 2))]
+        cases.append([[any_clip_sizes(rng.randint(2, 6), rng) for _ in range(rng.randint(1, 2))]
                       for _ in range(2)])
     return cases
 
@@ -93,7 +94,7 @@ def test_backend_implements_the_rule(layout, backend):
 @pytest.mark.parametrize("seed", range(5))
 def test_blockwise_matches_dense_forward_and_gradients(seed):
     rng = random.Random(seed)
-    layout = [[random_partition(rng.randint(2, 7), rng) for _ in range(rng.randint(1, 3))] for _ in range(2)]
+    layout = [[any_clip_sizes(rng.randint(2, 7), rng) for _ in range(rng.randint(1, 3))] for _ in range(2)]
     seq = build_sequence(layout, 4, max_tokens=10_000)
     meta = ClipMeta(seq.sample_id, seq.clip_id, seq.is_noisy)
     B, L = seq.src.shape
