@@ -54,14 +54,15 @@ def imports(path: Path) -> list[tuple[str, bool, int]]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names = [node.module]
+            # `from pkg import module` imports that module; `from module import symbol`, the module
+            names = [f"{node.module}.{a.name}" for a in node.names]
         found += [(n, id(node) in nested, node.lineno) for n in names if n.split(".")[0] in OURS]
     return found
 
 
 def resolve(name: str, known: dict[str, Path]) -> str:
-    """`from pkg import module` names a module; `from module import symbol` names the module."""
-    return name if name in known else name.rpartition(".")[0] if name.rpartition(".")[0] in known else name
+    """The module `name` refers to: itself, or the module it is a symbol of."""
+    return name if name in known else name.rpartition(".")[0]
 
 
 def graph() -> dict[str, set[str]]:
