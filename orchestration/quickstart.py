@@ -81,7 +81,6 @@ def make_videos(folder: Path, count: int, first_seed: int) -> list[Path]:
 
 
 def fit_vae(videos: list[Path], directory: Path, steps: int) -> dict:
-
     if (stats := fitted_stats(directory)) is not None:  # before decoding any frame for it
         return stats
     cfg = VideoConfig(max_image_size=VIDEO_SIZE, min_side=16, min_frames=1)
@@ -122,7 +121,6 @@ def export_of(out: Path, stage: int) -> Path:
 
 
 def report(workdir: Path, out: Path, summary: dict, vae_stats: dict, scale: Scale, timings: dict) -> dict:
-
     rep = workdir / "report"
     rep.mkdir(parents=True, exist_ok=True)
     curves = {f"stage{i}": read_loss_curve(out / f"stage{i}" / "metrics.jsonl") for i in range(1, 5)
@@ -167,7 +165,6 @@ def _strip_rows(folder: Path, name: str) -> list[tuple[str, np.ndarray]]:
 
 
 def run(workdir: Path, scale: Scale, nproc: int = 1) -> dict:
-
     workdir = workdir.resolve()
     t = {}
     t0 = time.perf_counter()

@@ -25,7 +25,6 @@ class SizeSpec:
     model: dict[str, Any] = field(default_factory=dict)  # e.g. {hidden_size: 32, num_layers: 1}
 
     def validate(self) -> None:
-
         if not self.name:
             raise ConfigError("name: every size needs a name")
         if not self.preset:

@@ -103,7 +103,6 @@ def _start_ray(cfg: SweepConfig):
 
 
 def run_sweep(cfg: SweepConfig) -> int:
-
     trials = plan(cfg)  # strict: a bad grid fails here, before Ray starts
     store = ResultsStore(cfg.out_dir)
     done = {r["key"] for r in store.read()}
@@ -169,7 +168,6 @@ def _smooth(xs: list[float], window: int = 3) -> list[float]:
 
 
 def fit_sweep(cfg: SweepConfig) -> int:
-
     store = ResultsStore(cfg.out_dir)
     results = store.read()
     if not results:

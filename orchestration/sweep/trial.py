@@ -31,7 +31,7 @@ from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
 from jobconfig.loader import from_dict, load_config
 from orchestration.sweep.config import SweepConfig
-from pretrain.evaluation.heldout import held_out_loss
+from pretrain.evaluation.heldout import HELD_OUT_VERSION, held_out_loss
 from pretrain.model.videogpt import build_model
 from pretrain.training.metrics import model_flops_per_token
 from pretrain.training.trainer import Trainer
@@ -47,7 +47,9 @@ def resolve_path(path: str) -> Path:
 def trial_key(job: dict, eval_cfg: dict) -> str:
     job = json.loads(json.dumps(job))
     job["train"]["out_dir"] = ""  # the trial dir is named by the key, not part of it
-    canon = json.dumps({"job": job, "eval": eval_cfg}, sort_keys=True, separators=(",", ":"))
+    # the held-out set's construction is part of what a result means: a new one re-runs old trials
+    canon = json.dumps({"job": job, "eval": eval_cfg, "heldout": HELD_OUT_VERSION}, sort_keys=True,
+                       separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
@@ -102,5 +104,4 @@ def run_trial(spec: dict, trial_dir: str) -> dict:
 
 
 def _count_params(job: JobConfig) -> int:
-
     return sum(p.numel() for p in build_model(job.model, device="cpu", seed=0).parameters())

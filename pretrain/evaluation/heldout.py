@@ -16,6 +16,9 @@ from pretrain.checkpoint.export import load_export
 from pretrain.model.videogpt import build_model
 from pretrain.training.objective import next_clip_loss, row_seed
 
+# bumped whenever the set changes (2: clip cuts from the stage sampler, data/stage.py); in sweep trial keys
+HELD_OUT_VERSION = 2
+
 
 def eval_batch(job: JobConfig, eval_cfg: dict) -> tuple[Batch, list[int]]:
     """The fixed held-out batch (one row per video, its own clip cuts) and its noise seeds."""

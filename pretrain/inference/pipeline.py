@@ -34,14 +34,13 @@ from pretrain.inference.sampler import NextClipPredictor
 @dataclass
 class Recipe:
     """How the training latents were made; inference must make its context the same way."""
-    vae: "VaeConfig"
-    video: "VideoConfig"
+    vae: VaeConfig
+    video: VideoConfig
     frame_interval: int
 
 
 def resolve_recipe(export_meta: dict, vae: str | None = None, frame_interval: int | None = None,
                    max_image_size: int | None = None) -> Recipe:
-
     vae_cfg, video_cfg = VaeConfig(), VideoConfig()
     root = export_meta.get("data_root")
     if root:
@@ -92,7 +91,6 @@ class VideoPredictor:
     """Model + VAE + recipe: uint8 context frames -> uint8 predicted frames, and scores."""
 
     def __init__(self, checkpoint: str | Path, cfg: PredictConfig, recipe: Recipe, model_cfg=None):
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_exported_model(checkpoint, device=device, expect=model_cfg)
         self.vae = LatentVae(recipe.vae, device=device)
@@ -106,7 +104,6 @@ class VideoPredictor:
         return self.vae.encode(frames, key=key)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-
         return to_uint8(self.vae.decode(latents))
 
     def predict(self, context: np.ndarray, generate: int, key: str) -> np.ndarray:
