@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobconfig.loader import load_config  # noqa: E402
 from data.batch import Batch  # noqa: E402
+from data.stage import random_partition  # noqa: E402
+from jobconfig.loader import load_config  # noqa: E402
 from pretrain.model.videogpt import build_model  # noqa: E402
 from pretrain.training.objective import next_clip_loss, row_seed  # noqa: E402
-from data.stage import random_partition  # noqa: E402
 
 SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,

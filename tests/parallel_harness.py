@@ -17,11 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from jobconfig.loader import load_config
 from data.batch import Batch
+from data.stage import random_partition
+from jobconfig.loader import load_config
 from pretrain.model.videogpt import build_model
 from pretrain.training.objective import next_clip_loss, row_seed
-from data.stage import random_partition
 
 LATENT_HW = (6, 2)  # 3 patches per frame: odd token counts, so sequences of odd length occur
 

@@ -1,12 +1,12 @@
 """Activation checkpointing recomputes blocks in backward: same loss, same gradients."""
 import torch
 
-from jobconfig.loader import load_config
-from pretrain.training import parallelize
-from pretrain.training.parallelize import apply_activation_checkpointing
 from data.batch import Batch
+from jobconfig.loader import load_config
 from pretrain.model.videogpt import build_model
+from pretrain.training import parallelize
 from pretrain.training.objective import next_clip_loss
+from pretrain.training.parallelize import apply_activation_checkpointing
 
 
 def grads(model, batch, cfg):

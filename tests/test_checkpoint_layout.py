@@ -24,7 +24,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-
 from test_checkpoint import rows_by_step, vgpt
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_checkpoint import BASE, vgpt
 
 SECRET = "vgpt-test-secret-never-printed"

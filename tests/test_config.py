@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobconfig.loader import CONFIG_ROOT, from_dict, load_config, model_presets
-from jobconfig.job import JobConfig
 from jobconfig.errors import ConfigError
+from jobconfig.job import JobConfig
+from jobconfig.loader import CONFIG_ROOT, from_dict, load_config, model_presets
 from jobconfig.model import ModelConfig
 
 ALL_YAML = sorted(CONFIG_ROOT.rglob("*.yaml"))

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port
 from torch.distributed.run import get_args_parser
 
 from jobconfig.errors import ConfigError
 from orchestration.launch.plan import plan_launch, render
 from orchestration.launch.targets import TARGETS
-from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTERS = sorted(p.name for p in (REPO / "configs/cluster").glob("*.yaml"))

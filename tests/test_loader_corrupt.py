@@ -12,10 +12,10 @@ import logging
 
 import pytest
 
-from jobconfig.data import DataConfig, StageSamplingConfig
 from data.loader import LatentLoader
 from data.shard_format import ShardFormatError
 from data.synthetic.shards import video_of, write_toy_dataset
+from jobconfig.data import DataConfig, StageSamplingConfig
 
 SIZES = [4, 6, 3, 5]
 BAD = "train-000001"  # 6 samples: v000004 .. v000009

@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
-from jobconfig.data import DataConfig, StageSamplingConfig
 from data.loader import LatentLoader
 from data.synthetic.shards import video_of, write_toy_dataset
+from jobconfig.data import DataConfig, StageSamplingConfig
 
 SIZES = [3, 7, 2, 5, 4]
 N = sum(SIZES)

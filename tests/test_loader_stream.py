@@ -13,14 +13,14 @@ import itertools
 import pytest
 import torch
 
+from data.batch import sequence_length
 from data.batching import LatentBatch
-from jobconfig.data import DataConfig, StageSamplingConfig
 from data.loader import LatentLoader
 from data.synthetic.shards import video_of, write_toy_dataset
+from jobconfig.data import DataConfig, StageSamplingConfig
 from jobconfig.errors import ConfigError
 from jobconfig.model import ModelConfig
 from jobconfig.train import ObjectiveConfig
-from data.batch import sequence_length
 
 SIZES = [5, 1, 8, 3, 6, 2, 4]  # uneven shards, 29 videos
 N = sum(SIZES)

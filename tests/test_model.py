@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jobconfig.loader import load_config
-from jobconfig.errors import ConfigError
-from jobconfig.train import ObjectiveConfig
 from data.batch import Batch
+from jobconfig.errors import ConfigError
+from jobconfig.loader import load_config
+from jobconfig.train import ObjectiveConfig
 from pretrain.model.videogpt import build_model
 from pretrain.training.objective import next_clip_loss
 

@@ -1,12 +1,12 @@
 """Acceptance 4 of the foundation: the next-clip diffusion objective trains and is exact."""
 from __future__ import annotations
 
-import torch
-
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 from data.batch import Batch
 from data.synthetic.latents import moving_square_latents

@@ -8,10 +8,10 @@ import types
 import pytest
 import torch
 
+from jobconfig.errors import ConfigError
 from jobconfig.loader import load_config
 from parallel.device import select_device
 from parallel.dims import ParallelDims
-from jobconfig.errors import ConfigError
 
 
 def test_this_machine_gets_cpu_and_gloo(monkeypatch):

@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-
 from parallel_harness import debug_setup, loss_and_grads, run_ranks
 
 
@@ -83,8 +82,8 @@ def _sp_deepspeed_worker(rank: int, world: int) -> None:
     import deepspeed
 
     from parallel.dims import ParallelDims, build_process_groups, destroy_process_groups
-    from pretrain.training.parallelize import sequence_parallelize
     from pretrain.training.objective import next_clip_loss
+    from pretrain.training.parallelize import sequence_parallelize
 
     cfg, model, batch, seeds = debug_setup()
     groups = build_process_groups(ParallelDims(world, sp=2), cfg.model)
@@ -117,8 +116,7 @@ def test_deepspeed_zero2_with_our_mpu_averages_sp_gradients_to_the_single_proces
 def _tp_sp_worker(rank: int, world: int) -> None:
     from parallel.dims import ParallelDims, build_process_groups, destroy_process_groups
     from parallel.tensor_parallel import shard_tensor, tensor_parallel_modules
-    from pretrain.training.parallelize import tensor_parallelize
-    from pretrain.training.parallelize import sequence_parallelize
+    from pretrain.training.parallelize import sequence_parallelize, tensor_parallelize
 
     cfg, model, batch, seeds = debug_setup()
     groups = build_process_groups(ParallelDims(world, tp=2, sp=2), cfg.model)

@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-
-from pretrain.training.parallelize import TP_PLAN
-from parallel.tensor_parallel import apply_tensor_parallel, shard_tensor, unshard_tensor
 from parallel_harness import debug_setup, loss_and_grads, run_ranks
+
+from parallel.tensor_parallel import apply_tensor_parallel, shard_tensor, unshard_tensor
+from pretrain.training.parallelize import TP_PLAN
 
 
 def test_fused_qkv_shards_give_each_rank_its_heads_q_k_and_v():
@@ -74,8 +74,8 @@ def test_tp2_matches_single_process_loss_and_gradients():
 
 
 def test_plan_pattern_that_matches_nothing_is_an_error():
-    from parallel.tensor_parallel import _match
     from jobconfig.errors import ConfigError
+    from parallel.tensor_parallel import _match
 
     _, model, _, _ = debug_setup()
     assert len(_match(TP_PLAN, model)) == 8

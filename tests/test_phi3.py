@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jobconfig.loader import load_config
 from jobconfig.errors import ConfigError
+from jobconfig.loader import load_config
 from pretrain.model.videogpt import build_model
 
 

@@ -18,11 +18,11 @@ import re
 import fsspec
 import pytest
 import torch
+from precompute_harness import BAD, GOOD, RayHead, make_inputs, read_dataset, read_errors
 
-from jobconfig.precompute import VaeConfig, VideoConfig
 from data.precompute_plan import make_key
 from data.shard_format import committed_manifests, decode_sample, read_index
-from precompute_harness import BAD, GOOD, RayHead, make_inputs, read_dataset, read_errors
+from jobconfig.precompute import VaeConfig, VideoConfig
 
 pytestmark = pytest.mark.slow
 

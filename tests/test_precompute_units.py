@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from jobconfig.precompute import PrecomputeConfig, VaeConfig, VideoConfig
-from data.precompute_plan import (PlanError, build_plan, config_hash, list_inputs, make_key, pin_plan,
-                                  plan_hash)
+from data.precompute_plan import PlanError, build_plan, config_hash, list_inputs, make_key, pin_plan, plan_hash
 from data.synthetic.videos import pattern_frames, write_video
 from data.video import VideoRejected, check_source, decode_video, target_geometry
-from jobconfig.loader import load_config
-from orchestration.precompute.progress import Progress
 from jobconfig.errors import ConfigError
+from jobconfig.loader import load_config
+from jobconfig.precompute import PrecomputeConfig, VaeConfig, VideoConfig
+from orchestration.precompute.progress import Progress
 
 
 # ---------------------------------------------------------------- config

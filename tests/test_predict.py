@@ -9,8 +9,8 @@ import torch
 from jobconfig.errors import ConfigError
 from jobconfig.model import ModelConfig
 from jobconfig.predict import PredictConfig
-from pretrain.model.videogpt import build_model
 from pretrain.inference.sampler import NextClipPredictor
+from pretrain.model.videogpt import build_model
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from data.synthetic.videos import bouncing_square_frames, write_video
-from orchestration.cli.predict import main as predict_main
 from jobconfig.model import ModelConfig
+from orchestration.cli.predict import main as predict_main
 from pretrain.checkpoint.export import save_export
 from pretrain.model.videogpt import build_model
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from jobconfig.errors import ConfigError
-from pretrain.evaluation.metrics import fvd, frechet_distance, gaussian_stats, load_i3d, psnr, ssim, to_unit
+from pretrain.evaluation.metrics import frechet_distance, fvd, gaussian_stats, load_i3d, psnr, ssim, to_unit
 
 
 def test_psnr_closed_form():
