@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.batch import Batch  # noqa: E402
 from data.stage import random_partition  # noqa: E402
+from data.vae import tiny_vae_kwargs  # noqa: E402
 from jobconfig.loader import load_config  # noqa: E402
 from pretrain.model.videogpt import build_model  # noqa: E402
 from pretrain.training.objective import next_clip_loss, row_seed  # noqa: E402
@@ -32,7 +33,6 @@ from pretrain.training.objective import next_clip_loss, row_seed  # noqa: E402
 SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025, sample_size=1024)
-TINY_VAE = dict(SDXL_VAE, layers_per_block=1, block_out_channels=(16, 32, 32, 32))
 
 
 def timed(fn, steps: int) -> float:
@@ -54,7 +54,7 @@ def main() -> None:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(**(SDXL_VAE if args.vae == "sdxl" else TINY_VAE)).eval().requires_grad_(False)
+    vae = AutoencoderKL(**(SDXL_VAE if args.vae == "sdxl" else tiny_vae_kwargs())).eval().requires_grad_(False)
     frames = torch.rand(1, args.frames, 3, args.size, args.size) * 2 - 1
     with torch.no_grad():
         latents = vae.encode(frames[0]).latent_dist.sample()[None] * vae.config.scaling_factor
