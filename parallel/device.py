@@ -166,3 +166,11 @@ def init_process_group(spec: DeviceSpec, timeout_s: float = 1800.0) -> DistInfo:
         else:
             dist.init_process_group(backend=spec.backend, timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def destroy_process_group() -> None:
+    """Tear the default process group down before the interpreter exits. Left to the static
+    destructors at exit, the backend's threads race the teardown (seen once on gloo: a rank aborted
+    with "terminate called without an active exception" after a run had finished)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -53,3 +53,22 @@ def test_frames_beyond_the_token_limit_fail_before_training(tmp_path):
     assert res.returncode == 2
     assert "stage4: data.stage.frames=80 needs at least 480 tokens per sample at latent 4x4" in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_stages_with_tensor_parallel_chain_in_one_process_group(tmp_path):
+    """Each stage builds its own TP groups; the previous stage must hand them back first."""
+    curriculum = tmp_path / "tp.yaml"
+    curriculum.write_text("model: {preset: debug, attention: blockwise}\n"
+                          "train: {data: synthetic, steps: 2, log_every: 1, tensorboard: false}\n"
+                          "parallel: {precision: fp32, tensor_parallel: 2}\n"
+                          "synthetic: {frames: 4}\n"
+                          "stages:\n  - {synthetic: {clip_policy: single_frame}}\n  - {synthetic: {clip_policy: random}}\n")
+    cmd = [sys.executable, "-m", "orchestration.cli", "train", "--config", str(curriculum), "--nproc", "2",
+           f"--train.out_dir={tmp_path / 'run'}"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for i in (1, 2):
+        assert (tmp_path / "run" / f"stage{i}" / "export" / "model.safetensors").is_file()
+    init = json.loads((tmp_path / "run" / "stage2" / "init.json").read_text())
+    assert init["init_from"].endswith("stage1/export/model.safetensors")

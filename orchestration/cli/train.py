@@ -27,7 +27,7 @@ from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
 from orchestration.cli import reports_bad_input
 from orchestration.faults import trainer_hooks
-from parallel.device import free_port
+from parallel.device import destroy_process_group, free_port
 from pretrain.training.trainer import Trainer, check_layout_fits
 
 
@@ -76,7 +76,11 @@ def run_plan(plan: list[tuple[str, JobConfig]], only_stage: int | None, resume: 
         if chained and only_stage is None and export.is_file() and resume != "none":
             exports.append(export)  # finished in an earlier invocation
             continue
-        exports.append(Trainer(cfg, stage_name=name, hooks=trainer_hooks()).run(resume=resume))
+        trainer = Trainer(cfg, stage_name=name, hooks=trainer_hooks())
+        try:
+            exports.append(trainer.run(resume=resume))
+        finally:
+            trainer.close()
     return exports
 
 
@@ -98,7 +102,10 @@ def main(argv: list[str]) -> int:
     check_token_limits(plan)
     if spawn:
         return _spawn_torchrun(args.nproc, args.max_restarts, argv)
-    run_plan(plan, args.stage, args.resume)
+    try:
+        run_plan(plan, args.stage, args.resume)
+    finally:
+        destroy_process_group()
     return 0
 
 

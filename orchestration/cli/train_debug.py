@@ -15,6 +15,7 @@ from pathlib import Path
 from jobconfig.loader import CONFIG_ROOT, load_config
 from orchestration.cli import reports_bad_input
 from orchestration.faults import trainer_hooks
+from parallel.device import destroy_process_group
 from pretrain.evaluation.figures import plot_loss_curves
 from pretrain.training.trainer import Trainer
 
@@ -37,7 +38,11 @@ def main(argv: list[str]) -> int:
           f"{' '.join(ONE_PROCESS_FP32)}", file=sys.stderr, flush=True)
     cfg = load_config(args.config or CONFIG_ROOT / "debug.yaml", [*ONE_PROCESS_FP32, *overrides])
     trainer = _DebugTrainer(cfg, stage_name="debug", hooks=trainer_hooks())
-    trainer.run(resume="none")
+    try:
+        trainer.run(resume="none")
+    finally:
+        trainer.close()
+        destroy_process_group()
     losses = [m["loss"] for m in trainer.history]
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)

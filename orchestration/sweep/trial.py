@@ -31,6 +31,7 @@ from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
 from jobconfig.loader import from_dict, load_config
 from orchestration.sweep.config import SweepConfig
+from parallel.device import destroy_process_group
 from pretrain.evaluation.heldout import HELD_OUT_VERSION, held_out_loss
 from pretrain.model.videogpt import build_model
 from pretrain.training.metrics import model_flops_per_token
@@ -88,7 +89,12 @@ def run_trial(spec: dict, trial_dir: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # a retried or interrupted trial starts clean
     job = from_dict(JobConfig, spec["job"])
     job.train.out_dir = str(out)
-    export = Trainer(job, f"trial-{spec['key']}").run(resume="none")
+    trainer = Trainer(job, f"trial-{spec['key']}")
+    try:
+        export = trainer.run(resume="none")
+    finally:
+        trainer.close()
+        destroy_process_group()
     eval_loss = held_out_loss(job, export, spec["eval"])
     n_params = _count_params(job)
     curve, tokens, flops = [], 0.0, 0.0

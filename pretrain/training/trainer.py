@@ -26,7 +26,7 @@ from data.batch import patches_per_frame, sequence_length
 from data.sources import make_source
 from jobconfig.job import JobConfig
 from parallel.device import DistInfo, init_process_group, select_device
-from parallel.dims import ParallelDims, build_process_groups
+from parallel.dims import ParallelDims, build_process_groups, destroy_process_groups
 from parallel.engine import build_engine, gather_full_state_dict
 from pretrain.checkpoint.export import load_export, save_export, weights_fingerprint
 from pretrain.checkpoint.integrity import CheckpointError
@@ -200,6 +200,13 @@ class Trainer:
         if self._tb:
             self._tb.close()
         return export
+
+    def close(self) -> None:
+        """Release this stage's tensor/sequence-parallel groups (megatron keeps them in globals), so
+        the next stage of a curriculum can build its own; the default process group stays."""
+        if self.groups is not None:
+            destroy_process_groups()
+            self.groups = None
 
     def _data_recipe(self) -> dict:
         """Where the training latents came from, for `vgpt predict` to make its context the same way."""
