@@ -33,8 +33,18 @@ def plan_stages(config: str, overrides: list[str], only_stage: int | None) -> li
     path = Path(config)
     raw = read_yaml(path)
     pairs = parse_overrides(overrides)
-    if "stages" not in raw:
-        return [(path.stem, from_dict(JobConfig, resolve_raw(raw, pairs)))]
+    if "stages" in raw:
+        plan = _stages(path, raw, pairs)
+    else:
+        plan = [(path.stem, from_dict(JobConfig, resolve_raw(raw, pairs)))]
+    # checked here for every caller (train, launch): a file of one stage has stage 1 only
+    if only_stage is not None and not 1 <= only_stage <= len(plan):
+        raise ConfigError(f"--stage: got {only_stage}, expected 1..{len(plan)}")
+    return plan
+
+
+def _stages(path: Path, raw: dict, pairs: list) -> list[tuple[str, JobConfig]]:
+    """Every stage of a curriculum file: its stage's sections merged over the shared ones."""
     shared = {k: v for k, v in raw.items() if k != "stages"}
     files = raw["stages"]
     if not isinstance(files, list) or not files:
@@ -49,7 +59,4 @@ def plan_stages(config: str, overrides: list[str], only_stage: int | None) -> li
         except ConfigError as e:
             raise ConfigError(f"{e} (stage {i}: {stage_file})") from None
         plan.append((f"stage{i}", cfg))
-    if only_stage is not None:
-        if not 1 <= only_stage <= len(plan):
-            raise ConfigError(f"--stage: got {only_stage}, expected 1..{len(plan)}")
     return plan

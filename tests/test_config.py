@@ -114,3 +114,12 @@ def test_inline_stages_merge_and_fail_naming_the_stage(tmp_path):
     (tmp_path / "bad.yaml").write_text("stages:\n  - train: {steps: 3}\n  - train: {stepz: 5}\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'train.stepz'.*\(stage 2: .*bad.yaml\)"):
         plan_stages(str(tmp_path / "bad.yaml"), [], None)
+
+
+def test_a_stage_beyond_a_single_stage_file_is_refused():
+    """`--stage 2` of a file of one stage used to train nothing and exit 0."""
+    from jobconfig.curriculum import plan_stages
+
+    with pytest.raises(ConfigError, match=r"--stage: got 2, expected 1\.\.1"):
+        plan_stages(str(CONFIG_ROOT / "stages" / "stage1.yaml"), [], 2)
+    assert [name for name, _ in plan_stages(str(CONFIG_ROOT / "stages" / "stage1.yaml"), [], 1)] == ["stage1"]

@@ -23,14 +23,10 @@ from orchestration.launch.targets import TARGETS, LaunchSpec
 def plan_launch(stage: int, cluster_path: str, config: str = "configs/pretrain.yaml",
                 overrides: list[str] = (), cluster_overrides: list[str] = ()) -> LaunchSpec:
     """Load the cluster and the stage, derive the layout; raises ConfigError naming the stage."""
-
     cluster = load_config(cluster_path, list(cluster_overrides), cls=ClusterConfig)
     storage = [f"--data.root={cluster.storage.latents}", f"--train.out_dir={cluster.storage.checkpoints}",
                f"--parallel.device={cluster.accelerator}"]
-    plan = plan_stages(config, [*storage, *overrides], stage)
-    if not 1 <= stage <= len(plan):
-        raise ConfigError(f"--stage: got {stage}, expected 1..{len(plan)}")
-    name, cfg = plan[stage - 1]
+    name, cfg = plan_stages(config, [*storage, *overrides], stage)[stage - 1]
     layout: StageLayout = stage_layout(name, cfg, cluster)
     return LaunchSpec(cluster=cluster, stage=stage, layout=layout, config=config, overrides=list(overrides))
 
