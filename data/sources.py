@@ -20,7 +20,7 @@ import torch
 from data.batch import Batch
 from data.loader import LatentLoader
 from data.shard_format import get_fs, read_index
-from data.stage import random_partition, sample_rng, uniform_int
+from data.stage import clip_sizes, sample_rng, uniform_int
 from data.synthetic.latents import moving_square_latents
 from jobconfig.job import JobConfig
 
@@ -63,9 +63,7 @@ class SyntheticSource:
     def sample(self, global_row: int) -> tuple[int, tuple[int, ...]]:
         rng = sample_rng(self.cfg.train.seed, 0, global_row)
         video = uniform_int(rng, 0, self.videos.shape[0] - 1)
-        F = self.videos.shape[1]
-        clips = (1,) * F if self.cfg.synthetic.clip_policy == "single_frame" else random_partition(F, rng)
-        return video, clips
+        return video, clip_sizes(self.cfg.synthetic.clip_policy, self.videos.shape[1], rng)
 
     def batch(self, step: int, micro: int = 0) -> tuple[Batch, list[int]]:
         rows = self.global_rows(step, micro)

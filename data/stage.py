@@ -74,6 +74,13 @@ def random_partition(frames: int, rng: random.Random) -> tuple[int, ...]:
     return tuple(b - a for a, b in zip(bounds, bounds[1:]))
 
 
+def clip_sizes(policy: str, frames: int, rng: random.Random) -> tuple[int, ...]:
+    """The clips of `frames` frames under a clip policy: `single_frame` (one frame per clip, stage 1;
+    draws nothing) or `random` (`random_partition`). Stage samples, synthetic rows and the sweep's
+    held-out set all cut their clips here."""
+    return (1,) * frames if policy == "single_frame" else random_partition(frames, rng)
+
+
 def plan_sample(cfg: StageSamplingConfig, num_frames: int, rng: random.Random) -> SamplePlan | None:
     """Frames, interval and clips of one sample; None when the video is too short for the stage."""
     bounds = interval_bounds(cfg, num_frames)
@@ -83,11 +90,7 @@ def plan_sample(cfg: StageSamplingConfig, num_frames: int, rng: random.Random) -
     span = (cfg.frames - 1) * d
     start = uniform_int(rng, 0, num_frames - 1 - span)
     frames = tuple(range(start, start + span + 1, d))
-    if cfg.clips == "single_frame":
-        clips = (1,) * cfg.frames
-    else:
-        clips = random_partition(cfg.frames, rng)
-    return SamplePlan(frames, d, clips)
+    return SamplePlan(frames, d, clip_sizes(cfg.clips, cfg.frames, rng))
 
 
 def sample_tokens(cfg: StageSamplingConfig, clips: tuple[int, ...], latent_hw: tuple[int, int]) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from data.batch import Batch
-from data.stage import random_partition, sample_rng
+from data.stage import clip_sizes, sample_rng
 from data.synthetic.latents import moving_square_latents
 from jobconfig.job import JobConfig
 from pretrain.checkpoint.export import load_export
@@ -25,8 +25,8 @@ def eval_batch(job: JobConfig, eval_cfg: dict) -> tuple[Batch, list[int]]:
     syn = dataclasses.replace(job.synthetic, num_videos=eval_cfg["num_videos"])
     videos = moving_square_latents(syn, job.model.latent_channels, seed=eval_cfg["seed"])
     F = videos.shape[1]
-    clips = [[[1] * F if syn.clip_policy == "single_frame" else list(random_partition(F, sample_rng(
-        eval_cfg["seed"], 0, i)))] for i in range(videos.shape[0])]
+    clips = [[list(clip_sizes(syn.clip_policy, F, sample_rng(eval_cfg["seed"], 0, i)))]
+             for i in range(videos.shape[0])]
     seeds = [row_seed(eval_cfg["seed"], i, salt=1) for i in range(videos.shape[0])]
     return Batch(videos, clips), seeds
 
