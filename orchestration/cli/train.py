@@ -76,11 +76,8 @@ def run_plan(plan: list[tuple[str, JobConfig]], only_stage: int | None, resume: 
         if chained and only_stage is None and export.is_file() and resume != "none":
             exports.append(export)  # finished in an earlier invocation
             continue
-        trainer = Trainer(cfg, stage_name=name, hooks=trainer_hooks())
-        try:
+        with Trainer(cfg, stage_name=name, hooks=trainer_hooks()) as trainer:
             exports.append(trainer.run(resume=resume))
-        finally:
-            trainer.close()
     return exports
 
 

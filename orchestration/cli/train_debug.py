@@ -37,11 +37,10 @@ def main(argv: list[str]) -> int:
     print("vgpt train-debug is deprecated: it is `vgpt train --config configs/debug.yaml` "
           f"{' '.join(ONE_PROCESS_FP32)}", file=sys.stderr, flush=True)
     cfg = load_config(args.config or CONFIG_ROOT / "debug.yaml", [*ONE_PROCESS_FP32, *overrides])
-    trainer = _DebugTrainer(cfg, stage_name="debug", hooks=trainer_hooks())
     try:
-        trainer.run(resume="none")
+        with _DebugTrainer(cfg, stage_name="debug", hooks=trainer_hooks()) as trainer:
+            trainer.run(resume="none")
     finally:
-        trainer.close()
         destroy_process_group()
     losses = [m["loss"] for m in trainer.history]
     out = Path(cfg.train.out_dir)

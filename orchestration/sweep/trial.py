@@ -89,11 +89,10 @@ def run_trial(spec: dict, trial_dir: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # a retried or interrupted trial starts clean
     job = from_dict(JobConfig, spec["job"])
     job.train.out_dir = str(out)
-    trainer = Trainer(job, f"trial-{spec['key']}")
     try:
-        export = trainer.run(resume="none")
+        with Trainer(job, f"trial-{spec['key']}") as trainer:
+            export = trainer.run(resume="none")
     finally:
-        trainer.close()
         destroy_process_group()
     eval_loss = held_out_loss(job, export, spec["eval"])
     n_params = _count_params(job)

@@ -208,6 +208,12 @@ class Trainer:
             destroy_process_groups()
             self.groups = None
 
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _data_recipe(self) -> dict:
         """Where the training latents came from, for `vgpt predict` to make its context the same way."""
         if self.cfg.train.data != "latents":
