@@ -41,7 +41,7 @@ from data.video import decode_video
 from jobconfig.curriculum import plan_stages
 from jobconfig.loader import CONFIG_ROOT
 from jobconfig.precompute import VideoConfig
-from pretrain.checkpoint.export import read_export_metadata
+from pretrain.checkpoint.export import export_path, read_export_metadata
 from pretrain.evaluation.figures import plot_loss_curves, read_loss_curve, write_strip
 from pretrain.inference.pipeline import predict_videos, resolve_recipe
 
@@ -116,10 +116,6 @@ def train_overrides(latents: Path, out: Path, scale: Scale) -> list[str]:
     return over
 
 
-def export_of(out: Path, stage: int) -> Path:
-    return out / f"stage{stage}" / "export" / "model.safetensors"
-
-
 def report(workdir: Path, out: Path, summary: dict, vae_stats: dict, scale: Scale, timings: dict) -> dict:
     rep = workdir / "report"
     rep.mkdir(parents=True, exist_ok=True)
@@ -185,7 +181,7 @@ def run(workdir: Path, scale: Scale, nproc: int = 1) -> dict:
     t0 = time.perf_counter()
     out = workdir / "train"
     over = train_overrides(latents, out, scale)
-    if export_of(out, 4).is_file():
+    if export_path(out / "stage4").is_file():
         log("step 4/6: all four stages are trained already")
     else:
         run_command(["train", "--config", str(CONFIG_ROOT / "quickstart.yaml"), "--resume", "auto",
@@ -194,7 +190,7 @@ def run(workdir: Path, scale: Scale, nproc: int = 1) -> dict:
     t["train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     log(f"step 5/6: predict {len(heldout)} held-out videos ({scale.context} context -> {scale.generate} frames)")
-    export = export_of(out, 4)
+    export = export_path(out / "stage4")
     job = plan_stages(str(CONFIG_ROOT / "quickstart.yaml"), over, None)[-1][1]
     recipe = resolve_recipe(read_export_metadata(export))
     summary = predict_videos(export, [str(v) for v in heldout], scale.context, scale.generate,

@@ -28,6 +28,7 @@ from jobconfig.job import JobConfig
 from orchestration.cli import reports_bad_input
 from orchestration.faults import trainer_hooks
 from parallel.device import destroy_process_group, free_port
+from pretrain.checkpoint.export import export_path
 from pretrain.training.trainer import Trainer, check_layout_fits
 
 
@@ -69,10 +70,10 @@ def run_plan(plan: list[tuple[str, JobConfig]], only_stage: int | None, resume: 
         if chained:
             cfg.train.out_dir = str(base_out / name)
             if i > 1 and not cfg.train.init_from:
-                cfg.train.init_from = str(base_out / f"stage{i - 1}" / "export" / "model.safetensors")
+                cfg.train.init_from = str(export_path(base_out / f"stage{i - 1}"))
         if only_stage is not None and i != only_stage:
             continue
-        export = Path(cfg.train.out_dir) / "export" / "model.safetensors"
+        export = export_path(cfg.train.out_dir)
         if chained and only_stage is None and export.is_file() and resume != "none":
             exports.append(export)  # finished in an earlier invocation
             continue

@@ -20,6 +20,10 @@ from jobconfig.model import ModelConfig
 from pretrain.model.videogpt import build_model
 
 
+def export_path(out_dir: str | Path) -> Path:
+    """Where a run (one stage) writes its final export, and where the next stage and the tools find it."""
+    return Path(out_dir) / "export" / "model.safetensors"
+
 def save_export(state_dict: dict[str, torch.Tensor], path: str | Path, model_cfg: ModelConfig,
                 dtype: torch.dtype = torch.float32, extra: dict | None = None) -> Path:
     path = Path(path)

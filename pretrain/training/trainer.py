@@ -28,7 +28,7 @@ from jobconfig.job import JobConfig
 from parallel.device import DistInfo, init_process_group, select_device
 from parallel.dims import ParallelDims, build_process_groups, destroy_process_groups
 from parallel.engine import build_engine, gather_full_state_dict
-from pretrain.checkpoint.export import load_export, save_export, weights_fingerprint
+from pretrain.checkpoint.export import export_path, load_export, save_export, weights_fingerprint
 from pretrain.checkpoint.integrity import CheckpointError
 from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.model.videogpt import build_model
@@ -190,7 +190,7 @@ class Trainer:
                 self.hooks.after_step(self)
         if not resumed or self.step > start_step:  # else we resumed from this very step's checkpoint
             self.ckpt.save(self.engine, self.step, self.trainer_state(), self._barrier)
-        export = self.out / "export" / "model.safetensors"
+        export = export_path(self.out)
         full = gather_full_state_dict(self.model, self.cfg.parallel.zero_stage == 3, self.dist.rank,
                                       self.groups.tp_group if self.cfg.parallel.tensor_parallel > 1 else None)
         if self.dist.rank == 0:
