@@ -1,7 +1,8 @@
-"""Clip attention on a stage-4 token sequence: block-wise vs the dense-mask reference.
+"""Clip attention on a stage-4 token sequence: block-wise vs the dense-mask reference,
+under the reference's rule (frame-causal clean stream, roles inside frames and noisy clips).
 
 80 frames at 220 patches per frame (a 320x176 frame), a random clip partition
-(K ~ U{2..80}), so about 35k tokens; heads and width are scaled down for CPU
+(K ~ U{2..80}), so about 35k tokens (every frame copy P + 2 tokens); heads and width are scaled down for CPU
 but the token sequence is the real one. Each measurement runs in a fresh
 subprocess so peak RSS is its own. Prints ratios measured in this one run:
     time  (forward+backward) dense / blockwise       goal >= 1.5x
@@ -40,7 +41,7 @@ def measure(backend: str, args) -> dict:
 
     torch.manual_seed(0)
     seq = build_sequence(stage4_clips(args.frames, args.seed), 220, max_tokens=2_000_000)
-    meta = ClipMeta(seq.sample_id, seq.clip_id, seq.is_noisy)
+    meta = ClipMeta.of(seq)
     L = seq.seq_len
     q, k, v = (torch.randn(1, args.heads, L, args.head_dim, requires_grad=True) for _ in range(3))
     base = rss_mb()
@@ -61,8 +62,8 @@ def measure(backend: str, args) -> dict:
         out["mask_bytes"] = meta._cache["dense"].numel()
     else:
         plans = meta._cache["blockwise"]
-        out["mask_bytes"] = sum(p.perm.numel() * 16 + sum(s.key_mask.numel() for s in p.segments
-                                                            if s.key_mask is not None) for p in plans)
+        out["mask_bytes"] = sum(3 * p.key_perm.numel() * 8 + sum(s.mask.numel() for s in p.segments
+                                                               if s.mask is not None) for p in plans)
     return out
 
 

@@ -83,8 +83,8 @@ def main() -> int:
     torch.set_num_threads(max(1, os.cpu_count() // 2))
     base = Path(tempfile.mkdtemp(prefix="vgpt-bench-ckpt-", dir=args.dir or Path.cwd()))
     try:
-        from pretrain.checkpoint.manager import make_portable
         from pretrain.checkpoint.integrity import fsync_path
+        from pretrain.checkpoint.manager import make_portable
         from pretrain.checkpoint.portable import load_portable
 
         trainer = build(args, base / "run")

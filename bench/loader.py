@@ -30,11 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.disk import drop_cache, raw_read  # noqa: E402
 from data.loader import LatentLoader  # noqa: E402
 from data.shard_format import decode_sample, get_fs, iter_tar, read_index  # noqa: E402
 from data.synthetic.shards import write_toy_dataset  # noqa: E402
 from jobconfig.data import DataConfig, StageSamplingConfig  # noqa: E402
-from bench.disk import drop_cache, raw_read  # noqa: E402
+
 
 def component_ceilings(path: str) -> dict[str, float]:
     """MB/s of each per-byte stage of the loader on one core, on one shard (best of 3)."""

@@ -25,8 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobconfig.precompute import InputsConfig, OutputConfig, PrecomputeConfig, PrecomputeRayConfig, VaeConfig, VideoConfig
 from data.synthetic.videos import pattern_frames, write_video  # noqa: E402
+from jobconfig.precompute import (
+    InputsConfig,
+    OutputConfig,
+    PrecomputeConfig,
+    PrecomputeRayConfig,
+    VaeConfig,
+    VideoConfig,
+)
 
 SIZES = [(256, 144), (224, 128), (192, 144), (160, 128)]
 

@@ -6,8 +6,8 @@ are its samples' frames concatenated; rows shorter than the longest are
 padded with frames that `Batch.frame_mask()` marks. How the model turns a row
 into tokens lives with the model (pretrain/model/sequence.py); what the data
 side needs of it is only the count, `sequence_length`: a noisy frame is
-[marker][time][patches] (patches + 2 tokens), a clean frame is [patches], and
-the last clip of a sample has no clean copy. The loader packs and filters by
+[marker][time][patches], a clean frame [<img>][patches][</img>] (both
+patches + 2 tokens), and the last clip of a sample has no clean copy. The loader packs and filters by
 that count, the trainer reports tokens/s with it.
 """
 from __future__ import annotations
@@ -62,11 +62,12 @@ def validate_clips(clips: list[list[list[int]]], num_frames: int, channels: int,
 
 
 def sequence_length(clips_per_sample: list[list[int]], patches: int) -> int:
-    """Tokens of one row: noisy frames carry 2 extra tokens; the last clip has no clean copy."""
+    """Tokens of one row: every frame copy is P + 2 tokens (marker and time before noisy patches,
+    <img> and </img> around clean ones); the last clip has no clean copy."""
     total = 0
     for clips in clips_per_sample:
         frames = sum(clips)
-        total += frames * (patches + 2) + (frames - clips[-1]) * patches
+        total += (2 * frames - clips[-1]) * (patches + 2)
     return total
 
 

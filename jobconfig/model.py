@@ -20,11 +20,11 @@ class ModelConfig:
     latent_channels: int = 4
     patch_size: int = 2
     pos_embed_max_size: int = 192  # side of the 2D sin-cos table, in patches
+    pos_embed_base_size: int = 64  # the table's coordinates are i * base / max (the reference: i / 3)
     rope_theta: float = 10000.0
     partial_rotary_factor: float = 1.0
     norm_eps: float = 1e-5
     time_freq_dim: int = 256
-    time_scale: float = 1000.0  # t in [0,1] is scaled before the sinusoid (DiT convention)
     init_std: float = 0.02
     attention: AttentionBackend = "auto"
     max_tokens: int = 1_280_000  # per packed sequence; longer sequences are refused
@@ -32,7 +32,8 @@ class ModelConfig:
     phi3_checkpoint: Optional[str] = None  # local dir with config.json + *.safetensors
 
     def validate(self) -> None:
-        for name in ("hidden_size", "num_layers", "num_heads", "mlp_size", "latent_channels", "patch_size"):
+        for name in ("hidden_size", "num_layers", "num_heads", "mlp_size", "latent_channels", "patch_size",
+                     "pos_embed_max_size", "pos_embed_base_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: got {getattr(self, name)}, expected a positive integer")
         if self.hidden_size % self.num_heads:

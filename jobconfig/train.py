@@ -21,14 +21,21 @@ class ObjectiveConfig:
 
 @dataclass
 class TrainConfig:
-    """The training loop: optimiser (METHOD.md defaults), schedule, budget, checkpoints."""
+    """The training loop: optimiser (METHOD.md defaults), schedule, budget, checkpoints.
+
+    betas/eps default to stages 2-4 of the reference; its stage 1 builds AdamW with
+    torch's defaults (0.9, 0.999) and 1e-8, which configs/stages/stage1.yaml sets.
+    """
     steps: int = 200
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-5
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warmup over this many optimiser steps (short runs)
+    # linear warmup counted as the reference counts it (its --lr_warmup_steps, 320000): scheduler steps,
+    # world_size of them per optimiser step; LR(n) = lr * min(1, n * world_size / N). At most one of the two.
+    warmup_scheduler_steps: int = 0
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
     batch_size: int = 1  # rows per rank per micro step of the synthetic source (the loader: data.batch_size)
@@ -52,5 +59,16 @@ class TrainConfig:
             raise ConfigError(f"lr: got {self.lr}, expected a positive number")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas: got {list(self.betas)}, expected two numbers in [0, 1)")
+        if self.eps <= 0:
+            raise ConfigError(f"eps: got {self.eps}, expected a positive number")
+        for name in ("warmup_steps", "warmup_scheduler_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: got {getattr(self, name)}, expected >= 0 (0 = no warmup)")
+        if self.warmup_steps and self.warmup_scheduler_steps:
+            # two units for one warmup: which one is meant cannot be guessed
+            raise ConfigError(f"warmup_steps: got {self.warmup_steps} with warmup_scheduler_steps="
+                              f"{self.warmup_scheduler_steps}, expected only one of warmup_steps (optimiser "
+                              "steps) and warmup_scheduler_steps (the reference's scheduler steps, world_size "
+                              "per optimiser step) to be set; set the other to 0")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every: got {self.checkpoint_every}, expected >= 0")

@@ -1,4 +1,5 @@
-"""Acceptance 1-2 of the foundation: the clip attention rule and backend parity."""
+"""The attention rule (issue 14: frame-causal clean stream, roles inside a frame and a noisy
+clip) as every backend implements it, and backend parity in forward and gradients."""
 from __future__ import annotations
 
 import random
@@ -13,13 +14,17 @@ PATCHES = 2
 
 
 def brute_force_tokens(row):
-    """(sample, clip, noisy) per token, walking METHOD.md's layout by hand."""
+    """(sample, clip, noisy, frame, role) per token, walking METHOD.md's layout by hand."""
     tokens = []
     for s, clips in enumerate(row):
+        first = 0
         for k, size in enumerate(clips):
-            tokens += [(s, k, True)] * (size * (PATCHES + 2))
+            for f in range(first, first + size):  # noisy: marker, time, patches
+                tokens += [(s, k, True, f, 0), (s, k, True, f, 1)] + [(s, k, True, f, 2)] * PATCHES
             if k < len(clips) - 1:
-                tokens += [(s, k, False)] * (size * PATCHES)
+                for f in range(first, first + size):  # clean: <img>, patches, </img>
+                    tokens += [(s, k, False, f, 0)] + [(s, k, False, f, 1)] * PATCHES + [(s, k, False, f, 2)]
+            first += size
     return tokens
 
 
@@ -32,12 +37,14 @@ def brute_force_mask(row, length):
         for j, k in enumerate(toks):
             if q is None or k is None:
                 mask[i, j] = q is None and k is None
-            elif q[0] != k[0]:
+                continue
+            (sq, cq, nq, fq, rq), (sk, ck, nk, fk, rk) = q, k
+            if sq != sk:
                 mask[i, j] = False
-            elif q[2]:  # noisy query: earlier clean clips, and its own noisy clip
-                mask[i, j] = (k[2] and k[1] == q[1]) or (not k[2] and k[1] < q[1])
-            else:  # clean query: clean clips up to its own
-                mask[i, j] = (not k[2]) and k[1] <= q[1]
+            elif nq:  # noisy query: clean frames of earlier clips; its own clip by role
+                mask[i, j] = (nk and ck == cq and rk <= rq) or (not nk and ck < cq)
+            else:  # clean query: earlier clean frames; its own frame up to its role
+                mask[i, j] = (not nk) and (fk < fq or (fk == fq and rk <= rq))
     return mask
 
 
@@ -81,9 +88,11 @@ def test_backend_implements_the_rule(layout, backend):
     seq = build_sequence(layout, PATCHES, max_tokens=10_000)
     for b, row in enumerate(layout):
         walked = brute_force_tokens(row)
-        got = list(zip(seq.sample_id[b].tolist(), seq.clip_id[b].tolist(), seq.is_noisy[b].tolist()))
+        frame0 = [sum(sum(c) for c in row[:i]) for i in range(len(row))]  # tables count frames per row
+        got = [(s, c, n, f - frame0[s], r) for s, c, n, f, r in zip(*(getattr(seq, name)[b].tolist() for name in
+               ("sample_id", "clip_id", "is_noisy", "frame", "role")))]
         assert got[:len(walked)] == walked, "sequence construction differs from METHOD.md's layout"
-    meta = ClipMeta(seq.sample_id, seq.clip_id, seq.is_noisy)
+    meta = ClipMeta.of(seq)
     mask = implemented_mask(BACKENDS[backend], meta)
     for b, row in enumerate(layout):
         expected = brute_force_mask(row, seq.seq_len)
@@ -96,7 +105,7 @@ def test_blockwise_matches_dense_forward_and_gradients(seed):
     rng = random.Random(seed)
     layout = [[any_clip_sizes(rng.randint(2, 7), rng) for _ in range(rng.randint(1, 3))] for _ in range(2)]
     seq = build_sequence(layout, 4, max_tokens=10_000)
-    meta = ClipMeta(seq.sample_id, seq.clip_id, seq.is_noisy)
+    meta = ClipMeta.of(seq)
     B, L = seq.src.shape
     torch.manual_seed(seed)
     q, k, v = (torch.randn(B, 3, L, 16, requires_grad=True) for _ in range(3))
@@ -113,7 +122,7 @@ def test_blockwise_matches_dense_forward_and_gradients(seed):
 def test_flex_forward_matches_dense_on_cpu():
     layout = [[[2, 1, 3]], [[1, 1], [2]]]
     seq = build_sequence(layout, 4, max_tokens=10_000)
-    meta = ClipMeta(seq.sample_id, seq.clip_id, seq.is_noisy)
+    meta = ClipMeta.of(seq)
     B, L = seq.src.shape
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, 2, L, 16) for _ in range(3))
@@ -123,7 +132,7 @@ def test_flex_forward_matches_dense_on_cpu():
 
 def test_dense_refuses_long_sequences():
     seq = build_sequence([[[4, 4]]], 220, max_tokens=100_000)
-    meta = ClipMeta(seq.sample_id, seq.clip_id, seq.is_noisy)
+    meta = ClipMeta.of(seq)
     q = torch.zeros(1, 1, seq.seq_len, 8)
     with pytest.raises(ValueError, match="dense_max_tokens"):
         dense_attention(q, q, q, meta, max_tokens=1000)

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+
+from jobconfig.errors import ConfigError
+from jobconfig.model import ModelConfig
+from pretrain.checkpoint.export import load_exported_model, save_export
+from pretrain.model.videogpt import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["--config", str(REPO / "configs/debug.yaml"), "--parallel.precision=fp32", "--train.steps=12",
@@ -92,3 +97,14 @@ def test_ckpt_export_equals_the_live_model_and_loads_with_safetensors_alone(unin
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     inspect = vgpt("ckpt", "inspect", str(uninterrupted)).stdout
     assert "step 12" in inspect and "backbone.layers.0.self_attn.qkv_proj.weight" in inspect and "(192, 64)" in inspect
+
+
+def test_export_of_an_earlier_format_is_refused_naming_it(tmp_path):
+    """Exports of format 1 hold another model (bidirectional clean clips, no delimiters, t x 1000)."""
+    model = build_model(ModelConfig())
+    current = save_export(model.state_dict(), tmp_path / "new.safetensors", model.cfg)
+    assert load_exported_model(current).special_tokens.shape == (3, 64)
+    old = tmp_path / "old.safetensors"
+    save_file({"x": torch.zeros(1)}, str(old), metadata={"model_config": "{}", "format": "videogpt-export-1"})
+    with pytest.raises(ConfigError, match="export format 'videogpt-export-1', expected 'videogpt-export-2'"):
+        load_exported_model(old)

@@ -2,6 +2,7 @@
 values fail before any work, naming the key path and what was allowed."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -90,9 +91,47 @@ def test_pretrain_curriculum_follows_method_md():
     assert plan["stage1"].data.stage.clips == "single_frame" and plan["stage2"].data.stage.clips == "random"
     assert plan["stage3"].data.stage.interval == "random" and plan["stage2"].data.stage.interval_value == 4
     for cfg in plan.values():  # shared sections reach every stage
-        assert (cfg.model.hidden_size, cfg.train.lr, cfg.train.betas, cfg.train.eps) == (3072, 1e-4, (0.9, 0.95), 1e-5)
+        assert (cfg.model.hidden_size, cfg.train.lr, cfg.train.schedule) == (3072, 1e-4, "constant")
         assert (cfg.train.weight_decay, cfg.train.grad_clip, cfg.parallel.zero_stage) == (0.1, 1.0, 2)
-    assert plan["stage4"].parallel.sequence_parallel == 8 and plan["stage1"].parallel.sequence_parallel == 1
+        # the reference's warmup, restarted each stage, in its scheduler steps (tests/test_schedule.py)
+        assert (cfg.train.warmup_scheduler_steps, cfg.train.warmup_steps) == (320000, 0)
+        # the reference trains every stage, stage 4 included, without sequence parallel
+        assert (cfg.parallel.sequence_parallel, cfg.parallel.tensor_parallel) == (1, 1)
+    # stage 1's AdamW is torch's default (the reference's script drops its flags); stages 2-4 pass them
+    assert [(plan[f"stage{i}"].train.betas, plan[f"stage{i}"].train.eps) for i in range(1, 5)] == \
+        [((0.9, 0.999), 1e-8)] + [((0.9, 0.95), 1e-5)] * 3
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+def test_each_stage_file_alone_has_its_optimiser_and_warmup(stage):
+    """`vgpt train --config configs/stages/stageN.yaml` (or `vgpt launch`) gets the stage's own
+    AdamW and warmup, not only through pretrain.yaml."""
+    tc = load_config(CONFIG_ROOT / "stages" / f"stage{stage}.yaml").train
+    betas, eps = ((0.9, 0.999), 1e-8) if stage == 1 else ((0.9, 0.95), 1e-5)
+    assert (tc.betas, tc.eps, tc.weight_decay, tc.lr, tc.grad_clip) == (betas, eps, 0.1, 1e-4, 1.0)
+    assert (tc.warmup_scheduler_steps, tc.warmup_steps) == (320000, 0)
+    if stage == 4:
+        assert load_config(CONFIG_ROOT / "stages" / "stage4.yaml").parallel.sequence_parallel == 1
+
+
+def test_predict_defaults_are_the_reference_inference_script():
+    from jobconfig.predict import PredictConfig
+    p = load_config(None).predict
+    assert (p.clip_frames, p.max_frame_window, p.guidance, p.steps) == (24, 80, 1.5, 50)
+    # the window counts frames and keeps context frame by frame: one context frame plus the clip suffices
+    PredictConfig(clip_frames=24, max_frame_window=25).validate()
+    with pytest.raises(ConfigError, match=r"predict\.max_frame_window: got 24, expected > clip_frames=24"):
+        load_config(None, ["--predict.max_frame_window=24"])
+
+
+def test_quickstart_sets_every_predict_field_it_uses():
+    """The quickstart predicts at toy scale on CPU; the reference-sized defaults must not reach it."""
+    from jobconfig.predict import PredictConfig
+    raw = yaml.safe_load((CONFIG_ROOT / "quickstart.yaml").read_text())["predict"]
+    assert set(raw) == {f.name for f in dataclasses.fields(PredictConfig)} - {"i3d_path"}
+    from jobconfig.curriculum import plan_stages
+    for _, cfg in plan_stages(str(CONFIG_ROOT / "quickstart.yaml"), [], None):
+        assert (cfg.predict.clip_frames, cfg.predict.max_frame_window) == (1, 12)
 
 
 def test_a_bad_key_in_a_later_stage_fails_naming_the_stage(tmp_path):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from data.synthetic.shards import write_toy_dataset
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run_pretrain(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "orchestration.cli", "train", "--config", str(REPO / "configs/pretrain.yaml"),
            "--model.preset=debug", "--model.attention=blockwise", f"--data.root={tmp_path / 'latents'}",
-           "--data.num_workers=0", "--train.steps=2", "--train.warmup_steps=0", "--train.log_every=1",
+           "--data.num_workers=0", "--train.steps=2", "--train.warmup_scheduler_steps=0", "--train.log_every=1",
            "--train.tensorboard=false", f"--train.out_dir={tmp_path / 'run'}", "--parallel.precision=fp32",
            "--parallel.sequence_parallel=1", "--parallel.activation_checkpointing=false", *extra]
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
@@ -59,7 +60,8 @@ def test_stages_with_tensor_parallel_chain_in_one_process_group(tmp_path):
     """Each stage builds its own TP groups; the previous stage must hand them back first."""
     curriculum = tmp_path / "tp.yaml"
     curriculum.write_text("model: {preset: debug, attention: blockwise}\n"
-                          "train: {data: synthetic, steps: 2, log_every: 1, tensorboard: false}\n"
+                          "train: {data: synthetic, steps: 2, log_every: 1, tensorboard: false,\n"
+                          "        lr: 1.0e-3, warmup_scheduler_steps: 8}\n"
                           "parallel: {precision: fp32, tensor_parallel: 2}\n"
                           "synthetic: {frames: 4}\n"
                           "stages:\n  - {synthetic: {clip_policy: single_frame}}\n  - {synthetic: {clip_policy: random}}\n")
@@ -72,3 +74,8 @@ def test_stages_with_tensor_parallel_chain_in_one_process_group(tmp_path):
         assert (tmp_path / "run" / f"stage{i}" / "export" / "model.safetensors").is_file()
     init = json.loads((tmp_path / "run" / "stage2" / "init.json").read_text())
     assert init["init_from"].endswith("stage1/export/model.safetensors")
+    # the reference's warmup counts every process, TP ranks too (world 2), and restarts each stage:
+    # LR(n) = lr * min(1, n * 2 / 8) for optimiser steps n = 0, 1
+    for i in (1, 2):
+        lines = [json.loads(x) for x in (tmp_path / "run" / f"stage{i}" / "metrics.jsonl").read_text().splitlines()]
+        assert [m["lr"] for m in lines] == pytest.approx([0.0, 1e-3 * 2 / 8], rel=1e-6, abs=0)

@@ -163,8 +163,10 @@ def test_kubernetes_manifests_match_pytorchjob_schema(rendered, name):
         parse_torchrun(c["command"][3:])
 
 
-def test_stage4_layout_uses_sequence_parallel_across_devices():
+def test_stage4_layout_is_data_parallel_as_the_reference_unless_sp_is_asked_for():
     spec = plan_launch(4, cluster("h100-slurm.yaml"))
+    assert (spec.layout.world_size, spec.layout.tp, spec.layout.sp, spec.layout.dp) == (32, 1, 1, 32)
+    spec = plan_launch(4, cluster("h100-slurm.yaml"), overrides=["--parallel.sequence_parallel=8"])
     assert (spec.layout.world_size, spec.layout.tp, spec.layout.sp, spec.layout.dp) == (32, 1, 8, 4)
 
 
@@ -182,13 +184,15 @@ def test_tp_larger_than_a_node_is_refused_naming_stage_and_numbers():
 def test_sp_not_dividing_heads_is_refused_naming_stage_and_numbers():
     with pytest.raises(ConfigError, match=r"stage4: parallel.sequence_parallel=8 does not divide "
                                           r"model.num_heads=4.*32 devices"):
-        plan_launch(4, cluster("h100-slurm.yaml"), overrides=["--model.preset=debug"])
+        plan_launch(4, cluster("h100-slurm.yaml"), overrides=["--model.preset=debug",
+                                                              "--parallel.sequence_parallel=8"])
 
 
 def test_elastic_range_is_checked_at_every_size(tmp_path):
     res = subprocess.run([sys.executable, "-m", "orchestration.cli", "launch", "--stage", "4", "--cluster",
                           cluster("single-gpu-node.yaml"), "--target", "torchrun", "--out", str(tmp_path),
-                          "--cluster.devices_per_node=4", "--cluster.elastic.max_nodes=3"],
+                          "--cluster.devices_per_node=4", "--cluster.elastic.max_nodes=3",
+                          "--parallel.sequence_parallel=8"],
                          capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 2 and not list(tmp_path.iterdir())
     assert "stage4" in res.stderr and "sequence_parallel=8 does not divide world size 4" in res.stderr

@@ -96,8 +96,8 @@ def test_flexible_interval_spans_lo_to_min_hi_and_fit(stage):
 
 def test_stage4_token_count_is_what_the_model_sees():
     cfg = STAGES[4]
-    # 80 single-frame clips of a 22x40 latent: 80*(220+2) noisy + 79*220 clean tokens
-    assert sample_tokens(cfg, (1,) * 80, (22, 40)) == 80 * 222 + 79 * 220
+    # 80 single-frame clips of a 22x40 latent: 80 noisy + 79 clean frames of 220+2 tokens
+    assert sample_tokens(cfg, (1,) * 80, (22, 40)) == 80 * 222 + 79 * 222
     assert sample_tokens(cfg, (80,), (22, 40)) == 80 * 222
 
 

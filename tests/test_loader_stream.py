@@ -152,7 +152,7 @@ def test_state_from_another_order_is_refused(root):
 
 
 def test_packing_fills_a_token_budget_without_changing_the_samples(root):
-    budget = 60  # 4x4 latents with patch 2: 4 tokens per frame; a 4-frame sample is 24..36 tokens
+    budget = 84  # 4x4 latents with patch 2: 4 + 2 tokens per frame copy; a 4-frame sample is 24..42 tokens
     plain = drain(LatentLoader(make_cfg(root, batch_size=4)))
     loader = LatentLoader(make_cfg(root, batch_size=4, pack_tokens=budget))
     packed, rows_seen = [], 0
@@ -171,7 +171,7 @@ def test_packed_batch_trains_through_the_objective(root):
     from pretrain.training.objective import next_clip_loss, row_seed
 
     model = build_model(ModelConfig(max_tokens=4096))
-    loader = LatentLoader(make_cfg(root, batch_size=4, pack_tokens=60))
+    loader = LatentLoader(make_cfg(root, batch_size=4, pack_tokens=84))
     batch = next(b for b in loader if any(len(row) > 1 for row in b.clips))
     loss = next_clip_loss(model, batch, ObjectiveConfig(), [row_seed(0, g) for g in batch.row_index])
     loss.backward()

@@ -29,6 +29,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("orchestration.cli.sweep", "scaling-law sweep: `run` trials on Ray, `fit` L(N, D) and recommend N, D"),
     "ckpt": ("orchestration.cli.ckpt", "list, verify, inspect, export, reshard or prune a run's checkpoints"),
     "config": ("orchestration.cli.config", "print the resolved config after presets and overrides"),
+    "convert": ("orchestration.cli.convert", "the authors' released checkpoint <-> an export: from-reference, "
+                                             "to-reference"),
 }
 BAD_INPUT = 2  # exit status of every verb for a ConfigError
 

@@ -141,7 +141,8 @@ def cmd_export(store: CheckpointStore, args) -> int:
         model_cfg = from_dict(ModelConfig, st["config"]["model"], "model")
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         out = save_export(consolidated_weights(ckpt, verified=True), args.out, model_cfg, dtype=dtype,
-                          extra={"stage": st.get("stage"), "step": st.get("step"), "source": store.url(tag)})
+                          extra={"stage": st.get("stage"), "step": st.get("step"), "source": store.url(tag),
+                                 "init_from": st["config"].get("train", {}).get("init_from")})
     print(f"exported {store.url(tag) if store.remote else tag} ({args.dtype}) to {out}")
     return 0
 

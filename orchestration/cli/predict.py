@@ -1,7 +1,7 @@
 """`vgpt predict`: continue real videos with a trained export, and score the continuation.
 
     vgpt predict --checkpoint runs/pretrain/stage4/export/model.safetensors \
-        --video clip.mp4 [more.mp4 s3://bucket/x.mp4 ...] --context 8 --generate 8 [--out predictions]
+        --video clip.mp4 [more.mp4 s3://bucket/x.mp4 ...] [--context 56] [--generate 48] [--out predictions]
 
 Frames are taken as the training latents were made: the export records the
 dataset it was trained on, whose plan.json holds the precompute recipe (VAE,
@@ -36,8 +36,10 @@ def main(argv: list[str]) -> int:
                                             "clip_frames, max_frame_window, kv_cache, seed, i3d_path).")
     parser.add_argument("--checkpoint", required=True, help="an export (model.safetensors)")
     parser.add_argument("--video", required=True, nargs="+", help="video paths or fsspec URLs")
-    parser.add_argument("--context", type=int, required=True, help="context frames")
-    parser.add_argument("--generate", type=int, required=True, help="frames to predict")
+    # the reference's inference script: 56 clean context frames, two 24-frame clips (predict.clip_frames)
+    parser.add_argument("--context", type=int, default=56, help="context frames (default 56, the reference's)")
+    parser.add_argument("--generate", type=int, default=48,
+                        help="frames to predict (default 48: two clips of predict.clip_frames=24)")
     parser.add_argument("--out", default="predictions")
     parser.add_argument("--start", type=int, default=0, help="first frame of the context (in sampled frames)")
     parser.add_argument("--config", default=None, help="a job YAML: its predict: section, and its model: "

@@ -24,12 +24,16 @@ def export_path(out_dir: str | Path) -> Path:
     """Where a run (one stage) writes its final export, and where the next stage and the tools find it."""
     return Path(out_dir) / "export" / "model.safetensors"
 
+# 2: the reference's model (frame-causal clean stream, <img>/</img> rows, raw t); 1 trained another model
+EXPORT_FORMAT = "videogpt-export-2"
+
+
 def save_export(state_dict: dict[str, torch.Tensor], path: str | Path, model_cfg: ModelConfig,
                 dtype: torch.dtype = torch.float32, extra: dict | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state_dict.items()}
-    meta = {"model_config": json.dumps(asdict(model_cfg)), "format": "videogpt-export-1",
+    meta = {"model_config": json.dumps(asdict(model_cfg)), "format": EXPORT_FORMAT,
             **{k: json.dumps(v) for k, v in (extra or {}).items()}}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -53,6 +57,10 @@ def read_export_metadata(path: str | Path) -> dict:
         raise ConfigError(f"{path} is not a safetensors export: {e}") from None
     if "model_config" not in meta:
         raise ConfigError(f"{path}: not a Video-GPT export (no model_config in its header)")
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ConfigError(f"{path}: export format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}; earlier "
+                          "formats hold a model that differs from the authors' Video-GPT (attention rule, "
+                          "delimiter tokens, time scale), which this version cannot run: retrain it")
     out = {}
     for k, v in meta.items():
         try:

@@ -1,32 +1,36 @@
 """Video prediction: autoregressive next-clip generation (METHOD.md, Inference).
 
 Given clean context latents, each new clip starts from Gaussian noise and is
-integrated with `steps` Euler steps of the rectified flow from t=0 to t=1. The
-model predicts x1; the flow velocity is (x1_hat - x_t) / (1 - t), so the last
-step lands exactly on x1_hat. Image guidance mixes a conditional prediction
-(the clip attends to the clean history) with an unconditional one (the same
-noisy clip with the history dropped, placed at frame slot 0 as a first clip is
-in training): x1 = u + g * (c - u). The finished clip joins the history as
-clean context. The history is a sliding window of whole clips holding at most
-`max_frame_window` frames together with the clip being generated; its
-position ids restart at slot 0 of the window, as every training sample does.
+integrated with `steps` Euler steps of the rectified flow from t=0 to t=1
+(linspace(0, 1, steps+1), no shift). The model predicts x1; the flow velocity
+is (x1_hat - x_t) / (1 - t), so the last step lands exactly on x1_hat. Image
+guidance mixes a conditional prediction (the clip attends to the clean
+history) with an unconditional one (the same noisy clip alone, at frame slot
+0): x1 = u + g * (c - u). The finished clip joins the history as clean
+frames, without context noise. The history is a sliding window of the newest
+frames, at most `max_frame_window` together with the clip being generated;
+its position ids restart at slot 0 of the window. This is the reference's
+`prompt_condition_frame_block_autoregressive_inference`.
 
 Two interchangeable ways to evaluate the model at one Euler step:
-  kv_cache=True   the clean history's keys/values of every layer are computed
-                  once per window (clip by clip: a clean clip attends to the
-                  cached clips before it and to itself, exactly the clip rule)
-                  and every Euler step runs only the noisy clip's tokens
-                  against them. Appending a clip to an unchanged window is
-                  incremental; a window that slid is rebuilt (its positions moved).
-  kv_cache=False  the whole training-time token sequence [noisy/clean history ...
+  kv_cache=True   the clean stream is frame-causal, so the history's keys and
+                  values of every layer do not depend on how it is cut into
+                  clips: they are computed once per window, frame by frame
+                  (each frame attends to the cached frames before it and, inside
+                  itself, by role), and every Euler step runs only the noisy
+                  clip's tokens against them. Appending frames to an unchanged
+                  window is incremental; a window that slid is rebuilt (its
+                  positions moved).
+  kv_cache=False  the whole training-time token sequence [noisy/clean history,
                   noisy clip] through `VideoGPT.forward` at every step: the
-                  reference the cache is tested against.
+                  reference the cache is tested against (the reference's own
+                  inference recomputes so).
 Both see the same tokens at the same positions under the same rule, so they
 agree to float32 rounding.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,16 +52,16 @@ class _Cache:
     """
     k: list[torch.Tensor]
     v: list[torch.Tensor]
-    clip_ids: list[int] = field(default_factory=list)  # history clips covered, oldest first
-    frames: int = 0
-    length: int = 0
+    start: int = 0    # history index of the window's first frame (its slot 0)
+    frames: int = 0   # history frames cached, from `start` on
+    length: int = 0   # tokens cached
 
 
 @dataclass
 class PredictStats:
     model_calls: int = 0       # backbone evaluations (a guided step is one batched call)
     cache_rebuilds: int = 0    # windows whose cache was rebuilt from scratch
-    cache_appends: int = 0     # clips appended to a live cache
+    cache_appends: int = 0     # frames appended to a live cache
 
 
 class _LayerCounter:
@@ -96,48 +100,32 @@ class NextClipPredictor:
                               f"model.patch_size={p}")
         device = self.model.pos_table.device
         self._set_grid(tuple(context.shape[-2:]))
-        c = self.cfg.clip_frames
-        # the context as clips of clip_frames, the newest clip full; the oldest takes the remainder
-        n = len(context)
-        bounds = ([0] if n % c else []) + list(range(n % c, n + 1, c))
-        history = [context[a:b].float().to(device) for a, b in zip(bounds, bounds[1:])]
+        history = context.float().to(device)
         self._cache = None
-        out = []
-        while sum(len(x) for x in out) < num_frames:
-            size = min(c, num_frames - sum(len(x) for x in out))
-            window = self._window(history, size)
+        out, done = [], 0
+        while done < num_frames:
+            size = min(self.cfg.clip_frames, num_frames - done)
+            start = max(0, len(history) - (self.cfg.max_frame_window - size))  # the newest frames that fit
             g = torch.Generator().manual_seed(row_seed(self.cfg.seed, len(out), salt=7))
             x = torch.randn((size, *context.shape[1:]), generator=g).to(device)
             if self.cfg.kv_cache:
-                self._prepare_cache(history, window)
+                self._prepare_cache(history, start)
             for i in range(self.cfg.steps):
                 t = i / self.cfg.steps
-                x1 = self._guided_x1(x, t, history, window)
+                x1 = self._guided_x1(x, t, history[start:])
                 x = x + (x1 - x) / (1.0 - t) * (1.0 / self.cfg.steps)
-            history.append(x)
+            history = torch.cat([history, x])
             out.append(x)
+            done += size
         return torch.cat(out).cpu()
 
-    # ------------------------------------------------------------ window
-    def _window(self, history: list[torch.Tensor], size: int) -> list[int]:
-        """Indices of the newest whole clips that fit max_frame_window with the new clip.
-
-        Never empty: clips hold at most clip_frames frames and the window at least twice that."""
-        budget, picked = self.cfg.max_frame_window - size, []
-        for i in range(len(history) - 1, -1, -1):
-            if len(history[i]) > budget:
-                break
-            budget -= len(history[i])
-            picked.append(i)
-        return picked[::-1]
-
-    def _guided_x1(self, x: torch.Tensor, t: float, history, window: list[int]) -> torch.Tensor:
+    def _guided_x1(self, x: torch.Tensor, t: float, window: torch.Tensor) -> torch.Tensor:
         guided = self.cfg.guidance != 1.0
         self.stats.model_calls += 1
         if self.cfg.kv_cache:
-            preds = self._denoise_cached(x, t, sum(len(history[i]) for i in window), guided)
+            preds = self._denoise_cached(x, t, len(window), guided)
         else:
-            preds = self._denoise_recompute(x, t, [history[i] for i in window], guided)
+            preds = self._denoise_recompute(x, t, window, guided)
         if not guided:
             return preds[0]
         cond, uncond = preds
@@ -152,67 +140,88 @@ class NextClipPredictor:
         p = self.model.cfg.patch_size
         self._hw, self._patches = hw, patches_per_frame(hw, p)
 
-    def _clean_tokens(self, frames: torch.Tensor, first_slot: int):
-        """Clean frames at window slots first_slot.. -> tokens [1, n*P, D], positions [1, n*P]."""
-        P, S = self._patches, self._slot()
-        tokens = self.model.embed_patches(frames, noisy=False).reshape(1, -1, self.model.cfg.hidden_size)
-        slots = torch.arange(first_slot, first_slot + len(frames), device=frames.device)
-        pos = (slots[:, None] * S + 2 + torch.arange(P, device=frames.device)).reshape(1, -1)
+    def _specials(self, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The marker, <img> and </img> rows, each [1, D]."""
+        rows = self.model.special_tokens.to(dtype)
+        return rows[0:1], rows[1:2], rows[2:3]
+
+    def _clean_frame_tokens(self, frame: torch.Tensor, slot: int):
+        """One clean frame at window slot `slot` -> tokens [1, L, D] ([<img>][patches][</img>]), positions [1, L]."""
+        patches = self.model.embed_patches(frame[None], noisy=False)[0]      # [P, D]
+        _, img_open, img_close = self._specials(patches.dtype)
+        tokens = torch.cat([img_open, patches, img_close])[None]
+        pos = (slot * self._slot() + torch.arange(self._slot(), device=frame.device))[None]
         return tokens, pos
 
     def _noisy_tokens(self, x: torch.Tensor, t: float, first_slots: list[int]):
-        """One noisy clip per row, each row at its own first slot: tokens [B, n*S, D], positions [B, n*S]."""
+        """One noisy clip per row, at its own first slot: tokens [B, n*L, D], positions [B, n*L].
+
+        Tokens are ordered [n markers][n time tokens][n*P patches] rather than frame by
+        frame: positions carry the order for RoPE, and grouped by role each kind's keys
+        are a prefix of the clip's (markers see markers, time tokens markers and time
+        tokens, patches all), so the rule needs no mask.
+        """
         m, n, D = self.model, len(x), self.model.cfg.hidden_size
-        S = self._slot()
-        patches = m.embed_patches(x, noisy=True)                           # [n, P, D]
-        tt = torch.full((n,), t, device=x.device)
-        time = m.time_token(tt).to(patches.dtype)[:, None]                 # [n, 1, D]
-        marker = m.diffusion_marker.to(patches.dtype).expand(n, 1, D)
-        frame_tokens = torch.cat([marker, time, patches], dim=1).reshape(1, n * S, D)
-        tokens = frame_tokens.expand(len(first_slots), -1, -1)
-        pos = torch.stack([(torch.arange(s, s + n, device=x.device)[:, None] * S +
-                            torch.arange(S, device=x.device)).reshape(-1) for s in first_slots])
+        L, P = self._slot(), self._patches
+        patches = m.embed_patches(x, noisy=True).reshape(n * P, D)
+        time = m.time_token(torch.full((n,), t, device=x.device)).to(patches.dtype)
+        marker = self._specials(patches.dtype)[0].expand(n, D)
+        tokens = torch.cat([marker, time, patches])[None].expand(len(first_slots), -1, -1)
+        frame = torch.arange(n, device=x.device)
+        local = torch.cat([frame * L, frame * L + 1, (frame[:, None] * L + 2 + torch.arange(P, device=x.device)).reshape(-1)])
+        pos = torch.stack([s * L + local for s in first_slots])
         return tokens, pos
 
     def _head(self, hidden: torch.Tensor, n: int, t: float) -> torch.Tensor:
-        """Backbone output of noisy-clip tokens [B, n*S, D] -> x1 [B, n, C, h, w] (float32)."""
+        """Backbone output of noisy-clip tokens [B, n*L, D] -> x1 [B, n, C, h, w] (float32)."""
         B, D = hidden.shape[0], hidden.shape[-1]
-        patches = hidden.view(B, n, self._slot(), D)[:, :, 2:].reshape(B * n, self._patches, D)
+        patches = hidden[:, 2 * n:].reshape(B * n, self._patches, D)
         tt = torch.full((B * n,), t, device=hidden.device)
         return self.model.output_head(patches, tt, self._hw).float().view(B, n, -1, *self._hw)
 
+    @staticmethod
+    def _attend_by_role(q, k, v, prefix: int, n: int) -> torch.Tensor:
+        """Noisy-clip queries [.., n*L, d] ordered by role against keys [.., prefix + n*L, d]."""
+        groups = ((0, n, prefix + n), (n, 2 * n, prefix + 2 * n), (2 * n, q.shape[2], k.shape[2]))
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, :end], v[:, :, :end])
+                          for a, b, end in groups], dim=2)
+
     # ------------------------------------------------------------ KV-cache path
-    def _prepare_cache(self, history: list[torch.Tensor], window: list[int]) -> None:
+    def _prepare_cache(self, history: torch.Tensor, start: int) -> None:
         cache = self._cache
-        reusable = cache is not None and cache.clip_ids == window[:len(cache.clip_ids)]
-        if not reusable:
-            cache = self._cache = self._empty_cache(history[window[0]])
+        if cache is None or cache.start != start:
+            cache = self._cache = self._empty_cache(history)
+            cache.start = start
             self.stats.cache_rebuilds += 1
         else:
-            self.stats.cache_appends += len(window) - len(cache.clip_ids)
-        for i in window[len(cache.clip_ids):]:
-            self._append_clean_clip(cache, history[i])
-            cache.clip_ids.append(i)
+            self.stats.cache_appends += len(history) - start - cache.frames
+        while start + cache.frames < len(history):
+            self._append_clean_frame(cache, history[start + cache.frames])
 
     def _empty_cache(self, example: torch.Tensor) -> _Cache:
-        mc, P = self.model.cfg, self._patches
-        capacity = (self.cfg.max_frame_window - 1) * P + self.cfg.clip_frames * self._slot()
+        mc = self.model.cfg
+        capacity = self.cfg.max_frame_window * self._slot()
         dtype = self.model.noisy_embedder.proj.weight.dtype
         shape = (1, mc.num_heads, capacity, mc.head_dim)
         make = lambda: torch.empty(shape, dtype=dtype, device=example.device)  # noqa: E731
         return _Cache([make() for _ in range(mc.num_layers)], [make() for _ in range(mc.num_layers)])
 
-    def _append_clean_clip(self, cache: _Cache, frames: torch.Tensor) -> None:
-        tokens, pos = self._clean_tokens(frames, cache.frames)
+    def _append_clean_frame(self, cache: _Cache, frame: torch.Tensor) -> None:
+        tokens, pos = self._clean_frame_tokens(frame, cache.frames)
         a, b = cache.length, cache.length + tokens.shape[1]
+        # the frame sees every cached frame, and inside itself the tokens of its role or before
+        roles = torch.tensor([0] + [1] * self._patches + [2], device=frame.device)
+        mask = torch.cat([torch.ones(len(roles), a, dtype=torch.bool, device=frame.device),
+                          roles[None, :] <= roles[:, None]], dim=1)
 
-        def attend(layer, q, k, v):  # a clean clip sees the clean clips before it and itself
+        def attend(layer, q, k, v):
             cache.k[layer][:, :, a:b] = k
             cache.v[layer][:, :, a:b] = v
-            return F.scaled_dot_product_attention(q, cache.k[layer][:, :, :b], cache.v[layer][:, :, :b])
+            return F.scaled_dot_product_attention(q, cache.k[layer][:, :, :b], cache.v[layer][:, :, :b],
+                                                  attn_mask=mask)
 
         self.model.backbone(tokens, pos, _LayerCounter(attend))
-        cache.length, cache.frames = b, cache.frames + len(frames)
+        cache.length, cache.frames = b, cache.frames + 1
 
     def _denoise_cached(self, x: torch.Tensor, t: float, history_frames: int, guided: bool) -> torch.Tensor:
         cache = self._cache
@@ -222,27 +231,30 @@ class NextClipPredictor:
         a, b = cache.length, cache.length + tokens.shape[1]
 
         def attend(layer, q, k, v):
-            # conditional row: the cached clean history and the clip itself (bidirectional)
+            # conditional row: the cached clean history and the clip itself
             cache.k[layer][:, :, a:b] = k[:1]
             cache.v[layer][:, :, a:b] = v[:1]
-            cond = F.scaled_dot_product_attention(q[:1], cache.k[layer][:, :, :b], cache.v[layer][:, :, :b])
+            cond = self._attend_by_role(q[:1], cache.k[layer][:, :, :b], cache.v[layer][:, :, :b], a, n)
             if not guided:
                 return cond
             # unconditional row: the history dropped, the clip sees only itself
-            return torch.cat([cond, F.scaled_dot_product_attention(q[1:], k[1:], v[1:])])
+            return torch.cat([cond, self._attend_by_role(q[1:], k[1:], v[1:], 0, n)])
 
         hidden = self.model.backbone(tokens, pos, _LayerCounter(attend))
         return self._head(hidden, n, t)
 
     # ------------------------------------------------------------ recompute path
-    def _denoise_recompute(self, x: torch.Tensor, t: float, window: list[torch.Tensor], guided: bool) -> torch.Tensor:
-        """The training-time forward over [history clips..., noisy clip] (and [noisy clip] alone)."""
-        n, H = len(x), sum(len(c) for c in window)
+    def _denoise_recompute(self, x: torch.Tensor, t: float, window: torch.Tensor, guided: bool) -> torch.Tensor:
+        """The training-time forward over [history, noisy clip] (and [noisy clip] alone).
+
+        The history is one clean clip: frame-causal, its partition into clips changes nothing.
+        """
+        n, H = len(x), len(window)
         frames = H + n
-        clean = torch.cat(window + [x])  # the new clip's clean copy is never used (last clip)
-        noisy = torch.cat([torch.cat(window), x])  # history noisy copies are never seen by the last clip
+        clean = torch.cat([window, x])  # the new clip's clean copy is never used (last clip)
+        noisy = torch.cat([window, x])  # history noisy copies are never seen by the last clip
         t_row = torch.cat([torch.ones(H), torch.full((n,), t)]).to(x.device)
-        clips = [[[len(c) for c in window] + [n]]]
+        clips = [[[H, n] if H else [n]]]
         lat_noisy, lat_clean, ts = [noisy], [clean], [t_row]
         if guided:
             pad = frames - n

@@ -6,9 +6,10 @@ created on `meta` (no memory, no init cost even at 3.8B) and materialised with
 (sin-cos table, RoPE frequencies). Parallelism is applied from outside.
 
 Pieces (METHOD.md, Tokens / Objective): two patch embedders (noisy, clean), a
-2D sin-cos position table cropped from a 192x192 grid, a learned diffusion
-marker token and a time token per noisy frame, the Phi-3-architecture backbone, and
-a DiT final layer whose adaLN is driven by a second timestep embedder.
+2D sin-cos position table cropped from a 192x192 grid, three learned token rows
+(the diffusion marker before each noisy frame, <img> and </img> around each
+clean frame), a time token per noisy frame, the Phi-3-architecture backbone,
+and a DiT final layer whose adaLN is driven by a second timestep embedder.
 """
 from __future__ import annotations
 
@@ -23,22 +24,36 @@ from jobconfig.errors import ConfigError
 from jobconfig.model import ModelConfig
 from pretrain.model.attention import ClipMeta, make_attention
 from pretrain.model.backbone import Backbone, RMSNorm, load_phi3_backbone
-from pretrain.model.sequence import SRC_CLEAN, SRC_NOISY, SRC_PAD, SRC_TIME, SequenceTables, build_sequence
+from pretrain.model.sequence import SRC_CLEAN, SRC_NOISY, SRC_TIME, SequenceTables, build_sequence
+
+# the rows of `VideoGPT.special_tokens`, in the order of the SRC_MARKER.. token kinds of sequence.py
+SPECIAL_TOKENS = ("<|diffusion|>", "<img>", "</img>")
 
 
-def sincos_2d_table(dim: int, grid: int) -> torch.Tensor:
-    """[grid, grid, dim] 2D sin-cos embedding (half the channels per axis), as DiT/MAE."""
+def sincos_2d_table(dim: int, grid: int, base_size: int) -> torch.Tensor:
+    """[grid, grid, dim] 2D sin-cos embedding, as the reference's `get_2d_sincos_pos_embed`.
+
+    Coordinates are i * base_size / grid (i / 3 for the reference's 192 and 64),
+    computed in float32 as the reference does; the first half of the channels
+    encodes the column, the second the row; each half is [sin, cos] over
+    frequencies 1e4^(-m / (dim/4)). The arithmetic follows the reference step by
+    step so that the table, a buffer of its checkpoints, matches it bit for bit.
+    """
     def one_axis(d, pos):
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        omega = np.arange(d // 2, dtype=np.float64)
+        omega /= d / 2.0
+        omega = 1.0 / 10000 ** omega
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    gh, gw = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
-    emb = np.concatenate([one_axis(dim // 2, gh), one_axis(dim // 2, gw)], axis=1)
+    coords = np.arange(grid, dtype=np.float32) / np.float32(grid / base_size)
+    cols, rows = np.meshgrid(coords, coords)  # [row, col] grids of the column and row coordinate
+    emb = np.concatenate([one_axis(dim // 2, cols), one_axis(dim // 2, rows)], axis=1)
     return torch.from_numpy(emb).float().view(grid, grid, dim)
 
 
 def timestep_frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """[cos, sin] of t times `dim/2` frequencies; t enters raw, in [0, 1] (the reference does not scale it)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[..., None] * freqs
@@ -46,13 +61,13 @@ def timestep_frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0)
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden: int, freq_dim: int, scale: float):
+    def __init__(self, hidden: int, freq_dim: int):
         super().__init__()
-        self.freq_dim, self.scale = freq_dim, scale
+        self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freqs = timestep_frequencies(t * self.scale, self.freq_dim)
+        freqs = timestep_frequencies(t, self.freq_dim)
         return self.mlp(freqs.to(self.mlp[0].weight.dtype))
 
 
@@ -88,15 +103,23 @@ class VideoGPT(nn.Module):
         self.clean_embedder = PatchEmbed(C, D, p)
         self.register_buffer("pos_table", torch.empty(cfg.pos_embed_max_size, cfg.pos_embed_max_size, D),
                              persistent=False)
-        self.diffusion_marker = nn.Parameter(torch.empty(D))
-        self.time_token = TimestepEmbedder(D, cfg.time_freq_dim, cfg.time_scale)
+        # rows of the reference's token embedding that Video-GPT uses: <|diffusion|>, <img>, </img>
+        self.special_tokens = nn.Parameter(torch.empty(len(SPECIAL_TOKENS), D))
+        self.time_token = TimestepEmbedder(D, cfg.time_freq_dim)
         self.backbone = Backbone(cfg)
-        self.final_time = TimestepEmbedder(D, cfg.time_freq_dim, cfg.time_scale)
+        self.final_time = TimestepEmbedder(D, cfg.time_freq_dim)
         self.final_layer = FinalLayer(D, p, C)
 
     # ------------------------------------------------------------ init
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
+        """The reference's initialisation (METHOD.md, Initialisation).
+
+        Backbone and token rows as transformers initialises Phi-3: normal(init_std),
+        norms one. Noisy patch embedder zero; clean patch embedder xavier on its 2D
+        view; both time MLPs normal(init_std) weights; adaLN and output layer zero;
+        every bias zero.
+        """
         gen = torch.Generator(device="cpu").manual_seed(seed)
         std = self.cfg.init_std
 
@@ -115,15 +138,17 @@ class VideoGPT(nn.Module):
                     m.bias.zero_()
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
-        for emb in (self.noisy_embedder, self.clean_embedder):
-            xavier_(emb.proj.weight)
-            emb.proj.bias.zero_()
-        normal_(self.diffusion_marker, std)
+        self.noisy_embedder.proj.weight.zero_()
+        self.noisy_embedder.proj.bias.zero_()
+        xavier_(self.clean_embedder.proj.weight)
+        self.clean_embedder.proj.bias.zero_()
+        normal_(self.special_tokens, std)
         # DiT: the output head starts at zero, so the first prediction is 0
         for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             lin.weight.zero_()
             lin.bias.zero_()
-        self.pos_table.copy_(sincos_2d_table(self.cfg.hidden_size, self.cfg.pos_embed_max_size))
+        self.pos_table.copy_(sincos_2d_table(self.cfg.hidden_size, self.cfg.pos_embed_max_size,
+                                             self.cfg.pos_embed_base_size))
 
     # ------------------------------------------------------------ forward
     def positions_2d(self, h: int, w: int) -> torch.Tensor:
@@ -157,16 +182,17 @@ class VideoGPT(nn.Module):
         noisy = self.embed_patches(x_noisy.flatten(0, 1), noisy=True).reshape(B, F * P, D)
         clean = self.embed_patches(x_clean.flatten(0, 1), noisy=False).reshape(B, F * P, D)
         time = self.time_token(t).to(noisy.dtype)  # [B, F, D]
-        extra = torch.stack([self.diffusion_marker.to(noisy.dtype), torch.zeros_like(self.diffusion_marker, dtype=noisy.dtype)])
-        table = torch.cat([noisy, clean, time, extra.expand(B, 2, D)], dim=1)
-        # flat index into `table` for every token of the sequence
-        offsets = torch.tensor([0, F * P, 2 * F * P, 2 * F * P + F, 2 * F * P + F], device=table.device)
+        specials = torch.cat([self.special_tokens.to(noisy.dtype), noisy.new_zeros(1, D)])  # + padding's row
+        table = torch.cat([noisy, clean, time, specials.expand(B, -1, D)], dim=1)
+        # flat index into `table` for every token: patches by (frame, patch), time by frame, specials by kind
+        offsets = torch.tensor([0, F * P, 2 * F * P] + [2 * F * P + F + i for i in range(len(SPECIAL_TOKENS) + 1)],
+                               device=table.device)
         local = torch.where(seq.src <= SRC_CLEAN, seq.frame * P + seq.patch,
-                            torch.where(seq.src == SRC_TIME, seq.frame, (seq.src == SRC_PAD).long()))
+                            torch.where(seq.src == SRC_TIME, seq.frame, torch.zeros_like(seq.frame)))
         index = offsets[seq.src] + local
         tokens = table.gather(1, index[..., None].expand(-1, -1, D))
 
-        meta = ClipMeta(seq.sample_id, seq.clip_id, seq.is_noisy)
+        meta = ClipMeta.of(seq)
         attn = make_attention(meta, self.cfg.attention, tokens.device, self.cfg.dense_max_tokens)
         hidden = self.backbone(tokens, seq.position, attn)
 

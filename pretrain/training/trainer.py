@@ -69,9 +69,10 @@ class Trainer:
         # with SP, DeepSpeed averages gradients over dp x sp ranks (each SP rank holds the full loss)
         mpu = self.groups.deepspeed_mpu() if self.groups else None
         grad_ranks = mpu.get_data_parallel_world_size() if mpu else self.dist.world_size
+        # the reference's warmup advances once per process per optimiser step: all ranks count, SP and TP too
         self.engine = build_engine(self.model, pc, cfg.train, grad_ranks,
                                    make_optimizer=lambda params: build_optimizer(params, cfg.train),
-                                   make_scheduler=lambda opt: build_scheduler(opt, cfg.train),
+                                   make_scheduler=lambda opt: build_scheduler(opt, cfg.train, self.dist.world_size),
                                    mpu=mpu, micro_batch=self.rows_per_micro())
         self.ckpt = CheckpointManager(self.out / "checkpoints", self.dist.rank, cfg.train.keep_last,
                                       cfg.train.keep_every, before_commit=self.hooks.before_checkpoint_commit)
@@ -140,6 +141,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         tc = self.cfg.train
         t0 = time.perf_counter()
+        lr = self.engine.get_lr()[0]  # the LR this step trains with (engine.step moves the schedule on)
         loss_sum, tokens, rows = 0.0, 0, 0
         self._step_rows = []
         for micro in range(tc.grad_accum_steps):
@@ -170,7 +172,7 @@ class Trainer:
         return {"step": self.step, "loss": stats[0].item() / self.dist.world_size, "tokens": stats[1].item(),
                 "samples": stats[2].item(), "step_time": time.perf_counter() - t0,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "lr": self.engine.get_lr()[0],
+                "lr": lr,
                 "sample_rows": sorted({r for rank_rows in consumed for r in rank_rows})}
 
     def run(self, resume: str = "auto") -> Path:
@@ -194,7 +196,10 @@ class Trainer:
         full = gather_full_state_dict(self.model, self.cfg.parallel.zero_stage == 3, self.dist.rank,
                                       self.groups.tp_group if self.cfg.parallel.tensor_parallel > 1 else None)
         if self.dist.rank == 0:
+            # init_from: the chain back to an imported release, whose reference data `vgpt convert
+            # to-reference` needs (token table, tokenizer, config.json)
             save_export(full, export, self.cfg.model, extra={"stage": self.stage_name, "step": self.step,
+                                                             "init_from": self.cfg.train.init_from,
                                                              **self._data_recipe()})
         self._barrier()
         if self._tb:
