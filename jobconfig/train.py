@@ -50,6 +50,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
     out_dir: str = "runs/debug"
     tensorboard: bool = True
+    # torch.compile each backbone block (attention left eager; pretrain/training/parallelize.py)
+    compile: bool = False
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum_steps", "log_every"):

@@ -2,9 +2,21 @@
 
 `deepspeed_config` turns the `parallel:` and `train:` sections into DeepSpeed's
 dict: ZeRO stage 0-3 with optional CPU offload, bf16 or fp32, gradient
-clipping, micro batch and accumulation. `build_engine` wraps a plain model
-with the caller's optimiser and schedule (pretrain/training/optimizer.py);
-`gather_full_state_dict` collects the full weights back for an export.
+clipping, micro batch and accumulation, then deep-merges `parallel.deepspeed`
+over it (the user's keys win; jobconfig/parallel.py refuses the keys derived
+here). `build_engine` wraps a plain model with the caller's optimiser and
+schedule (pretrain/training/optimizer.py); `gather_full_state_dict` collects
+the full weights back for an export.
+
+Defaults chosen for the device:
+  overlap_comm  on for CUDA and NPU (NCCL/HCCL run the gradient reduce-scatter on
+      their own stream, overlapping the backward), off on CPU: gloo runs
+      collectives synchronously, so there is nothing to overlap and only the
+      extra buffers remain.
+  bf16.check_grad_overflow  off: bf16 has fp32's exponent range and no loss
+      scale, so the per-step overflow check (an all-reduce and a device-to-host
+      read every step) finds nothing to skip; the reference (accelerate, bf16)
+      never skips a step either. A NaN shows in the logged loss.
 """
 from __future__ import annotations
 
@@ -17,11 +29,24 @@ from jobconfig.parallel import ParallelConfig
 from jobconfig.train import TrainConfig
 from parallel.tensor_parallel import gather_tensor_parallel_state_dict
 
+# devices whose collective backend (NCCL, HCCL) runs asynchronously, so communication can overlap compute
+OVERLAP_DEVICES = ("cuda", "npu")
 
-def deepspeed_config(pc: ParallelConfig, tc: TrainConfig, dp_size: int, micro_batch: int | None = None) -> dict:
+
+def merge(base: dict, override: dict) -> dict:
+    """`override` deep-merged over `base` (new dicts; mappings merge, anything else replaces)."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(pc: ParallelConfig, tc: TrainConfig, dp_size: int, micro_batch: int | None = None,
+                     device_type: str = "cpu") -> dict:
+    """DeepSpeed's config for this run; `device_type` (cuda, npu, cpu) picks the communication defaults."""
     zero: dict = {"stage": pc.zero_stage}
     if pc.zero_stage >= 1:
-        zero.update(contiguous_gradients=True, overlap_comm=False, reduce_scatter=True)
+        zero.update(contiguous_gradients=True, overlap_comm=device_type in OVERLAP_DEVICES, reduce_scatter=True)
     if pc.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if pc.offload_params:
@@ -34,7 +59,7 @@ def deepspeed_config(pc: ParallelConfig, tc: TrainConfig, dp_size: int, micro_ba
         "gradient_clipping": tc.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": pc.precision == "bf16"},
+        "bf16": {"enabled": pc.precision == "bf16", "check_grad_overflow": False},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -42,11 +67,12 @@ def deepspeed_config(pc: ParallelConfig, tc: TrainConfig, dp_size: int, micro_ba
         # ZeRO-Offload needs DeepSpeed's own CPU Adam; it is AdamW with the same hyper-parameters
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": tc.lr, "betas": list(tc.betas), "eps": tc.eps,
                                                          "weight_decay": tc.weight_decay}}
-    return cfg
+    return merge(cfg, pc.deepspeed)
 
 
 def build_engine(model: torch.nn.Module, pc: ParallelConfig, tc: TrainConfig, dp_size: int,
-                 make_optimizer: Callable, make_scheduler: Callable, mpu=None, micro_batch: int | None = None):
+                 make_optimizer: Callable, make_scheduler: Callable, mpu=None, micro_batch: int | None = None,
+                 device_type: str = "cpu"):
     """deepspeed.initialize around `model`; returns the engine.
 
     The optimiser and schedule are the caller's (`make_optimizer(params)`,
@@ -55,7 +81,7 @@ def build_engine(model: torch.nn.Module, pc: ParallelConfig, tc: TrainConfig, dp
     """
     import deepspeed  # after DeviceSpec.activate(): DeepSpeed picks its accelerator at import
 
-    config = deepspeed_config(pc, tc, dp_size, micro_batch)
+    config = deepspeed_config(pc, tc, dp_size, micro_batch, device_type)
     optimizer = None if "optimizer" in config else make_optimizer(model.parameters())
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
                                            config=config, mpu=mpu,

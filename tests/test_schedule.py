@@ -8,7 +8,7 @@ import torch
 from jobconfig.errors import ConfigError
 from jobconfig.loader import CONFIG_ROOT, load_config
 from parallel.engine import deepspeed_config
-from pretrain.training.optimizer import build_optimizer, build_scheduler, lr_lambda
+from pretrain.training.optimizer import adamw_kwargs, build_optimizer, build_scheduler, lr_lambda
 
 STAGE_FILES = [CONFIG_ROOT / "stages" / f"stage{i}.yaml" for i in range(1, 5)]
 
@@ -105,3 +105,17 @@ def test_deepspeed_config_follows_our_config():
     assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-5,
                                                            "weight_decay": 0.1}}
     assert "optimizer" not in deepspeed_config(load_config(None).parallel, cfg.train, dp_size=1)
+
+
+@pytest.mark.parametrize("device_type, fused", [("cuda", True), ("npu", None), ("cpu", None)])
+def test_adamw_is_fused_on_cuda_only(device_type, fused):
+    # NPU: torch_npu has its own fused optimisers; torch's fused AdamW is CUDA-only
+    assert adamw_kwargs(device_type).get("fused") is fused
+
+
+def test_build_optimizer_asks_for_the_parameters_device(monkeypatch):
+    seen = []
+    monkeypatch.setattr("pretrain.training.optimizer.adamw_kwargs", lambda t: seen.append(t) or {})
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], load_config(None).train)
+    assert seen == ["cpu"] and not opt.defaults.get("fused")
+

@@ -14,7 +14,10 @@ loss of the exported model on a fixed evaluation set (moving-square videos
 from a seed training never uses, fixed clip cuts and noise seeds, one
 `next_clip_loss` under no_grad). The curve is the per-step *train* loss from
 metrics.jsonl (no extra held-out evaluations mid-run), with cumulative tokens
-and FLOPs (6N plus attention per token, as the trainer's MFU).
+and training FLOPs as the trainer's MFU counts them (pretrain/training/metrics.py
+`train_flops`): 6N per token plus attention over the (query, key) pairs the
+mask allows, from each line's `attention_pairs`. Fits on this C are fits on
+useful FLOPs; `flops_6nd` is the attention-free 6ND for comparison.
 """
 from __future__ import annotations
 
@@ -34,10 +37,13 @@ from orchestration.sweep.config import SweepConfig
 from parallel.device import destroy_process_group
 from pretrain.evaluation.heldout import HELD_OUT_VERSION, held_out_loss
 from pretrain.model.videogpt import build_model
-from pretrain.training.metrics import model_flops_per_token
+from pretrain.training.metrics import train_flops
 from pretrain.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
+# what a result's `flops` counts; in trial keys, so a new count re-runs old trials instead of mixing
+# them (2: attention over the pairs the mask allows, train_flops; 1: a dense L x L square)
+FLOPS_VERSION = 2
 
 
 def resolve_path(path: str) -> Path:
@@ -49,8 +55,8 @@ def trial_key(job: dict, eval_cfg: dict) -> str:
     job = json.loads(json.dumps(job))
     job["train"]["out_dir"] = ""  # the trial dir is named by the key, not part of it
     # the held-out set's construction is part of what a result means: a new one re-runs old trials
-    canon = json.dumps({"job": job, "eval": eval_cfg, "heldout": HELD_OUT_VERSION}, sort_keys=True,
-                       separators=(",", ":"))
+    canon = json.dumps({"job": job, "eval": eval_cfg, "heldout": HELD_OUT_VERSION, "flops": FLOPS_VERSION},
+                       sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
@@ -100,7 +106,7 @@ def run_trial(spec: dict, trial_dir: str) -> dict:
     for line in (out / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
         tokens += m["tokens"]
-        flops += m["tokens"] * model_flops_per_token(job.model, n_params, m["tokens"] / max(m["samples"], 1))
+        flops += train_flops(job.model, n_params, m["tokens"], m["attention_pairs"])
         curve.append({"step": m["step"], "loss": m["loss"], "tokens": tokens, "flops": flops})
     return {"key": spec["key"], "size": spec["size"], "budget": spec["budget"], "lr": spec["lr"],
             "batch_size": spec["batch_size"], "steps": job.train.steps, "N": n_params, "D": tokens,

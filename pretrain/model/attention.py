@@ -17,6 +17,17 @@ derives its mask from it, and the KV-cached inference (sampler.py) follows it.
 Backends, all taking the same per-token metadata (`ClipMeta`):
   flex       FlexAttention with a BlockMask built from the metadata (GPU,
              compiled; the forward also runs on CPU, there is no CPU backward).
+             From stage 2 on the clip partition, hence L, changes nearly every
+             step; a graph per L would recompile every step and, past dynamo's
+             recompile limit, fall back to the unfused kernel that builds the
+             L x L scores. So the rows are folded into one sequence of
+             B * Lp tokens (Lp: L padded to the block size, two blocks at
+             least) and compiled once with dynamic shapes: batch 1 always and
+             one symbolic length, whatever the layout. Tail padding is its own
+             sample (real tokens never see it) and is cut off the output; rows
+             get disjoint sample ids, so the block-sparse kernel skips every
+             cross-row block. BlockMasks come from a compiled create_block_mask
+             (also one dynamic graph) and are cached per layout (`ClipMeta.key`).
   blockwise  exact, autograd everywhere (CPU/NPU training path). Keys are
              permuted per sample to [noisy clips K..1][clean frames 1..F'].
              Then every query group's keys are one contiguous slice: a clean
@@ -30,12 +41,15 @@ Backends, all taking the same per-token metadata (`ClipMeta`):
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import flex_attention as _flex
 
 from jobconfig.errors import ConfigError
 
@@ -55,14 +69,28 @@ class ClipMeta:
     clip_id: torch.Tensor
     is_noisy: torch.Tensor
     role: torch.Tensor
+    # hashable python description of the layout (same key, same metadata), or None: lets the flex
+    # backend reuse a BlockMask across batches without reading the tensors back from the device
+    key: tuple | None = None
+    # the five columns as numpy arrays when the caller has them on the host (SequenceTables.host):
+    # the block-wise plan is built from them, so no step reads the device back
+    host: list | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
     FIELDS = ("sample_id", "frame", "clip_id", "is_noisy", "role")
 
     @classmethod
     def of(cls, seq) -> "ClipMeta":
-        """The metadata of a `SequenceTables` (or anything with the five fields)."""
-        return cls(*(getattr(seq, name) for name in cls.FIELDS))
+        """The metadata of a `SequenceTables` (or anything with the five fields).
+
+        A `SequenceTables` is keyed by its clip sizes, row lengths and padded length: together they
+        fix every table (patches per frame is the one unknown, and L grows strictly with it)."""
+        key = None
+        if getattr(seq, "clips", None) is not None and getattr(seq, "lengths", None) is not None:
+            key = ("clips", seq.clips, tuple(seq.lengths), seq.sample_id.shape[1])
+        host = getattr(seq, "host", None)
+        host = [host[name] for name in cls.FIELDS] if host else None
+        return cls(*(getattr(seq, name) for name in cls.FIELDS), key=key, host=host)
 
     @property
     def seq_len(self) -> int:
@@ -133,11 +161,23 @@ def _plan_row(cols: list[np.ndarray], device) -> _RowPlan:
     return _RowPlan(to(key_perm), to(query_perm), to(query_inv), segments)
 
 
+# plans of recent layouts (stage 1 repeats one layout every step), oldest dropped first
+BLOCKWISE_PLAN_CACHE_SIZE = 64
+_BLOCKWISE_PLANS: dict = {}
+
+
 def _blockwise_plans(meta: ClipMeta) -> list[_RowPlan]:
     plans = meta._cache.get("blockwise")
     if plans is None:
-        cols = [c.cpu().numpy() for c in meta.columns()]
-        plans = [_plan_row([c[b] for c in cols], meta.sample_id.device) for b in range(cols[0].shape[0])]
+        cache_key = None if meta.key is None else (meta.key, str(meta.sample_id.device))
+        plans = _BLOCKWISE_PLANS.get(cache_key) if cache_key else None
+        if plans is None:
+            cols = meta.host if meta.host is not None else [c.cpu().numpy() for c in meta.columns()]
+            plans = [_plan_row([c[b] for c in cols], meta.sample_id.device) for b in range(cols[0].shape[0])]
+            if cache_key:
+                _BLOCKWISE_PLANS[cache_key] = plans
+                while len(_BLOCKWISE_PLANS) > BLOCKWISE_PLAN_CACHE_SIZE:
+                    _BLOCKWISE_PLANS.pop(next(iter(_BLOCKWISE_PLANS)))
         meta._cache["blockwise"] = plans
     return plans
 
@@ -171,37 +211,116 @@ def dense_attention(q, k, v, meta: ClipMeta, max_tokens: int = 8192) -> torch.Te
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-_compiled_flex = None
+FLEX_BLOCK = 128           # FlexAttention's sparse block: the padding unit of the folded sequence
+FLEX_MASK_CACHE_SIZE = 32  # BlockMasks kept across batches (an entry is a few MB at stage-2 lengths)
+
+_flex_masks: OrderedDict = OrderedDict()  # (ClipMeta.key, device, block, compile) -> _FlexLayout, LRU
+_compiled: dict = {}
 
 
-def flex_block_mask(meta: ClipMeta, compile: bool = False, block_size: int = 128):
-    from torch.nn.attention.flex_attention import create_block_mask
+def _compiled_fn(name: str):
+    """torch.compile'd flex_attention / create_block_mask, one each per process.
 
-    key = ("flex_mask", compile, block_size)
-    if key not in meta._cache:
-        cols = meta.columns()
+    dynamic=True: the folded length is symbolic from the first call, so one graph serves every
+    layout of a stage (with dynamic=None the first graph would be static and a second one follow)."""
+    if name not in _compiled:
+        _compiled[name] = torch.compile(_flex if name == "flex" else create_block_mask, dynamic=True)
+    return _compiled[name]
+
+
+@dataclass
+class _FlexLayout:
+    """A batch's metadata folded into one padded sequence, and its BlockMask."""
+    rows: int            # B
+    length: int          # L, the batch's sequence length
+    padded: int          # Lp: L padded to the block size; the folded sequence has rows * Lp tokens
+    block_mask: object   # BlockMask over [1, 1, rows * Lp, rows * Lp]
+
+
+def _padded_length(rows: int, length: int, block: int) -> int:
+    # two blocks in all at least: dynamo specialises a size of 1, and a one-block sequence would
+    # compile a second graph
+    return max(-(-length // block), 2 if rows == 1 else 1) * block
+
+
+def _folded_columns(meta: ClipMeta, padded: int) -> list[torch.Tensor]:
+    """The five columns as [B * Lp] tensors: rows one after the other, each padded to Lp.
+
+    Sample ids are made unique across rows (s + r*L), a row's own padding becomes sample -1-r
+    (it sees its row's padding, as in the other backends) and the tail padding up to Lp sample
+    -1-B-r (it sees itself only, and no real token sees it). All on the device, no host sync."""
+    B, L = meta.sample_id.shape
+    device = meta.sample_id.device
+    row = torch.arange(B, device=device)[:, None]
+    tail = torch.arange(padded, device=device)[None, :] >= L
+    cols = [F.pad(c, (0, padded - L)) for c in meta.columns()]
+    sample = cols[0]
+    cols[0] = torch.where(tail, -1 - B - row, torch.where(sample >= 0, sample + row * L, -1 - row))
+    # fresh tensors, not views: dynamo would guard on a view's base, whose [B, Lp] shape varies
+    return [c.reshape(-1).clone() for c in cols]
+
+
+def _build_block_mask(mask_mod, tokens: int, device, block: int, compile: bool):
+    """create_block_mask over the folded sequence (a seam for tests to count the builds)."""
+    build = _compiled_fn("block_mask") if compile else create_block_mask
+    return build(mask_mod, 1, None, tokens, tokens, device, block)
+
+
+def _flex_layout(meta: ClipMeta, compile: bool, block: int) -> _FlexLayout:
+    """The folded layout of `meta`: from the meta itself, else the LRU by layout key, else built."""
+    local = ("flex_layout", compile, block)
+    if local in meta._cache:
+        return meta._cache[local]
+    device = meta.sample_id.device
+    shared = None if meta.key is None else (meta.key, str(device), block, compile)
+    layout = _flex_masks.get(shared) if shared is not None else None
+    if layout is None:
+        B, L = meta.sample_id.shape
+        padded = _padded_length(B, L, block)
+        cols = _folded_columns(meta, padded)
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return attention_rule(*(c[b, q_idx] for c in cols), *(c[b, kv_idx] for c in cols))
+            return attention_rule(*(c[q_idx] for c in cols), *(c[kv_idx] for c in cols))
 
-        B, L = meta.sample_id.shape
-        meta._cache[key] = create_block_mask(mask_mod, B, None, L, L, device=meta.sample_id.device,
-                                             BLOCK_SIZE=block_size, _compile=compile)
-    return meta._cache[key]
+        layout = _FlexLayout(B, L, padded, _build_block_mask(mask_mod, B * padded, device, block, compile))
+        if shared is not None:
+            _flex_masks[shared] = layout
+            while len(_flex_masks) > FLEX_MASK_CACHE_SIZE:
+                _flex_masks.popitem(last=False)
+    elif shared is not None:
+        _flex_masks.move_to_end(shared)
+    meta._cache[local] = layout
+    return layout
+
+
+def clear_flex_cache() -> None:
+    """Forget the cached BlockMasks (tests; or to free them between stages)."""
+    _flex_masks.clear()
+
+
+def flex_block_mask(meta: ClipMeta, compile: bool = False, block_size: int = FLEX_BLOCK):
+    """The BlockMask flex_attention applies: over the B rows folded into one padded sequence."""
+    return _flex_layout(meta, compile, block_size).block_mask
 
 
 def flex_attention(q, k, v, meta: ClipMeta, compile: bool | None = None) -> torch.Tensor:
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention as _flex
-
+    """q, k, v: [B, H, L, D] -> [B, H, L, D]; compiled by default on CUDA (one graph for all L)."""
     if compile is None:
         compile = q.device.type == "cuda"
-    block_mask = flex_block_mask(meta, compile=compile)
-    if compile:
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(_flex, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=block_mask)
-    return _flex(q, k, v, block_mask=block_mask)
+    layout = _flex_layout(meta, compile, FLEX_BLOCK)
+    B, _, L, _ = q.shape
+    if (B, L) != (layout.rows, layout.length):
+        raise ValueError(f"flex_attention: q is [B={B}, L={L}], the clip metadata [{layout.rows}, {layout.length}]")
+    Lp = layout.padded
+
+    def fold(x):  # [B, H, L, D] -> [1, H, B*Lp, D]
+        # always a fresh tensor (pad and cat copy): dynamo guards on a view's base, so a view for
+        # some batches and not for others would compile a second graph
+        x = F.pad(x, (0, 0, 0, Lp - L))
+        return x if B == 1 else torch.cat(x.split(1), dim=2)
+
+    out = (_compiled_fn("flex") if compile else _flex)(fold(q), fold(k), fold(v), block_mask=layout.block_mask)
+    return out.reshape(out.shape[1], B, Lp, out.shape[-1]).transpose(0, 1)[:, :, :L]
 
 
 # ---------------------------------------------------------------- selection

@@ -30,9 +30,10 @@ the rule):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from jobconfig.errors import ConfigError
@@ -101,6 +102,8 @@ class SequenceTables:
     role: torch.Tensor
     lengths: list[int]
     clips: tuple
+    # the same tables on the host (numpy): what plans attention without reading the device back
+    host: dict = field(default_factory=dict, repr=False)
 
     @property
     def seq_len(self) -> int:
@@ -119,8 +122,10 @@ def build_sequence(clips: list[list[list[int]]], patches: int, max_tokens: int, 
         if n > max_tokens:
             raise ConfigError(f"clips row {r}: sequence of {n} tokens exceeds model.max_tokens={max_tokens}")
     L = max(lengths)
-    out = {}
+    out, host = {}, {}
     for name, fill in _PAD_FILL.items():
         data = [list(getattr(r, name)) + [fill] * (L - len(r.src)) for r in rows]
-        out[name] = torch.tensor(data, dtype=torch.bool if name == "is_noisy" else torch.long, device=device)
-    return SequenceTables(**out, lengths=lengths, clips=tuple(tuple(tuple(c) for c in row) for row in clips))
+        host[name] = np.array(data, dtype=bool if name == "is_noisy" else np.int64)
+        out[name] = torch.from_numpy(host[name]).to(device)
+    return SequenceTables(**out, lengths=lengths, clips=tuple(tuple(tuple(c) for c in row) for row in clips),
+                          host=host)

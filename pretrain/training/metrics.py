@@ -1,11 +1,56 @@
-"""Training throughput bookkeeping: FLOPs per token and the peak FLOP/s of known devices (MFU).
+"""Training throughput bookkeeping: the FLOPs of a step and the peak FLOP/s of known devices (MFU).
+
+The attention term counts the (query, key) pairs the attention rule allows
+(pretrain/model/attention.py `attention_rule`), not a dense L x L square: the
+next-clip layout is mostly causal, so a dense count would overstate the work
+by about 2x and flatter the MFU. The pairs are counted in closed form from a
+row's clip sizes (python ints on the host), so logging them costs no device
+sync and no mask.
+
+FLOPs of one training step (forward + backward, backward = 2 x forward):
+  dense matmuls  6 N per token (2 per parameter forward, 4 backward)
+  attention      12 x layers x hidden per allowed pair: QK^T and AV are each a
+                 hidden-long dot product per pair (2 x hidden FLOPs, multiply and
+                 add), so 4 x hidden forward, 8 x hidden backward.
+Both count useful work only: a kernel that also computes masked-out pairs
+(padding, masked blocks) does not earn FLOPs for them.
 """
 from __future__ import annotations
 
 # peak dense bf16 FLOP/s per device, for MFU
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "910B": 313e12}
 
+ATTENTION_FLOPS_PER_PAIR_PER_HIDDEN = 12  # (QK^T + AV) x 2 FLOPs x (forward 1 + backward 2)
 
-def model_flops_per_token(cfg, n_params: int, seq_len: int) -> float:
-    """6N for the matmuls plus attention (QK^T and AV, forward+backward), per token."""
-    return 6 * n_params + 12 * cfg.num_layers * cfg.hidden_size * seq_len
+
+def allowed_attention_pairs(clips_row, patches: int) -> int:
+    """(query, key) pairs the attention rule allows in one row (a list of samples, each a list of
+    clip sizes; pretrain/model/sequence.py), padding excluded. Closed form per clip: O(clips).
+
+    Every frame copy has L = P + 2 tokens. Samples never see each other. In a sample:
+      noisy clip k (n frames, F clean frames before it): every token sees the F*L clean tokens
+        before the clip; within the clip, markers see the n markers, time tokens the n markers
+        and n times, patches all n*L noisy tokens. Sum: n*L*F*L + n*n*(1 + 2 + P*L).
+      clean frame j (0-based in the sample; frames of clips 1..K-1): its L tokens see the j*L
+        clean tokens of earlier frames; within the frame <img> sees 1, each patch P+1, </img> L.
+        Sum over the F_K clean frames: L*L*F_K*(F_K-1)/2 + F_K*(1 + P*(P+1) + L).
+    """
+    P = int(patches)
+    L = P + 2
+    total = 0
+    for sample in clips_row:
+        before = 0  # clean frames before the current clip
+        for size in sample:
+            n = int(size)
+            total += n * L * before * L + n * n * (3 + P * L)
+            before += n
+        clean = before - int(sample[-1]) if sample else 0  # the last clip has no clean copy
+        total += L * L * clean * (clean - 1) // 2 + clean * (1 + P * (P + 1) + L)
+    return total
+
+
+def train_flops(cfg, n_params: int, tokens: int | float, attention_pairs: int | float) -> float:
+    """FLOPs of training on `tokens` tokens whose attention allows `attention_pairs` pairs
+    (forward + backward; see the module docstring). `cfg`: the ModelConfig."""
+    return 6.0 * n_params * tokens + ATTENTION_FLOPS_PER_PAIR_PER_HIDDEN * cfg.num_layers * cfg.hidden_size * \
+        float(attention_pairs)

@@ -7,6 +7,17 @@ global sample index, the next-clip loss through the DeepSpeed engine, logs
 console and TensorBoard, checkpoints through the one CheckpointManager, and at
 the end a consolidated safetensors export that the next stage starts from.
 
+A step never waits for the device: its loss and grad norm stay device
+tensors, its token, attention-pair and sample counts and its sample rows are
+host numbers (from the loader's clip sizes). They are read back in one
+batch on flush steps only: every `train.log_every` steps, the first and last
+step of a run, and before a checkpoint (so metrics.jsonl holds every step a
+checkpoint covers). A flush makes one all-reduce, one all_gather_object and
+one device-to-host copy, then writes one metrics.jsonl line per step as
+before. Step time, tokens/s and MFU on a line are averages over the flushed
+window, timed up to that sync: per-step host timing would measure only
+kernel launches on an asynchronous device.
+
 The model stays the plain single-device VideoGPT (`self.model`); the engine
 wraps it for forward/backward/step; nothing unwraps `.module`.
 """
@@ -32,7 +43,7 @@ from pretrain.checkpoint.export import export_path, load_export, save_export, we
 from pretrain.checkpoint.integrity import CheckpointError
 from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.model.videogpt import build_model
-from pretrain.training.metrics import PEAK_FLOPS, model_flops_per_token
+from pretrain.training.metrics import PEAK_FLOPS, allowed_attention_pairs, train_flops
 from pretrain.training.objective import next_clip_loss, row_seed
 from pretrain.training.optimizer import build_optimizer, build_scheduler
 from pretrain.training.parallelize import TP_PLAN, parallelize
@@ -61,10 +72,12 @@ class Trainer:
         self.out = Path(cfg.train.out_dir)
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, device=self.device.device, seed=cfg.train.seed)
+        # the full model's parameters, counted before TP shards them or ZeRO-3 partitions them (MFU)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
         if cfg.train.init_from:
             load_export(self.model, cfg.train.init_from)
             self._record_init(cfg.train.init_from)
-        parallelize(self.model, pc, self.groups)
+        parallelize(self.model, pc, self.groups, compile=cfg.train.compile)
         self.data = (data_factory or make_source)(cfg, self.dp_rank, self.dp_size)
         # with SP, DeepSpeed averages gradients over dp x sp ranks (each SP rank holds the full loss)
         mpu = self.groups.deepspeed_mpu() if self.groups else None
@@ -73,11 +86,13 @@ class Trainer:
         self.engine = build_engine(self.model, pc, cfg.train, grad_ranks,
                                    make_optimizer=lambda params: build_optimizer(params, cfg.train),
                                    make_scheduler=lambda opt: build_scheduler(opt, cfg.train, self.dist.world_size),
-                                   mpu=mpu, micro_batch=self.rows_per_micro())
+                                   mpu=mpu, micro_batch=self.rows_per_micro(), device_type=self.device.type)
         self.ckpt = CheckpointManager(self.out / "checkpoints", self.dist.rank, cfg.train.keep_last,
                                       cfg.train.keep_every, before_commit=self.hooks.before_checkpoint_commit)
         self.step = 0
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []  # flushed records, one per step
+        self._pending: list[dict[str, Any]] = []  # steps trained but not yet read back (device tensors)
+        self._window_start = time.perf_counter()
         self._tb = None
 
     def _record_init(self, path: str) -> None:
@@ -138,12 +153,13 @@ class Trainer:
     def _barrier(self):
         dist.barrier()
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, Any]:
+        """One optimiser step. Returns its record without a device sync: `loss` and `grad_norm`
+        may be device tensors, the rest host numbers; `_flush` reads them back."""
         tc = self.cfg.train
-        t0 = time.perf_counter()
         lr = self.engine.get_lr()[0]  # the LR this step trains with (engine.step moves the schedule on)
-        loss_sum, tokens, rows = 0.0, 0, 0
-        self._step_rows = []
+        loss_sum: torch.Tensor | None = None
+        tokens, pairs, step_rows = 0, 0, []
         for micro in range(tc.grad_accum_steps):
             batch, global_rows = self.data.batch(self.step, micro)
             batch = batch.to(self.device.device)
@@ -157,37 +173,67 @@ class Trainer:
             loss = weight * next_clip_loss(self.model, batch, self.cfg.objective, seeds, forward=self.engine)
             self.engine.backward(loss)
             self.engine.step()
-            loss_sum += loss.detach().float().item()
-            if global_rows:  # counted from the clip sizes: the objective already built the token tables
+            loss = loss.detach().float()
+            loss_sum = loss if loss_sum is None else loss_sum + loss  # stays on the device
+            if global_rows:  # counted from the clip sizes (host ints): the objective already built the tables
                 patches = patches_per_frame(tuple(batch.latents.shape[-2:]), self.cfg.model.patch_size)
                 tokens += sum(sequence_length(row, patches) for row in batch.clips)
-            rows += len(global_rows)
-            self._step_rows += list(global_rows)
+                pairs += sum(allowed_attention_pairs(row, patches) for row in batch.clips)
+            step_rows += list(global_rows)
         self.step += 1
-        stats = torch.tensor([loss_sum / tc.grad_accum_steps, float(tokens), float(rows)], dtype=torch.float64)
+        return {"step": self.step, "loss": loss_sum / tc.grad_accum_steps, "tokens": tokens, "samples": len(step_rows),
+                "attention_pairs": pairs, "grad_norm": self.engine.get_global_grad_norm(), "lr": lr,
+                "sample_rows": step_rows}
+
+    def _flush_due(self, start_step: int, checkpoint: bool) -> bool:
+        tc = self.cfg.train
+        return checkpoint or self.step % tc.log_every == 0 or self.step == tc.steps or self.step == start_step + 1
+
+    def _flush(self) -> list[dict[str, Any]]:
+        """The pending steps' records with every value a host number, summed over the data-parallel
+        replicas: one all-reduce, one all_gather_object and one device-to-host read for all of them."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return []
+        dev = self.device.device
+        losses = torch.stack([p["loss"].to(dev, torch.float64).reshape(()) for p in pending])
+        counts = torch.tensor([[p["tokens"], p["samples"], p["attention_pairs"]] for p in pending],
+                              dtype=torch.float64, device=dev)
+        stats = torch.cat([losses[:, None], counts], dim=1)
         dist.all_reduce(stats)
+        # DeepSpeed reports the global grad norm (the same on every rank): kept local, read in the same copy
+        norms = torch.stack([_as_tensor(p["grad_norm"], dev) for p in pending])
+        values = torch.cat([stats.flatten(), norms]).tolist()  # the one device-to-host sync
         consumed: list = [None] * self.dist.world_size
-        dist.all_gather_object(consumed, self._step_rows)
-        grad_norm = self.engine.get_global_grad_norm()
-        return {"step": self.step, "loss": stats[0].item() / self.dist.world_size, "tokens": stats[1].item(),
-                "samples": stats[2].item(), "step_time": time.perf_counter() - t0,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "lr": lr,
-                "sample_rows": sorted({r for rank_rows in consumed for r in rank_rows})}
+        dist.all_gather_object(consumed, [p["sample_rows"] for p in pending])
+        # every rank of one data-parallel replica (its TP and SP ranks) trains the same rows
+        replicas = self.dist.world_size // self.dims.dp
+        n = len(pending)
+        out = []
+        for i, p in enumerate(pending):
+            loss, tokens, samples, pairs = values[4 * i: 4 * i + 4]
+            out.append({"step": p["step"], "loss": loss / self.dist.world_size, "tokens": tokens / replicas,
+                        "samples": samples / replicas, "attention_pairs": pairs / replicas,
+                        "grad_norm": values[4 * n + i], "lr": p["lr"],
+                        "sample_rows": sorted({r for rank_rows in consumed for r in rank_rows[i]})})
+        return out
 
     def run(self, resume: str = "auto") -> Path:
         """Train to `train.steps`, checkpointing; returns the path of the final export."""
         tc = self.cfg.train
         resumed = self.resume(resume)
         start_step, start_time = self.step, time.perf_counter()
-        n_params = sum(p.numel() for p in self.model.parameters())
-        self._log_line(f"{self.stage_name}: {n_params / 1e6:.2f}M parameters, world size {self.dist.world_size}, "
+        self._log_line(f"{self.stage_name}: {self.n_params / 1e6:.2f}M parameters, world size {self.dist.world_size}, "
                        f"ZeRO-{self.cfg.parallel.zero_stage}, steps {self.step + 1}..{tc.steps}")
+        self._window_start = time.perf_counter()
         while self.step < tc.steps:
-            m = self.train_step()
-            self._record(m, n_params, start_step, start_time)
-            if tc.checkpoint_every and self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
+            self._pending.append(self.train_step())
+            checkpoint = bool(tc.checkpoint_every) and self.step % tc.checkpoint_every == 0 and self.step < tc.steps
+            if self._flush_due(start_step, checkpoint):
+                self._record(self._flush(), start_step, start_time)
+            if checkpoint:
                 self.ckpt.save(self.engine, self.step, self.trainer_state(), self._barrier)
+                self._window_start = time.perf_counter()  # the save is not training time
             if self.hooks.after_step:
                 self.hooks.after_step(self)
         if not resumed or self.step > start_step:  # else we resumed from this very step's checkpoint
@@ -233,40 +279,60 @@ class Trainer:
         if self.dist.rank == 0:
             print(text, flush=True)
 
-    def _record(self, m: dict, n_params: int, start_step: int, start_time: float) -> None:
+    def _record(self, records: list[dict], start_step: int, start_time: float) -> None:
+        """Log flushed records: throughput and MFU are the window's (since the last flush), timed
+        after the flush's sync; one metrics.jsonl line per step; the console on log steps."""
+        if not records:
+            return
         tc = self.cfg.train
-        m["tokens_per_s"] = m["tokens"] / m["step_time"]
-        m["samples_per_s"] = m["samples"] / m["step_time"]
+        now = time.perf_counter()
+        elapsed = max(now - self._window_start, 1e-9)
+        self._window_start = now
+        tokens = sum(m["tokens"] for m in records)
+        samples = sum(m["samples"] for m in records)
+        flops = sum(train_flops(self.cfg.model, self.n_params, m["tokens"], m["attention_pairs"]) for m in records)
         name = torch.cuda.get_device_name(self.device.device) if self.device.type == "cuda" else self.device.type
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-        if peak:
-            seq_len = m["tokens"] / max(m["samples"], 1)
-            m["mfu"] = m["tokens_per_s"] * model_flops_per_token(self.cfg.model, n_params, seq_len) / \
-                (peak * self.dist.world_size)
-        self.history.append(m)
+        for m in records:
+            m["step_time"] = elapsed / len(records)
+            m["tokens_per_s"] = tokens / elapsed
+            m["samples_per_s"] = samples / elapsed
+            if peak:
+                m["mfu"] = flops / elapsed / (peak * self.dist.world_size)
+        self.history.extend(records)
         if self.dist.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"stage": self.stage_name, **m}) + "\n")
+            for m in records:
+                f.write(json.dumps({"stage": self.stage_name, **m}) + "\n")
         if tc.tensorboard:
             if self._tb is None:
                 from torch.utils.tensorboard import SummaryWriter
                 self._tb = SummaryWriter(str(self.out / "tensorboard"))
-            for k in ("loss", "tokens_per_s", "samples_per_s", "step_time", "grad_norm", "lr", "mfu"):
-                if k in m:
-                    self._tb.add_scalar(f"{self.stage_name}/{k}", m[k], m["step"])
-        if m["step"] % tc.log_every == 0 or m["step"] == tc.steps or m["step"] == start_step + 1:
-            done = m["step"] - start_step
-            elapsed = time.perf_counter() - start_time
-            eta = (tc.steps - m["step"]) * elapsed / done
-            mfu = f"  MFU {m['mfu'] * 100:.1f}%" if "mfu" in m else ""
-            print(self.progress_line(m, mfu, eta), flush=True)
+            for m in records:
+                for k in ("loss", "tokens_per_s", "samples_per_s", "step_time", "grad_norm", "lr", "mfu"):
+                    if k in m:
+                        self._tb.add_scalar(f"{self.stage_name}/{k}", m[k], m["step"])
+        for m in records:
+            if m["step"] % tc.log_every == 0 or m["step"] == tc.steps or m["step"] == start_step + 1:
+                done = m["step"] - start_step
+                eta = (tc.steps - m["step"]) * (now - start_time) / done
+                mfu = f"  MFU {m['mfu'] * 100:.1f}%" if "mfu" in m else ""
+                print(self.progress_line(m, mfu, eta), flush=True)
 
     def progress_line(self, m: dict, mfu: str, eta: float) -> str:
         return (f"[{self.stage_name}] step {m['step']:6d}/{self.cfg.train.steps}  loss {m['loss']:.4f}  "
                 f"grad_norm {m['grad_norm']:.3f}  lr {m['lr']:.2e}  {m['tokens_per_s']:.0f} tok/s  "
                 f"{m['samples_per_s']:.2f} samples/s  {m['step_time'] * 1000:.0f} ms/step{mfu}  ETA {eta:.0f}s")
+
+
+def _as_tensor(value, device) -> torch.Tensor:
+    """A grad norm as DeepSpeed reports it (a tensor, a float or None) as a 0-d float64 tensor on
+    `device`, without reading a device tensor back."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device, torch.float64).reshape(())
+    return torch.tensor(float("nan") if value is None else float(value), dtype=torch.float64, device=device)
 
 
 def check_layout_fits(cfg: JobConfig, world_size: int) -> None:
