@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from jobconfig.errors import ConfigError
+from jobconfig.secrets import check_no_credentials
 
 
 @dataclass
@@ -59,7 +60,7 @@ class StageSamplingConfig:
 @dataclass
 class DataConfig:
     root: str = "runs/latents"               # latent dataset root: /path, file://..., s3://bucket/prefix
-    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec (e.g. endpoint)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec (e.g. endpoint); never keys
     seed: int = 0
     shuffle_buffer: int = 256                # bounded shuffle window per stream, in samples (0: no shuffle)
     num_streams: int = 0                     # shard streams the global order interleaves; 0: auto (see order.py)
@@ -82,6 +83,10 @@ class DataConfig:
                 raise ConfigError(f"{name}: got {getattr(self, name)}, expected a non-negative integer")
         if self.batch_size <= 0:
             raise ConfigError(f"batch_size: got {self.batch_size}, expected a positive integer")
+        if not isinstance(self.storage_options, dict):
+            raise ConfigError(f"storage_options: got {type(self.storage_options).__name__}, expected a mapping "
+                              "of fsspec options (e.g. {endpoint_url: ...})")
+        check_no_credentials(self.storage_options, "storage_options")
 
 
 @dataclass

@@ -140,10 +140,15 @@ def _expand_model_preset(raw: dict) -> dict:
     if not isinstance(model, dict) or "preset" not in model:
         return raw
     preset = model["preset"]
+    if not isinstance(preset, str) or not preset or "/" in preset or preset.startswith("."):
+        raise ConfigError(f"model.preset: got {preset!r}, expected one of {model_presets()}")
     file = CONFIG_ROOT / "model" / f"{preset}.yaml"
     if not file.is_file():
         raise ConfigError(f"model.preset: got {preset!r}, expected one of {model_presets()}")
-    base = yaml.safe_load(file.read_text()) or {}
+    try:
+        base = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise _yaml_error(e, str(file)) from None
     return {**raw, "model": {**base, **model}}
 
 
@@ -167,7 +172,12 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
         if not a.startswith("--") or "=" not in a:
             raise ConfigError(f"override {a!r}: expected the form --section.key=value")
         key, value = a[2:].split("=", 1)
-        out.append((key, yaml.safe_load(value) if value != "" else ""))
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override {a!r}: expected the form --section.key=value")
+        try:
+            out.append((key, yaml.safe_load(value) if value != "" else ""))
+        except yaml.YAMLError as e:
+            raise _yaml_error(e, f"override --{key}") from None
     return out
 
 
@@ -179,13 +189,34 @@ def resolve_raw(raw: dict, overrides: list[tuple[str, Any]] = ()) -> dict:
     return _expand_model_preset(raw)
 
 
+def _yaml_error(e: yaml.YAMLError, where: str) -> ConfigError:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    at = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+    return ConfigError(f"{where}{at}: invalid YAML: {problem}")
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory, expected a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise _yaml_error(e, str(path)) from None
+    if raw is None:
+        raise ConfigError(f"{path}: empty config file (expected a mapping of sections such as model:, train:)")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    bad = [k for k in raw if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{path}: config key {bad[0]!r} is not a string")
     return raw
 
 

@@ -24,6 +24,7 @@ it before `import deepspeed` (or anything that imports it).
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
@@ -136,12 +137,77 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def is_loopback(addr: str | None) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'."""
+    if not addr:
+        return False
+    if addr.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(addr.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_interface() -> str:
+    """The name of the loopback network interface ('lo' on Linux, 'lo0' on macOS)."""
+    try:
+        names = [n for _, n in socket.if_nameindex()]
+    except OSError:
+        names = []
+    return next((n for n in names if n in ("lo", "lo0")), next((n for n in names if n.startswith("lo")), "lo"))
+
+
+def loopback_store(addr: str, port: int, world_size: int, is_master: bool, timeout: timedelta,
+                   multi_tenant: bool = False) -> "dist.TCPStore":
+    """A TCPStore whose server listens on the loopback address `addr` only.
+
+    TCPStore's own server listens on every interface ([::]:PORT, no authentication) whatever
+    host name it is given; handing it a socket already bound to loopback keeps it off the network.
+    """
+    if not is_master:
+        return dist.TCPStore(addr, port, world_size, False, timeout)
+    host = "::1" if ":" in addr.strip("[]") else ("127.0.0.1" if addr.lower() == "localhost" else addr.strip("[]"))
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(max(128, world_size or 0))
+        fd = sock.detach()   # the store owns the descriptor from here on
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        return dist.TCPStore(host, sock_port(fd), world_size, True, timeout, multi_tenant=multi_tenant,
+                             master_listen_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def sock_port(fd: int) -> int:
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def _bind_loopback_if_local(spec: DeviceSpec) -> None:
+    """Single-node run on loopback: keep gloo's pair sockets on loopback too (gloo otherwise
+    listens on the address the host name resolves to). A user's GLOO_SOCKET_IFNAME wins."""
+    if spec.backend == "gloo" and is_loopback(os.environ.get("MASTER_ADDR")) and not os.environ.get("GLOO_SOCKET_IFNAME"):
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback_interface()
+
+
 def init_process_group(spec: DeviceSpec, timeout_s: float = 1800.0) -> DistInfo:
     """Join the job's default process group with the device's backend, once per process.
 
     Under torchrun (or the DeepSpeed launcher, or a test harness) RANK,
     WORLD_SIZE, MASTER_ADDR and MASTER_PORT come from the environment; without
-    them a 1-rank group is made on loopback, since DeepSpeed always wants one.
+    them a 1-rank group is made in process (a HashStore: nothing listens at all),
+    since DeepSpeed always wants one. When MASTER_ADDR is a loopback address,
+    rank 0 serves the store on loopback only, and gloo binds loopback.
     A no-op when a group already exists, but the backends must agree.
     """
     if dist.is_initialized():
@@ -149,22 +215,32 @@ def init_process_group(spec: DeviceSpec, timeout_s: float = 1800.0) -> DistInfo:
         if have != spec.backend:
             raise ConfigError(f"parallel.device={spec.type!r} needs backend {spec.backend!r}, "
                               f"but the process group was started with {have!r}")
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = timedelta(seconds=timeout_s)
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+        _bind_loopback_if_local(spec)
+        dist.init_process_group(backend=spec.backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
+        return DistInfo(0, 1, 0)
+    _bind_loopback_if_local(spec)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    addr, port = os.environ.get("MASTER_ADDR", ""), int(os.environ.get("MASTER_PORT", "0") or 0)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # The launcher's agent serves the store (orchestration.launch.local_torchrun binds it to
+        # loopback for local runs). Under torchrun the rendezvous store outlives a failed attempt; give
+        # every attempt its own key space, or the restarted ranks read the dead ranks' addresses and
+        # gloo cannot connect.
+        base = dist.TCPStore(addr, port, world, is_master=False, timeout=timedelta(minutes=30))
+        dist.init_process_group(backend=spec.backend, store=dist.PrefixStore(f"vgpt/attempt_{restart or 0}/", base),
+                                rank=rank, world_size=world, timeout=timeout)
+    elif is_loopback(addr) and port:
+        store = loopback_store(addr, port, world, rank == 0, timeout)
+        dist.init_process_group(backend=spec.backend, store=store, rank=rank, world_size=world, timeout=timeout)
     else:
-        if "WORLD_SIZE" not in os.environ:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(free_port()))
-        timeout = timedelta(seconds=timeout_s)
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-        if restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            # Under torchrun the rendezvous store outlives a failed attempt; give every attempt its own
-            # key space, or the restarted ranks read the dead ranks' addresses and gloo cannot connect.
-            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                 int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timedelta(minutes=30))
-            dist.init_process_group(backend=spec.backend, store=dist.PrefixStore(f"vgpt/attempt_{restart}/", base),
-                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-                                    timeout=timeout)
-        else:
-            dist.init_process_group(backend=spec.backend, timeout=timeout)
+        dist.init_process_group(backend=spec.backend, timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 

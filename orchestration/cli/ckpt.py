@@ -1,7 +1,9 @@
 """`vgpt ckpt`: look after a run's checkpoints without starting a job.
 
-    vgpt ckpt list    ROOT                        steps, stage, consumed samples, layout, size, complete or not
-    vgpt ckpt verify  ROOT [--step N]             re-hash every file against its manifest; exit 1 on a problem
+    vgpt ckpt list    ROOT [--verify]             steps, stage, consumed samples, layout, size, complete or not
+                                                (sizes against the manifest; --verify: hashes too)
+    vgpt ckpt verify  ROOT [--step N]             re-hash every file against its manifest; exit 1 on a problem,
+                                                2 when ROOT holds no checkpoints
     vgpt ckpt inspect ROOT [--step N]             config, parallel layout, parameter shapes
     vgpt ckpt export  ROOT --out F [--step N] [--dtype fp32|bf16]
                                                 consolidated safetensors (ZeRO 0-3 and TP shards merged),
@@ -14,7 +16,10 @@
 ROOT is a run's out_dir or its `checkpoints/` folder; `list`, `verify` and
 `export` also take an object-store URL (s3://bucket/run), with credentials
 from the environment only and the endpoint from --endpoint-url or
-AWS_ENDPOINT_URL_S3. `--step` defaults to the newest complete checkpoint.
+AWS_ENDPOINT_URL_S3. One rule picks the checkpoint of inspect, export and
+reshard (CheckpointStore.choose): without `--step` the newest one that
+verifies, naming on stderr the newer ones skipped and why; with `--step N`
+that one, refused (exit 1) when it does not verify.
 Export and inspect read the DeepSpeed shards offline (no process group, no
 GPU), after the manifest check, with pretrain/checkpoint/deepspeed_files.py. Local
 roots and object stores go through the same storage layer (pretrain/checkpoint/storage.py).
@@ -29,12 +34,14 @@ from pathlib import Path
 
 import torch
 
+from jobconfig.errors import ConfigError
 from jobconfig.loader import from_dict
 from jobconfig.model import ModelConfig
 from orchestration.cli import reports_bad_input
 from parallel.dims import ParallelDims
 from pretrain.checkpoint.deepspeed_files import read_checkpoint
 from pretrain.checkpoint.export import save_export
+from pretrain.checkpoint.integrity import CheckpointError
 from pretrain.checkpoint.manager import PORTABLE, CheckpointManager, describe, layout_of, make_portable, write_latest
 from pretrain.checkpoint.portable import read_weights
 from pretrain.checkpoint.storage import TRAINER_STATE, CheckpointStore, tag_for, verify_checkpoint
@@ -44,17 +51,13 @@ HEADER = f"{'tag':16s} {'stage':8s} {'step':>7s} {'samples':>9s} {'layout':16s} 
 REMOTE_COMMANDS = ("list", "verify", "export")
 
 
-def _pick(store: CheckpointStore, step: int | None) -> str:
-    """The tag of `--step`, or of the newest checkpoint that looks complete: its file sizes match on a
-    local disk; on an object store, its manifest exists (the fetch that follows checks every byte)."""
-    if step is not None:
-        if tag_for(step) not in store.tags():
-            raise SystemExit(f"vgpt ckpt: no checkpoint for step {step} under {store.url()}")
-        return tag_for(step)
-    committed = (lambda tag: [] if store.is_complete(tag) else ["no manifest"]) if store.remote else None
-    tag = store.newest_complete(full=False, problems=committed)
-    if tag is None:
-        raise SystemExit(f"vgpt ckpt: no complete checkpoint under {store.url()}")
+def _pick(store: CheckpointStore, args, problems=None) -> str:
+    """The checkpoint a verb works on, by the one rule of `CheckpointStore.choose`: `--step N` or
+    the newest that verifies (every file re-hashed; `problems` replaces that check). The ones skipped
+    are named on stderr; a broken `--step`, or no checkpoint that verifies, is refused."""
+    tag, skipped = store.choose(args.step, full=True, problems=problems)
+    for note in skipped:
+        print(f"vgpt ckpt {args.command}: skipped {note}", file=sys.stderr)
     return tag
 
 
@@ -67,22 +70,40 @@ def _short_layout(st: dict) -> str:
     return f"dp{lay.get('dp')} tp{lay.get('tp')} sp{lay.get('sp')} z{lay.get('zero_stage')}"
 
 
-def _row(tag: str, st: dict, size: int, complete: bool, latest: str | None) -> str:
-    mark = ("complete" if complete else "INCOMPLETE") + ("  <- latest" if tag == latest else "")
+def _row(tag: str, st: dict, size: int, problems: list[str], latest: str | None) -> str:
+    if not problems:
+        mark = "complete"
+    elif any(p.endswith("missing (save did not finish)") for p in problems):
+        mark = "INCOMPLETE (no manifest)"
+    else:
+        mark = "BROKEN (" + "; ".join(problems) + ")"
+    mark += "  <- latest" if tag == latest else ""
     return (f"{tag:16s} {st.get('stage', '?'):8s} {st.get('step', '?'):>7} {st.get('consumed_samples', '?'):>9} "
             f"{_short_layout(st):16s} {size / 2**20:9.1f}  {mark}")
 
 
 def cmd_list(store: CheckpointStore, args) -> int:
+    """A checkpoint is `complete` when every file's size matches its manifest (`--verify`: and its hashes)."""
+    tags = _tags(store)
     latest = store.latest()
     print(HEADER)
-    for tag in store.tags():
-        print(_row(tag, store.trainer_state(tag), store.size(tag), store.is_complete(tag), latest))
+    for tag in tags:
+        print(_row(tag, store.trainer_state(tag), store.size(tag), store.verify(tag, full=args.verify), latest))
     return 0
 
 
+def _tags(store: CheckpointStore) -> list[str]:
+    if not (tags := store.tags()):
+        raise ConfigError(f"no checkpoints (step_* folders) under {store.url()}")
+    return tags
+
+
 def cmd_verify(store: CheckpointStore, args) -> int:
-    tags = [tag_for(args.step)] if args.step is not None else store.tags()
+    tags = _tags(store)
+    if args.step is not None:
+        if tag_for(args.step) not in tags:
+            store.choose(args.step)  # raises: no such step, naming the ones there are
+        tags = [tag_for(args.step)]
     results = [(tag, store.verify(tag)) for tag in tags]
     for tag, problems in results:
         print(f"{tag}: " + ("ok" if not problems else "BROKEN"))
@@ -109,7 +130,7 @@ def consolidated_weights(ckpt: Path, verified: bool = False) -> dict[str, torch.
 
 
 def cmd_inspect(store: CheckpointStore, args) -> int:
-    ckpt = store.local_dir(_pick(store, args.step))
+    ckpt = store.local_dir(_pick(store, args))
     st = _state(ckpt)
     cfg = st.get("config", {})
     print(f"checkpoint {ckpt}")
@@ -118,7 +139,7 @@ def cmd_inspect(store: CheckpointStore, args) -> int:
     print("layout:   " + describe(layout_of(st)) + f" ({layout_of(st).get('format')})")
     print("parallel: " + json.dumps(cfg.get("parallel", {})))
     print("model:    " + json.dumps(cfg.get("model", {})))
-    sd = consolidated_weights(ckpt)
+    sd = consolidated_weights(ckpt, verified=True)
     for k, v in sd.items():
         print(f"  {k:60s} {str(tuple(v.shape)):>20s} {v.dtype}")
     print(f"{sum(v.numel() for v in sd.values()) / 1e6:.2f}M parameters")
@@ -126,17 +147,11 @@ def cmd_inspect(store: CheckpointStore, args) -> int:
 
 
 def cmd_export(store: CheckpointStore, args) -> int:
-    tag = _pick(store, args.step)
     with tempfile.TemporaryDirectory(prefix="vgpt-ckpt-") as tmp:
-        if store.remote:  # a verified local copy: nothing is unpickled before its bytes are checked
-            ckpt = Path(tmp) / tag
-            problems = store.fetch(tag, ckpt)
-        else:
-            ckpt = store.local_dir(tag)
-            problems = store.verify(tag)
-        if problems:
-            print(f"vgpt ckpt export: {store.url(tag)} is broken:\n  " + "\n  ".join(problems), file=sys.stderr)
-            return 1
+        # from an object store: a verified local copy, nothing is unpickled before its bytes are checked
+        fetch = (lambda t: store.fetch(t, Path(tmp) / t)) if store.remote else None
+        tag = _pick(store, args, problems=fetch)
+        ckpt = Path(tmp) / tag if store.remote else store.local_dir(tag)
         st = _state(ckpt)
         model_cfg = from_dict(ModelConfig, st["config"]["model"], "model")
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -148,7 +163,7 @@ def cmd_export(store: CheckpointStore, args) -> int:
 
 
 def cmd_reshard(store: CheckpointStore, args) -> int:
-    src = store.local_dir(_pick(store, args.step))
+    src = store.local_dir(_pick(store, args))
     st = _state(src)
     dims = ParallelDims(args.dp * args.tp * args.sp, args.tp, args.sp)
     dims.check_model(from_dict(ModelConfig, st["config"]["model"], "model"))
@@ -160,7 +175,7 @@ def cmd_reshard(store: CheckpointStore, args) -> int:
     target = {"world_size": dims.world_size, "dp": dims.dp, "tp": dims.tp, "sp": dims.sp}
     if dims.tp > 1:
         target["tp_plan"] = TP_PLAN
-    dst = make_portable(src, dst_root / src.name, target)
+    dst = make_portable(src, dst_root / src.name, target, verified=True)
     write_latest(dst_root, src.name)
     print(f"resharded {src} ({describe(layout_of(st))}) for {describe(target)} into {dst}")
     print(f"resume: vgpt train ... --resume {dst}   (or --train.out_dir={dst_root.parent} when "
@@ -186,6 +201,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("root", help="a run's out_dir or its checkpoints/ folder (list/verify/export: or s3://...)")
     parser.add_argument("--step", type=int, default=None)
     parser.add_argument("--out", default=None, help="export: the .safetensors file; reshard: the new checkpoint root")
+    parser.add_argument("--verify", action="store_true", help="list: re-hash every file (default: sizes only)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--keep-last", type=int, default=3)
     parser.add_argument("--keep-every", type=int, default=0)
@@ -207,4 +223,8 @@ def main(argv: list[str]) -> int:
     if not store.exists():
         print(f"vgpt ckpt: {store.url()} does not exist", file=sys.stderr)
         return 2
-    return COMMANDS[args.command](store, args)
+    try:
+        return COMMANDS[args.command](store, args)
+    except CheckpointError as e:  # a broken checkpoint: one line, exit 1 like a failed verify
+        print(f"vgpt ckpt {args.command}: {e}", file=sys.stderr)
+        return 1

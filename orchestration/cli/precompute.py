@@ -7,6 +7,7 @@ import argparse
 
 from jobconfig.errors import ConfigError
 from jobconfig.loader import load_config
+from orchestration import preflight
 from orchestration.cli import reports_bad_input
 from orchestration.precompute.job import run
 
@@ -18,6 +19,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", required=True, help="a job YAML with a precompute: section")
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides).precompute
+    preflight.check_precompute(cfg)  # inputs, output root, VAE, credentials: before Ray starts
     try:
         run(cfg)
     except FileNotFoundError as e:  # an input or the VAE directory named by the config is not there

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from jobconfig.errors import ConfigError
 from jobconfig.loader import load_config
+from orchestration import preflight
 from orchestration.cli import reports_bad_input
-from pretrain.checkpoint.export import read_export_metadata
 from pretrain.inference.pipeline import predict_videos, resolve_recipe
 
 
@@ -51,7 +51,15 @@ def main(argv: list[str]) -> int:
     if args.context < 1 or args.generate < 1:
         raise ConfigError(f"--context/--generate: got {args.context}/{args.generate}, expected positive integers")
     job = load_config(args.config, overrides)
-    recipe = resolve_recipe(read_export_metadata(args.checkpoint), args.vae, args.frame_interval, args.max_image_size)
+    if args.frame_interval is not None and args.frame_interval < 1:
+        raise ConfigError(f"--frame-interval: got {args.frame_interval}, expected >= 1")
+    if args.max_image_size is not None and args.max_image_size < 1:
+        raise ConfigError(f"--max-image-size: got {args.max_image_size}, expected >= 1")
+    if args.start < 0:
+        raise ConfigError(f"--start: got {args.start}, expected >= 0")
+    # export file, videos and --out, before any model or VAE is loaded
+    meta = preflight.check_predict(args.checkpoint, args.video, args.out)
+    recipe = resolve_recipe(meta, args.vae, args.frame_interval, args.max_image_size)
     summary = predict_videos(args.checkpoint, args.video, args.context, args.generate, Path(args.out),
                              job.predict, recipe, model_cfg=job.model if args.config else None, start=args.start)
     if "mean_psnr" in summary:

@@ -7,8 +7,10 @@
 A curriculum file (jobconfig/curriculum.py) has `stages: [files or inline
 mappings]` plus sections shared by every stage. Stage N+1 starts from stage
 N's export (`train.init_from`), and each stage writes under `<out_dir>/stageN`.
-Every stage's config, parallel layout and token limits are checked before any
-process group starts, so a bad key in stage 4 fails in the first second.
+Every stage's config, parallel layout and token limits, its dataset (root,
+index.json, a video long enough for the stage), out_dir, init_from, --resume
+and s3 credentials (orchestration/preflight.py) are checked before any process
+group starts, so a bad key in stage 4 fails in the first second.
 `train.data: synthetic` trains on moving-square latents instead of a dataset
 (configs/debug.yaml); `vgpt train-debug` is the deprecated name of that.
 """
@@ -20,46 +22,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data.batch import patches_per_frame, sequence_length
 from data.shard_format import ShardFormatError, get_fs, read_index
 from jobconfig.curriculum import plan_stages
 from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
+from orchestration import preflight
 from orchestration.cli import reports_bad_input
 from orchestration.faults import trainer_hooks
 from parallel.device import destroy_process_group, free_port
 from pretrain.checkpoint.export import export_path
-from pretrain.training.trainer import Trainer, check_layout_fits
+from pretrain.training.trainer import RESUME_MODES, Trainer, check_layout_fits
 
 
 def check_token_limits(plan: list[tuple[str, JobConfig]]) -> None:
-    """A stage whose samples cannot fit its token limit fails now, not at its first step.
-
-    The smallest sequence F frames can make is one clip (no clean copies):
-    F * (patches + 2) tokens. With the dataset's latent size known (index.json
-    `latent_shape`), that must fit both data.stage.max_tokens and model.max_tokens.
-    """
+    """A stage whose samples cannot fit its token limit fails now (kept for callers; see orchestration/preflight.py)."""
     for name, cfg in plan:
         if cfg.train.data != "latents":
             continue
-        st = cfg.data.stage
-        if st.max_tokens > cfg.model.max_tokens:
-            raise ConfigError(f"{name}: data.stage.max_tokens={st.max_tokens} exceeds model.max_tokens="
-                              f"{cfg.model.max_tokens}; the loader would hand the model sequences it refuses")
         try:
             index = read_index(*get_fs(cfg.data.root, cfg.data.storage_options))
         except (ShardFormatError, FileNotFoundError, OSError):
-            continue  # no dataset yet: the loader reports it when the stage starts
-        shape = index.get("latent_shape")
-        if not shape:
-            continue
-        patches = patches_per_frame((shape[1], shape[2]), cfg.model.patch_size)
-        need = sequence_length([[st.frames]], patches)
-        limit = min(st.max_tokens, cfg.model.max_tokens)
-        if need > limit:
-            raise ConfigError(f"{name}: data.stage.frames={st.frames} needs at least {need} tokens per sample at "
-                              f"latent {shape[1]}x{shape[2]} ({patches} patches per frame), above the token "
-                              f"limit {limit} (data.stage.max_tokens / model.max_tokens)")
+            index = None
+        preflight.check_token_limits(name, cfg, index)
 
 
 def run_plan(plan: list[tuple[str, JobConfig]], only_stage: int | None, resume: str) -> list[Path]:
@@ -74,7 +58,7 @@ def run_plan(plan: list[tuple[str, JobConfig]], only_stage: int | None, resume: 
         if only_stage is not None and i != only_stage:
             continue
         export = export_path(cfg.train.out_dir)
-        if chained and only_stage is None and export.is_file() and resume != "none":
+        if chained and only_stage is None and export.is_file() and resume not in ("none", "fresh"):
             exports.append(export)  # finished in an earlier invocation
             continue
         with Trainer(cfg, stage_name=name, hooks=trainer_hooks()) as trainer:
@@ -87,17 +71,22 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vgpt train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--stage", type=int, default=None, help="run only this stage of a curriculum")
-    parser.add_argument("--resume", default="auto", help="auto (newest complete checkpoint) | none | a path")
+    parser.add_argument("--resume", default="auto", help=RESUME_MODES)
     parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (spawns torchrun)")
     parser.add_argument("--max-restarts", type=int, default=0,
                         help="with --nproc: torchrun restarts all workers this often after a failure; "
                              "each restart resumes from the newest complete checkpoint")
     args, overrides = parser.parse_known_args(argv)
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: got {args.nproc}, expected >= 1")
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts: got {args.max_restarts}, expected >= 0")
     plan = plan_stages(args.config, overrides, args.stage)
     spawn = args.nproc > 1 and "WORLD_SIZE" not in os.environ
     for _, cfg in plan:  # every stage's layout and token limits, before any process group starts
         check_layout_fits(cfg, args.nproc if spawn else int(os.environ.get("WORLD_SIZE", "1")))
-    check_token_limits(plan)
+    # data, paths, credentials, init_from and --resume, before any process group, model or DeepSpeed
+    preflight.check_train(plan, args.stage, args.resume)
     if spawn:
         return _spawn_torchrun(args.nproc, args.max_restarts, argv)
     try:
@@ -120,7 +109,8 @@ def _spawn_torchrun(nproc: int, max_restarts: int, argv: list[str]) -> int:
         if a.startswith(("--nproc=", "--max-restarts=")):
             continue
         rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+    cmd = [sys.executable, "-m", "orchestration.launch.local_torchrun", "torch.distributed.run", "--local-addr=127.0.0.1",
+           f"--nproc_per_node={nproc}", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", f"--max_restarts={max_restarts}",
            "-m", "orchestration.cli", "train", *rest]
     return subprocess.call(cmd)

@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
     cfg = load_config(args.config or CONFIG_ROOT / "debug.yaml", [*ONE_PROCESS_FP32, *overrides])
     try:
         with _DebugTrainer(cfg, stage_name="debug", hooks=trainer_hooks()) as trainer:
-            trainer.run(resume="none")
+            trainer.run(resume="fresh")  # a rerun replaces the previous debug run (moved aside, not deleted)
     finally:
         destroy_process_group()
     losses = [m["loss"] for m in trainer.history]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from jobconfig.errors import ConfigError
+from jobconfig.secrets import check_no_credentials
 
 
 @dataclass
@@ -113,6 +114,7 @@ class ClusterConfig:
             raise ConfigError(f"hosts: {len(self.hosts)} names for up to {hi} nodes")
         if self.elastic.max_restarts < 0:
             raise ConfigError(f"elastic.max_restarts: got {self.elastic.max_restarts}, expected >= 0")
+        check_no_credentials(self.env, "env")   # written into every launch file
 
     @property
     def node_range(self) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from jobconfig.curriculum import plan_stages
 from jobconfig.errors import ConfigError
 from jobconfig.loader import load_config
+from jobconfig.secrets import redact_text
 from orchestration.launch.cluster import ClusterConfig
 from orchestration.launch.layout import StageLayout, stage_layout
 from orchestration.launch.targets import TARGETS, LaunchSpec
@@ -41,7 +42,7 @@ def render(spec: LaunchSpec, target: str, out: str | Path) -> list[Path]:
     for fname, text in TARGETS[target](spec).items():
         assert "pkill" not in text and "killall" not in text, "launch files never kill foreign processes"
         path = out / fname
-        path.write_text(text)
+        path.write_text(redact_text(text))   # never a credential variable's value on disk
         if fname.endswith(".sh"):
             os.chmod(path, 0o755)
         written.append(path)

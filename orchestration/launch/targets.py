@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from jobconfig.secrets import redact
 from orchestration.launch.cluster import ClusterConfig
 from orchestration.launch.layout import StageLayout
+from parallel.device import is_loopback
 
 HOST_VAR = "VGPT_RDZV_HOST"
 ASCEND_ENV = "/usr/local/Ascend/ascend-toolkit/set_env.sh"
@@ -51,13 +53,19 @@ class LaunchSpec:
                 f"--parallel.device={c.accelerator}", f"--data.root={c.storage.latents}",
                 f"--train.out_dir={c.storage.checkpoints}", *self.overrides, *self.layout.overrides()]
 
+    @property
+    def local(self) -> bool:
+        """One node rendezvousing on loopback: nothing of the run may listen beyond this host."""
+        return self.cluster.node_range == (1, 1) and is_loopback(self.cluster.rendezvous.host)
+
     def torchrun_args(self, host: str, nnodes: str | None = None) -> list[str]:
         c = self.cluster
         lo, hi = c.node_range
+        local = ["--local-addr=127.0.0.1"] if self.local and is_loopback(host) else []
         return [f"--nnodes={nnodes or (str(lo) if lo == hi else f'{lo}:{hi}')}",
                 f"--nproc-per-node={c.devices_per_node}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={host}:{c.rendezvous.port}", f"--rdzv-id={c.rendezvous.id}-stage{self.stage}",
-                f"--max-restarts={c.elastic.max_restarts}", *self.train_args()]
+                *local, f"--max-restarts={c.elastic.max_restarts}", *self.train_args()]
 
     def env(self) -> dict[str, str]:
         c, ic = self.cluster, self.cluster.interconnect
@@ -79,6 +87,8 @@ class LaunchSpec:
             env["DS_ACCELERATOR"] = "cpu"
             if ic.socket_ifname:
                 env["GLOO_SOCKET_IFNAME"] = ic.socket_ifname
+        if self.local and c.accelerator == "cpu" and not ic.socket_ifname:
+            env["GLOO_SOCKET_IFNAME"] = "lo"   # gloo's pair sockets stay on loopback too
         env.update(c.env)
         return env
 
@@ -99,7 +109,10 @@ class LaunchSpec:
         lines += [f"export {k}={shlex.quote(v)}" for k, v in self.env().items()]
         return "\n".join(lines) + "\n"
 
-    def python_run(self) -> list[str]:
+    def python_run(self, loopback: bool = False) -> list[str]:
+        # Local runs: torchrun whose store listens on loopback only (torch's own listens on [::]).
+        if loopback and self.local:
+            return [self.cluster.python, "-m", "orchestration.launch.local_torchrun", "torch.distributed.run"]
         return [self.cluster.python, "-m", "torch.distributed.run"]
 
 
@@ -111,9 +124,10 @@ def render_torchrun(spec: LaunchSpec) -> dict[str, str]:
     shell_args = [Raw(f"--rdzv-endpoint={word}") if word and a.startswith("--rdzv-endpoint=") else a for a in args]
     check = "" if host else f': "${{{HOST_VAR}:?set {HOST_VAR} to the address of the first node}}"\n'
     script = ("#!/usr/bin/env bash\n" + spec.header("torchrun on every node") + spec.preamble() + check
-              + "exec " + sh_join([*spec.python_run(), *shell_args]) + "\n")
-    meta = {"stage": spec.stage, "layout": spec.layout.__dict__, "torchrun_argv": args, "env": spec.env()}
-    return {"torchrun.sh": script, "launch.json": json.dumps(meta, indent=2) + "\n"}
+              + "exec " + sh_join([*spec.python_run(loopback=True), *shell_args]) + "\n")
+    meta = {"stage": spec.stage, "layout": spec.layout.__dict__, "launcher": spec.python_run(loopback=True)[1:],
+            "torchrun_argv": args, "env": spec.env()}
+    return {"torchrun.sh": script, "launch.json": json.dumps(redact(meta), indent=2) + "\n"}
 
 
 def render_deepspeed(spec: LaunchSpec) -> dict[str, str]:

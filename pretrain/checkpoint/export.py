@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from jobconfig.errors import ConfigError
 from jobconfig.loader import from_dict
 from jobconfig.model import ModelConfig
+from jobconfig.secrets import redact
 from pretrain.model.videogpt import build_model
 
 
@@ -36,7 +37,7 @@ def save_export(state_dict: dict[str, torch.Tensor], path: str | Path, model_cfg
     meta = {"model_config": json.dumps(asdict(model_cfg)), "format": EXPORT_FORMAT,
             **{k: json.dumps(v) for k, v in (extra or {}).items()}}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    save_file(tensors, str(tmp), metadata=redact(meta))  # a config value never lands in a file
     tmp.replace(path)
     return path
 

@@ -193,6 +193,14 @@ class CheckpointManager:
             problems=lambda t: self.problems(self.root / t, full=full_verify, collective=collective))
         return None if tag is None else self.root / tag
 
+    def newest_verified(self, full_verify: bool = True, collective: bool = False
+                        ) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
+        """(newest checkpoint that verifies or None, (checkpoint, its problems) for each newer one skipped:
+        all of them when none verifies). Says nothing: the caller decides whether to fall back or stop."""
+        tag, skipped = self.store._newest(lambda t: self.problems(self.root / t, full=full_verify,
+                                                                  collective=collective))
+        return (None if tag is None else self.root / tag), [(self.root / t, found) for t, found in skipped]
+
     def load(self, engine, ckpt: Path, model=None, layout: dict[str, Any] | None = None, tp_rank: int = 0,
              tp_size: int = 1, log=print) -> dict[str, Any]:
         """Restore engine and RNG from a verified checkpoint; return the trainer state. Collective.
@@ -251,7 +259,8 @@ class CheckpointManager:
         `background` (at a save) in a thread, since unlinking GBs is part of the training stall."""
         if self.keep_last <= 0:
             return []
-        complete = [t for t in self.tags() if self.store.is_complete(t)]
+        # sizes match the manifest (a broken checkpoint never counts towards the ones kept, nor is removed)
+        complete = [t for t in self.tags() if not self.store.verify(t, full=False)]
         keep = set(complete[-self.keep_last:])
         if self.keep_every:
             keep |= {t for t in complete if int(t.split("_")[1]) % self.keep_every == 0}

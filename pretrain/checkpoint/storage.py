@@ -30,7 +30,8 @@ from typing import Callable
 
 import fsspec
 
-from pretrain.checkpoint.integrity import BLOCK, MANIFEST, BlockHasher, check_file, matches
+from jobconfig.errors import ConfigError
+from pretrain.checkpoint.integrity import BLOCK, MANIFEST, BlockHasher, CheckpointError, check_file, matches
 
 TRAINER_STATE = "trainer_state.json"
 RNG_FILE = "rng.safetensors"
@@ -174,13 +175,50 @@ class CheckpointStore:
     def newest_complete(self, full: bool = True, problems: Callable[[str], list[str]] | None = None) -> str | None:
         """Tag of the newest checkpoint that verifies; warns about every newer one it had to skip.
         `problems(tag)` replaces `verify(tag, full)` (the manager splits it over the ranks)."""
-        for tag in reversed(self.tags()):
-            found = problems(tag) if problems else self.verify(tag, full=full)
-            if not found:
-                return tag
-            warnings.warn(f"checkpoint {self.url(tag)} is not usable, falling back to an older one: "
+        tag, skipped = self._newest(problems or (lambda t: self.verify(t, full=full)))
+        for bad, found in skipped:
+            warnings.warn(f"checkpoint {self.url(bad)} is not usable, falling back to an older one: "
                           + "; ".join(found), stacklevel=2)
-        return None
+        return tag
+
+    def newest_verified(self, full: bool = True, problems: Callable[[str], list[str]] | None = None
+                        ) -> tuple[str | None, list[str]]:
+        """(tag of the newest checkpoint that verifies or None, one 'URL: problems' line per newer
+        checkpoint skipped on the way; all of them when none verifies)."""
+        tag, skipped = self._newest(problems or (lambda t: self.verify(t, full=full)))
+        return tag, [f"{self.url(bad)}: " + "; ".join(found) for bad, found in skipped]
+
+    def _newest(self, check: Callable[[str], list[str]]) -> tuple[str | None, list[tuple[str, list[str]]]]:
+        skipped = []
+        for tag in reversed(self.tags()):
+            found = check(tag)
+            if not found:
+                return tag, skipped
+            skipped.append((tag, found))
+        return None, skipped
+
+    def choose(self, step: int | None = None, full: bool = True,
+               problems: Callable[[str], list[str]] | None = None) -> tuple[str, list[str]]:
+        """The one rule every reader of a checkpoint root follows: without `step` the newest checkpoint
+        that verifies (returned with the 'URL: problems' lines of the newer ones skipped); with `step`
+        that checkpoint, refused when it does not verify. ConfigError when there is nothing to choose
+        from, CheckpointError when the checkpoint(s) in question are broken."""
+        tags = self.tags()
+        if not tags:
+            raise ConfigError(f"no checkpoints (step_* folders) under {self.url()}")
+        check = problems or (lambda t: self.verify(t, full=full))
+        if step is not None:
+            tag = tag_for(step)
+            if tag not in tags:
+                steps = ", ".join(str(int(t.split("_")[1])) for t in tags)
+                raise ConfigError(f"no checkpoint for step {step} under {self.url()} (steps: {steps})")
+            if found := check(tag):
+                raise CheckpointError(f"{self.url(tag)} is broken: " + "; ".join(found))
+            return tag, []
+        tag, skipped = self.newest_verified(full, check)
+        if tag is None:
+            raise CheckpointError(f"no checkpoint under {self.url()} verifies: " + " | ".join(skipped))
+        return tag, skipped
 
     def fetch(self, tag: str, dest: Path) -> list[str]:
         """Copy checkpoint `tag` into the local directory `dest`, hashing every file on the way; the

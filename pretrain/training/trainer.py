@@ -24,6 +24,7 @@ wraps it for forward/backward/step; nothing unwraps `.module`.
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -35,18 +36,28 @@ import torch.distributed as dist
 
 from data.batch import patches_per_frame, sequence_length
 from data.sources import make_source
+from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
+from jobconfig.secrets import redact
 from parallel.device import DistInfo, init_process_group, select_device
 from parallel.dims import ParallelDims, build_process_groups, destroy_process_groups
 from parallel.engine import build_engine, gather_full_state_dict
 from pretrain.checkpoint.export import export_path, load_export, save_export, weights_fingerprint
-from pretrain.checkpoint.integrity import CheckpointError
+from pretrain.checkpoint.integrity import CheckpointError, atomic_write
 from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.model.videogpt import build_model
 from pretrain.training.metrics import PEAK_FLOPS, allowed_attention_pairs, train_flops
 from pretrain.training.objective import next_clip_loss, row_seed
 from pretrain.training.optimizer import build_optimizer, build_scheduler
 from pretrain.training.parallelize import TP_PLAN, parallelize
+
+RESUME_MODES = "auto (newest checkpoint that verifies) | none (fresh, into an out_dir without checkpoints) | " \
+               "fresh (fresh; an earlier run's checkpoints and metrics are moved aside first) | a checkpoint path"
+
+
+class ResumeRefused(CheckpointError, ConfigError):
+    """Starting would lose (or silently redo) an earlier run; nothing was changed. A ConfigError, so the
+    command line reports it as one line `vgpt train: ...` with exit status 2."""
 
 
 @dataclass
@@ -124,18 +135,50 @@ class Trainer:
         return {"stage": self.stage_name, "step": self.step, "world_size": self.dist.world_size,
                 "consumed_samples": self.step * self.global_batch(),
                 "global_batch": self.global_batch(), "layout": self.parallel_layout(),
-                "loader": self.data.state_dict(), "config": asdict(self.cfg)}
+                "loader": self.data.state_dict(), "config": redact(asdict(self.cfg))}
 
     def resume(self, mode: str) -> bool:
-        """`auto`: newest complete checkpoint if any; a path: that checkpoint; `none`: fresh."""
-        if mode == "none":
+        """`auto`: the newest checkpoint that verifies; with checkpoints none of which verifies it stops
+        (ResumeRefused) instead of starting over on top of them. `none`: fresh, refused when the out_dir
+        already holds checkpoints. `fresh`: fresh, an earlier run's checkpoints, metrics, TensorBoard
+        logs and export moved aside into `<out_dir>/replaced-<time>/` first. A path: that checkpoint.
+        Never deletes a checkpoint; metrics.jsonl keeps only the steps up to the one resumed from."""
+        root = self.ckpt.root
+        if mode in ("none", "fresh"):
+            tags = self.ckpt.tags() if self._earlier_run() else []
+            if tags and mode == "none":
+                raise ResumeRefused(f"--resume none: {root} already holds checkpoints "
+                                    f"({_span(tags)}) that a fresh start would overwrite; nothing was changed. "
+                                    "Resume them (--resume auto), give another --train.out_dir, or --resume fresh "
+                                    "to move them aside and start over")
+            if tags:  # --resume fresh
+                self._barrier()  # every rank has looked before rank 0 moves anything
+                if self.dist.rank == 0:
+                    self._log_line(f"--resume fresh: moved the earlier run ({_span(tags)}) to {self._set_aside()}")
+                self._barrier()
+            self._keep_metrics_upto(0)
             return False
-        # every rank hashes a share of the files; all learn the verdict
-        ckpt = self.ckpt.newest_complete(collective=True) if mode == "auto" else Path(mode)
-        if ckpt is None:
-            return False
-        if mode != "auto" and (problems := self.ckpt.problems(ckpt, collective=True)):  # never unpickle unverified
-            raise CheckpointError(f"--resume {ckpt}: not a complete checkpoint: " + "; ".join(problems))
+        if mode == "auto":
+            # every rank hashes a share of the files; all learn the verdict
+            ckpt, skipped = self.ckpt.newest_verified(collective=True)
+            if ckpt is None and skipped and self._earlier_run():
+                raise ResumeRefused(
+                    f"--resume auto: none of the {len(skipped)} checkpoint(s) under {root} verifies, and starting "
+                    "over would overwrite them; nothing was changed. "
+                    + " | ".join(f"{p.name}: {'; '.join(found)}" for p, found in skipped)
+                    + ". Repair or resume one (--resume PATH), or --resume fresh to move them aside and start over")
+            for bad, found in skipped:
+                msg = (f"checkpoint {bad} is not usable, falling back to an older one: " if ckpt else
+                       f"checkpoint {bad} is the leftover of a save killed before any was committed, starting "
+                       "over: ") + "; ".join(found)
+                warnings.warn(msg, stacklevel=2)
+            if ckpt is None:
+                self._keep_metrics_upto(0)  # steps of a run killed before its first checkpoint are redone
+                return False
+        else:
+            ckpt = Path(mode)
+            if problems := self.ckpt.problems(ckpt, collective=True):  # never unpickle unverified
+                raise CheckpointError(f"--resume {ckpt}: not a complete checkpoint: " + "; ".join(problems))
         tp_rank = self.groups.tp_rank if self.groups else 0
         state = self.ckpt.load(self.engine, ckpt, model=self.model, layout=self.parallel_layout(), tp_rank=tp_rank,
                                tp_size=self.dims.tp, log=self._log_line)
@@ -146,8 +189,47 @@ class Trainer:
                    f"{self.global_batch()} now; steps after {self.step} see other rows than the original run would")
             warnings.warn(msg, stacklevel=2)
             self._log_line(msg)
+        self._keep_metrics_upto(self.step)
         self._log_line(f"resumed {self.stage_name} from {ckpt} at step {self.step}")
         return True
+
+    def _earlier_run(self) -> bool:
+        """Whether the checkpoint root holds a run that committed a checkpoint (`latest` or a manifest
+        exists), as opposed to nothing or only the leftover of a first save killed before its commit."""
+        store = self.ckpt.store
+        return store.latest() is not None or any(store.is_complete(t) for t in store.tags())
+
+    def _keep_metrics_upto(self, step: int) -> None:
+        """metrics.jsonl is keyed by step: drop the lines of steps after `step` (they are trained again),
+        so a resumed run never holds two records of one step. Rank 0; atomic."""
+        path = self.out / "metrics.jsonl"
+        if self.dist.rank != 0 or not path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                keep = int(json.loads(line)["step"]) <= step
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                keep = False
+            if keep:
+                kept.append(line + "\n")
+            else:
+                dropped += 1
+        if dropped:
+            atomic_write(path, "".join(kept))
+
+    def _set_aside(self) -> Path:
+        """Move an earlier run's checkpoints, metrics, TensorBoard logs and export out of the way (rank 0)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dest, n = self.out / f"replaced-{stamp}", 1
+        while dest.exists():
+            n += 1
+            dest = self.out / f"replaced-{stamp}-{n}"
+        dest.mkdir(parents=True)
+        for name in ("checkpoints", "metrics.jsonl", "tensorboard", "export"):
+            if (self.out / name).exists():
+                os.replace(self.out / name, dest / name)
+        return dest
 
     # ------------------------------------------------------------ loop
     def _barrier(self):
@@ -325,6 +407,10 @@ class Trainer:
         return (f"[{self.stage_name}] step {m['step']:6d}/{self.cfg.train.steps}  loss {m['loss']:.4f}  "
                 f"grad_norm {m['grad_norm']:.3f}  lr {m['lr']:.2e}  {m['tokens_per_s']:.0f} tok/s  "
                 f"{m['samples_per_s']:.2f} samples/s  {m['step_time'] * 1000:.0f} ms/step{mfu}  ETA {eta:.0f}s")
+
+
+def _span(tags: list[str]) -> str:
+    return tags[0] if len(tags) == 1 else f"{len(tags)} checkpoints, {tags[0]}..{tags[-1]}"
 
 
 def _as_tensor(value, device) -> torch.Tensor:
