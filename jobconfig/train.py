@@ -46,6 +46,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_last: int = 3  # checkpoints kept besides every `keep_every`-th
     keep_every: int = 0
+    # a flushed window (train.log_every steps) whose loader skipped more than this fraction of its samples
+    # stops the run with the reasons: a stage the data cannot feed trains on nothing otherwise
+    max_skipped_fraction: float = 0.5
     init_from: Optional[str] = None  # a consolidated export (safetensors) to start from
     device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
     out_dir: str = "runs/debug"
@@ -72,5 +75,7 @@ class TrainConfig:
                               f"{self.warmup_scheduler_steps}, expected only one of warmup_steps (optimiser "
                               "steps) and warmup_scheduler_steps (the reference's scheduler steps, world_size "
                               "per optimiser step) to be set; set the other to 0")
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise ConfigError(f"max_skipped_fraction: got {self.max_skipped_fraction}, expected a value in [0, 1]")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every: got {self.checkpoint_every}, expected >= 0")

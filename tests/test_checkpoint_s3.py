@@ -65,8 +65,12 @@ def test_corrupted_object_is_named_and_refused(s3_run, tmp_path, capsys):
     rc, out, _ = ckpt(capsys, "verify", url)
     assert rc == 1 and "step_00000001: ok" in out and "step_00000002: BROKEN" in out
     assert f"s3://{victim}: " in out
-    rc, _, err = ckpt(capsys, "export", url, "--out", str(tmp_path / "x.safetensors"))
-    assert rc == 1 and f"s3://{victim}" in err and not (tmp_path / "x.safetensors").exists()
+    # one rule for every ckpt verb: without --step the newest checkpoint that verifies, naming what it skipped;
+    # with --step that one or nothing
+    rc, out, err = ckpt(capsys, "export", url, "--out", str(tmp_path / "x.safetensors"))
+    assert rc == 0 and f"s3://{victim}" in err and "step_00000001" in out and (tmp_path / "x.safetensors").exists()
+    rc, _, err = ckpt(capsys, "export", url, "--step", "2", "--out", str(tmp_path / "y.safetensors"))
+    assert rc == 1 and f"s3://{victim}" in err and not (tmp_path / "y.safetensors").exists()
     fs.pipe(victim, b"\0" * len(original))  # same size, other bytes: only the hash can tell
     rc, out, _ = ckpt(capsys, "verify", url, "--step", "2")
     assert rc == 1 and f"s3://{victim}: sha256 mismatch" in out

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 
 from data.synthetic.shards import write_toy_dataset
+from jobconfig.errors import ConfigError
+from jobconfig.loader import load_config
 from orchestration.cli import main
+from pretrain.training.trainer import skipped_window_error
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,3 +143,17 @@ def test_resume_modes_pass_preflight():
     from orchestration.preflight import check_resume
     for mode in ("auto", "none", "fresh"):
         check_resume(mode)
+
+
+def test_a_window_the_loader_mostly_skipped_stops_the_run_with_the_reasons():
+    """Past preflight (some video is long enough), a stage whose samples are mostly skipped stops
+    with the skip reasons instead of training on nothing (train.max_skipped_fraction)."""
+    records = [{"step": 5, "samples": 1.0}, {"step": 6, "samples": 0.0}]
+    reasons = ["too_short"] * 6 + ["corrupt_sample"] * 2  # 2 replicas of one data-parallel rank (TP 2)
+    msg = skipped_window_error(records, reasons, replicas=2, limit=0.5)
+    assert msg == ("data: 4 of 5 samples of steps 5..6 were skipped (corrupt_sample: 1, too_short: 3), over "
+                   "train.max_skipped_fraction=0.5; check data.stage (frames, interval, max_tokens) against the dataset")
+    assert skipped_window_error(records, reasons[:2], replicas=2, limit=0.5) is None  # 1 of 2: not over half
+    assert skipped_window_error([{"step": 1, "samples": 0.0}], [], replicas=1, limit=0.0) is None  # nothing seen
+    with pytest.raises(ConfigError, match=r"max_skipped_fraction: got 1.5, expected a value in \[0, 1\]"):
+        load_config(None, ["--train.max_skipped_fraction=1.5"])

@@ -27,6 +27,7 @@ import json
 import os
 import time
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -241,7 +242,7 @@ class Trainer:
         tc = self.cfg.train
         lr = self.engine.get_lr()[0]  # the LR this step trains with (engine.step moves the schedule on)
         loss_sum: torch.Tensor | None = None
-        tokens, pairs, step_rows = 0, 0, []
+        tokens, pairs, step_rows, skipped = 0, 0, [], []
         for micro in range(tc.grad_accum_steps):
             batch, global_rows = self.data.batch(self.step, micro)
             batch = batch.to(self.device.device)
@@ -262,10 +263,11 @@ class Trainer:
                 tokens += sum(sequence_length(row, patches) for row in batch.clips)
                 pairs += sum(allowed_attention_pairs(row, patches) for row in batch.clips)
             step_rows += list(global_rows)
+            skipped += [reason for _, _, reason in getattr(batch, "skipped", [])]  # host data of the loader
         self.step += 1
         return {"step": self.step, "loss": loss_sum / tc.grad_accum_steps, "tokens": tokens, "samples": len(step_rows),
                 "attention_pairs": pairs, "grad_norm": self.engine.get_global_grad_norm(), "lr": lr,
-                "sample_rows": step_rows}
+                "sample_rows": step_rows, "skipped": skipped}
 
     def _flush_due(self, start_step: int, checkpoint: bool) -> bool:
         tc = self.cfg.train
@@ -287,7 +289,7 @@ class Trainer:
         norms = torch.stack([_as_tensor(p["grad_norm"], dev) for p in pending])
         values = torch.cat([stats.flatten(), norms]).tolist()  # the one device-to-host sync
         consumed: list = [None] * self.dist.world_size
-        dist.all_gather_object(consumed, [p["sample_rows"] for p in pending])
+        dist.all_gather_object(consumed, [(p["sample_rows"], p.get("skipped", [])) for p in pending])
         # every rank of one data-parallel replica (its TP and SP ranks) trains the same rows
         replicas = self.dist.world_size // self.dims.dp
         n = len(pending)
@@ -297,7 +299,10 @@ class Trainer:
             out.append({"step": p["step"], "loss": loss / self.dist.world_size, "tokens": tokens / replicas,
                         "samples": samples / replicas, "attention_pairs": pairs / replicas,
                         "grad_norm": values[4 * n + i], "lr": p["lr"],
-                        "sample_rows": sorted({r for rank_rows in consumed for r in rank_rows[i]})})
+                        "sample_rows": sorted({r for rank_rows in consumed for r in rank_rows[i][0]})})
+        reasons = [reason for rank_rows in consumed for _, rank_reasons in rank_rows for reason in rank_reasons]
+        if problem := skipped_window_error(out, reasons, replicas, self.cfg.train.max_skipped_fraction):
+            raise ConfigError(problem)
         return out
 
     def run(self, resume: str = "auto") -> Path:
@@ -411,6 +416,21 @@ class Trainer:
 
 def _span(tags: list[str]) -> str:
     return tags[0] if len(tags) == 1 else f"{len(tags)} checkpoints, {tags[0]}..{tags[-1]}"
+
+
+def skipped_window_error(records: list[dict], reasons: list[str], replicas: int, limit: float) -> str | None:
+    """Why a flushed window must stop the run, or None: the loader skipped more than `limit` of its
+    samples (videos too short for the stage, corrupt shards, too many tokens), and a run that goes on
+    trains on nothing. `reasons` are the skip reasons gathered from every rank (each data-parallel
+    replica counted `replicas` times, once per TP/SP rank); every rank reaches the same verdict."""
+    skipped = len(reasons) / replicas
+    total = skipped + sum(m["samples"] for m in records)
+    if not total or skipped / total <= limit:
+        return None
+    counts = ", ".join(f"{k}: {int(v / replicas)}" for k, v in sorted(Counter(reasons).items()))
+    return (f"data: {int(skipped)} of {int(total)} samples of steps {records[0]['step']}..{records[-1]['step']} "
+            f"were skipped ({counts}), over train.max_skipped_fraction={limit}; check data.stage (frames, "
+            "interval, max_tokens) against the dataset")
 
 
 def _as_tensor(value, device) -> torch.Tensor:
