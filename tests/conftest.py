@@ -1,4 +1,5 @@
-"""Shared fixtures: an S3 server on loopback (moto, as s3fs's own tests do)."""
+"""Shared fixtures: an S3 server on loopback (moto, as s3fs's own tests do), and a sandbox with no S3
+credentials."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,8 @@ import socket
 import uuid
 
 import pytest
+
+from orchestration.preflight import ASSUME_S3, S3_ENV
 
 
 def free_port() -> int:
@@ -46,3 +49,14 @@ def s3_bucket(s3_server):
     fs.mkdir(bucket)
     yield fs, opts, bucket
     fs.rm(bucket, recursive=True)
+
+
+@pytest.fixture
+def no_s3_credentials(tmp_path, monkeypatch):
+    """cwd is the tmp dir (relative default paths land there) and no AWS credentials are anywhere the
+    preflight looks (orchestration/preflight.py S3_ENV; its shared-credentials file does not exist)."""
+    monkeypatch.chdir(tmp_path)
+    for k in (*S3_ENV, ASSUME_S3):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    return tmp_path

@@ -70,13 +70,9 @@ def mutate(base: dict, rng: random.Random, i: int) -> tuple[str, dict]:
 
 
 @pytest.fixture
-def sandbox(tmp_path, monkeypatch):
-    """cwd is the tmp dir (relative default paths land there), no AWS credentials anywhere."""
-    monkeypatch.chdir(tmp_path)
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
-              "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "VGPT_ASSUME_S3_CREDENTIALS"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+def sandbox(no_s3_credentials):
+    """The no-credentials tmp dir (conftest) with a stray file, a directory and a video folder."""
+    tmp_path = no_s3_credentials
     (tmp_path / "a_file").write_text("not a config, not a checkpoint\n")
     (tmp_path / "a_dir").mkdir()
     (tmp_path / "videos").mkdir()

@@ -29,13 +29,8 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
-              "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "VGPT_ASSUME_S3_CREDENTIALS"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    return tmp_path
+def env(no_s3_credentials):
+    return no_s3_credentials
 
 
 def train_args(tmp: Path, *extra: str) -> list[str]:
