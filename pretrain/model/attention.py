@@ -161,25 +161,37 @@ def _plan_row(cols: list[np.ndarray], device) -> _RowPlan:
     return _RowPlan(to(key_perm), to(query_perm), to(query_inv), segments)
 
 
-# plans of recent layouts (stage 1 repeats one layout every step), oldest dropped first
+def cached_by_layout(meta: ClipMeta, local_key, tail: tuple, cache: OrderedDict, size: int, build: Callable):
+    """What `build()` makes of `meta`: from the meta itself (every layer of a step), else from `cache`, an
+    LRU over batches keyed by (ClipMeta.key, device, *tail), else built and kept. Metadata without a
+    key is cached on the meta only."""
+    if local_key in meta._cache:
+        return meta._cache[local_key]
+    shared = None if meta.key is None else (meta.key, str(meta.sample_id.device), *tail)
+    value = cache.get(shared) if shared is not None else None
+    if value is None:
+        value = build()
+        if shared is not None:
+            cache[shared] = value
+            while len(cache) > size:
+                cache.popitem(last=False)
+    else:
+        cache.move_to_end(shared)
+    meta._cache[local_key] = value
+    return value
+
+
+# plans of recent layouts (stage 1 repeats one layout every step)
 BLOCKWISE_PLAN_CACHE_SIZE = 64
-_BLOCKWISE_PLANS: dict = {}
+_blockwise_plans_cache: OrderedDict = OrderedDict()
 
 
 def _blockwise_plans(meta: ClipMeta) -> list[_RowPlan]:
-    plans = meta._cache.get("blockwise")
-    if plans is None:
-        cache_key = None if meta.key is None else (meta.key, str(meta.sample_id.device))
-        plans = _BLOCKWISE_PLANS.get(cache_key) if cache_key else None
-        if plans is None:
-            cols = meta.host if meta.host is not None else [c.cpu().numpy() for c in meta.columns()]
-            plans = [_plan_row([c[b] for c in cols], meta.sample_id.device) for b in range(cols[0].shape[0])]
-            if cache_key:
-                _BLOCKWISE_PLANS[cache_key] = plans
-                while len(_BLOCKWISE_PLANS) > BLOCKWISE_PLAN_CACHE_SIZE:
-                    _BLOCKWISE_PLANS.pop(next(iter(_BLOCKWISE_PLANS)))
-        meta._cache["blockwise"] = plans
-    return plans
+    def build():
+        cols = meta.host if meta.host is not None else [c.cpu().numpy() for c in meta.columns()]
+        return [_plan_row([c[b] for c in cols], meta.sample_id.device) for b in range(cols[0].shape[0])]
+
+    return cached_by_layout(meta, "blockwise", (), _blockwise_plans_cache, BLOCKWISE_PLAN_CACHE_SIZE, build)
 
 
 def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: ClipMeta) -> torch.Tensor:
@@ -267,14 +279,8 @@ def _build_block_mask(mask_mod, tokens: int, device, block: int, compile: bool):
 
 
 def _flex_layout(meta: ClipMeta, compile: bool, block: int) -> _FlexLayout:
-    """The folded layout of `meta`: from the meta itself, else the LRU by layout key, else built."""
-    local = ("flex_layout", compile, block)
-    if local in meta._cache:
-        return meta._cache[local]
-    device = meta.sample_id.device
-    shared = None if meta.key is None else (meta.key, str(device), block, compile)
-    layout = _flex_masks.get(shared) if shared is not None else None
-    if layout is None:
+    """The folded layout of `meta` and its BlockMask, cached by layout (`cached_by_layout`)."""
+    def build():
         B, L = meta.sample_id.shape
         padded = _padded_length(B, L, block)
         cols = _folded_columns(meta, padded)
@@ -282,15 +288,11 @@ def _flex_layout(meta: ClipMeta, compile: bool, block: int) -> _FlexLayout:
         def mask_mod(b, h, q_idx, kv_idx):
             return attention_rule(*(c[q_idx] for c in cols), *(c[kv_idx] for c in cols))
 
-        layout = _FlexLayout(B, L, padded, _build_block_mask(mask_mod, B * padded, device, block, compile))
-        if shared is not None:
-            _flex_masks[shared] = layout
-            while len(_flex_masks) > FLEX_MASK_CACHE_SIZE:
-                _flex_masks.popitem(last=False)
-    elif shared is not None:
-        _flex_masks.move_to_end(shared)
-    meta._cache[local] = layout
-    return layout
+        return _FlexLayout(B, L, padded, _build_block_mask(mask_mod, B * padded, meta.sample_id.device, block,
+                                                           compile))
+
+    return cached_by_layout(meta, ("flex_layout", compile, block), (block, compile), _flex_masks,
+                            FLEX_MASK_CACHE_SIZE, build)
 
 
 def clear_flex_cache() -> None:
