@@ -22,7 +22,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data.shard_format import ShardFormatError, get_fs, read_index
 from jobconfig.curriculum import plan_stages
 from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
@@ -32,18 +31,6 @@ from orchestration.faults import trainer_hooks
 from parallel.device import destroy_process_group, free_port
 from pretrain.checkpoint.export import export_path
 from pretrain.training.trainer import RESUME_MODES, Trainer, check_layout_fits
-
-
-def check_token_limits(plan: list[tuple[str, JobConfig]]) -> None:
-    """A stage whose samples cannot fit its token limit fails now (kept for callers; see orchestration/preflight.py)."""
-    for name, cfg in plan:
-        if cfg.train.data != "latents":
-            continue
-        try:
-            index = read_index(*get_fs(cfg.data.root, cfg.data.storage_options))
-        except (ShardFormatError, FileNotFoundError, OSError):
-            index = None
-        preflight.check_token_limits(name, cfg, index)
 
 
 def run_plan(plan: list[tuple[str, JobConfig]], only_stage: int | None, resume: str) -> list[Path]:
