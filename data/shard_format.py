@@ -3,7 +3,8 @@ by the precompute farm (writer) and the streaming loader (reader).
 
     <root>/shards/<name>-NNNNNN.tar    WebDataset: <key>.latents.safetensors, <key>.meta.json
     <root>/shards/<name>-NNNNNN.json   manifest, written only after the tar is complete (the commit)
-    <root>/index.json                  committed shards, counts, latent shape/dtype, VAE identity, config hash
+    <root>/index.json                  committed shards (with each sample's frame count and latents shape),
+                                       counts, latent shape/dtype, VAE identity, config hash
     <root>/errors/<key>.json           one record per rejected input, with its reason
 
 `root` is anything fsspec understands: `/path`, `file:///path`, `s3://bucket/prefix`.
@@ -150,6 +151,11 @@ class ShardManifest:
     bytes: int
     sha256: str
     format_version: int = FORMAT_VERSION
+    # Per sample, aligned with `keys`: stored frames and the latents' shape [T, C, h, w]. They let the
+    # loader skip samples a stage cannot use, and group samples by shape, without opening the tar.
+    # None in manifests written before they were recorded.
+    sample_frames: list[int] | None = None
+    sample_shapes: list[list[int]] | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True, indent=1)
@@ -163,10 +169,17 @@ class ShardManifest:
 
 
 def commit_shard(fs: fsspec.AbstractFileSystem, root: str, stem: str, tar_bytes: bytes,
-                 keys: list[str], num_frames: int) -> ShardManifest:
-    """Upload the complete tar, then write its manifest (the commit)."""
+                 keys: list[str], num_frames: int, sample_shapes: list[list[int]] | None = None) -> ShardManifest:
+    """Upload the complete tar, then write its manifest (the commit).
+
+    `sample_shapes`: each sample's latents shape [T, C, h, w], aligned with `keys`."""
+    shapes = [list(map(int, s)) for s in sample_shapes] if sample_shapes is not None else None
+    if shapes is not None and len(shapes) != len(keys):
+        raise ShardFormatError(f"{stem}: {len(shapes)} sample shapes for {len(keys)} keys")
     manifest = ShardManifest(stem, list(keys), len(keys), int(num_frames), len(tar_bytes),
-                             hashlib.sha256(tar_bytes).hexdigest())
+                             hashlib.sha256(tar_bytes).hexdigest(),
+                             sample_frames=[s[0] for s in shapes] if shapes is not None else None,
+                             sample_shapes=shapes)
     fs.makedirs(f"{root}/shards", exist_ok=True)
     fs.pipe_file(f"{root}/shards/{stem}.tar", tar_bytes)
     fs.pipe_file(f"{root}/shards/{stem}.json", manifest.to_json().encode())
@@ -190,7 +203,10 @@ def committed_manifests(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, S
 def write_index(fs: fsspec.AbstractFileSystem, root: str, manifests: dict[str, ShardManifest], **info: Any) -> dict:
     """index.json: committed shards in name order plus dataset-wide facts (latent shape, dtype, VAE, config hash)."""
     shards = [{"name": m.name, "num_samples": m.num_samples, "num_frames": m.num_frames,
-               "bytes": m.bytes, "sha256": m.sha256} for m in sorted(manifests.values(), key=lambda m: m.name)]
+               "bytes": m.bytes, "sha256": m.sha256,
+               **({"sample_frames": m.sample_frames, "sample_shapes": m.sample_shapes}
+                  if m.sample_shapes is not None else {})}
+              for m in sorted(manifests.values(), key=lambda m: m.name)]
     index = {"format_version": FORMAT_VERSION, "num_shards": len(shards),
              "num_samples": sum(s["num_samples"] for s in shards),
              "num_frames": sum(s["num_frames"] for s in shards), "shards": shards, **info}

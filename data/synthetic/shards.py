@@ -31,16 +31,17 @@ def write_toy_dataset(root: str, shard_sizes: list[int], frames: int | list[int]
         raise ValueError(f"frames: got {len(lengths)} lengths for {total} videos")
     manifests, v = {}, 0
     for s, size in enumerate(shard_sizes):
-        samples, keys, nframes = [], [], 0
+        samples, keys, nframes, shapes = [], [], 0, []
         for _ in range(size):
             key = f"v{v:06d}"
             lat = video_latents(v, lengths[v], shape, dtype)
             samples.append((key, encode_sample(lat, {"source": f"toy://{key}", "frames": lengths[v]})))
             keys.append(key)
+            shapes.append(list(lat.shape))
             nframes += lengths[v]
             v += 1
         stem = shard_stem(name, s)
-        manifests[stem] = commit_shard(fs, root, stem, build_tar(samples), keys, nframes)
+        manifests[stem] = commit_shard(fs, root, stem, build_tar(samples), keys, nframes, shapes)
     return write_index(fs, root, manifests, latent_shape=list(shape), dtype=str(dtype).removeprefix("torch."))
 
 

@@ -46,6 +46,7 @@ class _ShardWork:
         self.samples: dict[str, dict[str, bytes]] = {}
         self.rejected: dict[str, str] = {}
         self.frames = 0
+        self.shapes: dict[str, list[int]] = {}
 
     @property
     def complete(self) -> bool:
@@ -74,7 +75,7 @@ class _Committer:
                 write_error(self.fs, self.root, key, uris[key], work.rejected[key])
         keys = [k for k, _ in work.plan.items if k in work.samples]
         tar = build_tar((k, work.samples[k]) for k in keys)
-        commit_shard(self.fs, self.root, work.plan.stem, tar, keys, work.frames)
+        commit_shard(self.fs, self.root, work.plan.stem, tar, keys, work.frames, [work.shapes[k] for k in keys])
         with self.lock:
             self.count += 1
             if self.after_commit:
@@ -149,6 +150,7 @@ def _drive(cfg: PrecomputeConfig, ray, decode, encoders: list, todo: list[ShardP
         if sample is not None:
             w.samples[key] = sample["members"]
             w.frames += sample["frames"]
+            w.shapes[key] = sample["shape"]
         else:
             w.rejected[key] = reason
             log(f"rejected {key}: {reason}")

@@ -58,7 +58,8 @@ class Encoder:
                 "latent_shape": list(latents.shape), "latent_dtype": str(latents.dtype).replace("torch.", ""),
                 "vae": self.vae.identity, "scaling_factor": self.vae.scaling_factor,
                 "shift_factor": self.vae.shift_factor, "vae_sample": self.vae.cfg.sample}
-        return {"key": key, "members": encode_sample(latents, meta), "frames": int(latents.shape[0])}
+        return {"key": key, "members": encode_sample(latents, meta), "frames": int(latents.shape[0]),
+                "shape": list(latents.shape)}
 
 
 def remote_decode(cfg_ray):
