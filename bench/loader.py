@@ -1,9 +1,11 @@
 """Loader throughput vs the raw read bandwidth of the same shard files, measured in one run.
 
     python bench/loader.py [--root DIR] [--shards 12] [--videos 32] [--frames 64] [--workers 0 1 2]
+                           [--shapes 22x40 30x30 40x22]
 
 Writes a toy latent dataset (bf16 latents of 4x22x40, i.e. 320x176 video, in the
-real shard format) unless --root names one, then measures:
+real shard format; --shapes for several aspect ratios, batched by shape bucket)
+unless --root names one, then measures:
   raw:    every shard file read sequentially in 4 MiB chunks (what `cat` does);
   twice:  "cached" (files in the page cache: raw is then memory bandwidth) and
           "cold" (the shard files, and only they, evicted with posix_fadvise
@@ -61,10 +63,10 @@ def loader_epoch(cfg: DataConfig, paths: list[str], cold: bool = False) -> tuple
     if cold:
         drop_cache(paths)
     t = time.perf_counter()
-    steps = 0
-    for _ in loader:
-        steps += 1
-    return time.perf_counter() - t, steps * cfg.batch_size
+    served = 0
+    for batch in loader:
+        served += sum(len(row) for row in batch.clips)
+    return time.perf_counter() - t, served
 
 
 def main() -> None:
@@ -73,6 +75,9 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--videos", type=int, default=48, help="videos per shard")
     ap.add_argument("--frames", type=int, default=64, help="stored latent frames per video")
+    ap.add_argument("--shapes", nargs="+", default=["22x40"],
+                    help="latent HxW of the videos, assigned in turn (e.g. 22x40 30x30 40x22: three aspect "
+                         "ratios, one shape bucket each)")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--repeats", type=int, default=3, help="best of this many runs (the machine is shared)")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per cached-mode run (amortises worker start)")
@@ -83,7 +88,9 @@ def main() -> None:
     if root is None:
         tmp = tempfile.TemporaryDirectory(prefix="vgpt-bench-")
         root = tmp.name
-        write_toy_dataset(root, [args.videos] * args.shards, frames=args.frames, shape=(4, 22, 40),
+        hw = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
+        shapes = [(4, *hw[v % len(hw)]) for v in range(args.videos * args.shards)]
+        write_toy_dataset(root, [args.videos] * args.shards, frames=args.frames, shape=shapes,
                           dtype=torch.bfloat16)
     fs, path = get_fs(root)
     index = read_index(fs, path)

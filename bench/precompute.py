@@ -1,8 +1,15 @@
-"""Bench of the latent-precompute farm: pipeline efficiency and worker scaling.
+"""Bench of the latent-precompute farm: decode speed, pipeline efficiency, worker and node scaling.
 
-    python bench/precompute.py [--vae tiny|sdxl-shape] [--videos 12] [--frames 24]
+    python bench/precompute.py [--part all|decode|encode|nodes] [--vae tiny|sdxl-shape] [--videos 12] [--frames 24]
 
 Prints, from one run on this machine:
+- decode (part `decode`): frames/s of `data.video.decode_video` (decode + bicubic resize to 320 px
+  + crop, uint8 RGB out) on a 1080p H.264 file, one FFmpeg thread (one core), against the `ffmpeg`
+  command line on one thread decoding the same file to raw frames: scaled to the same size (like for
+  like; goal >= 0.8) and unscaled yuv420p (pure decode); plus our decode with 2 threads;
+- nodes (part `nodes`): the whole job on a 1-node Ray cluster (a head with 2 CPUs) against a 2-node
+  one (a head and a second node with 1 CPU each; same total), both started here on loopback with
+  `ray start`: on one box this measures what going multi-node costs, not scaling;
 - bare: frames/s of a plain loop of the same VAE (same batch size, one thread,
   like one encoder actor) over the same frames, decoded beforehand in this
   process: the ceiling of one encoder;
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,8 +57,135 @@ def sdxl_shape_vae(directory: Path) -> Path:
     return directory
 
 
+def write_1080p(path: Path, frames: int, fps: int = 30) -> Path:
+    """A 1080p H.264 file (x264, B-frames, 2 s GOP, like web video), frames made one at a time."""
+    import numpy as np
+
+    from data.synthetic.videos import write_video
+
+    yy, xx = np.mgrid[0:1080, 0:1920].astype(np.float32)
+
+    def frame(t: int) -> np.ndarray:
+        img = np.empty((1080, 1920, 3), np.uint8)
+        for c in range(3):
+            img[..., c] = (127.5 + 60 * np.sin(xx / 240 + 0.15 * t + c) * np.cos(yy / 300 - 0.1 * t * c)).astype(np.uint8)
+        img[(t * 13) % 800:(t * 13) % 800 + 200, (t * 29) % 1600:(t * 29) % 1600 + 300] = 235
+        return img
+    return write_video(path, (frame(t) for t in range(frames)), fps, codec="libx264",
+                       options={"preset": "veryfast", "crf": "23", "g": str(2 * fps)})
+
+
+def bench_decode(tmp: Path, frames: int, repeats: int = 3) -> None:
+    import shutil
+    import subprocess
+
+    from data.video import decode_video
+
+    src = write_1080p(tmp / "in1080.mp4", frames)
+    cfg = VideoConfig(max_image_size=320, min_frames=1)
+    w, h = decode_video(str(src), cfg, threads=1).meta["resized_size"]
+
+    def best(fn) -> float:  # the box is shared: the fastest of a few runs is the machine's speed
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return frames / min(times)
+
+    ours1 = best(lambda: decode_video(str(src), cfg, threads=1))
+    ours2 = best(lambda: decode_video(str(src), cfg, threads=2))
+    ffmpeg = shutil.which("ffmpeg")
+    print(f"\nbench/precompute.py decode: 1920x1080 H.264, {frames} frames -> {w}x{h} rgb24; "
+          f"cpus={os.cpu_count()} load average {os.getloadavg()[0]:.1f}")
+    print(f"  decode_video, 1 thread:  {ours1:7.1f} frames/s")
+    print(f"  decode_video, 2 threads: {ours2:7.1f} frames/s  ({ours2 / ours1:4.2f}x one thread)")
+    if not ffmpeg:
+        print("  ffmpeg command line not found (apt-get install ffmpeg): no reference figure")
+        return
+
+    def run_ffmpeg(*vf: str) -> None:
+        subprocess.run([ffmpeg, "-v", "error", "-threads", "1", "-filter_threads", "1", "-i", str(src), *vf,
+                        "-f", "rawvideo", "-"], stdout=subprocess.DEVNULL, check=True)
+
+    scaled = best(lambda: run_ffmpeg("-vf", f"scale={w}:{h}:flags=bicubic", "-pix_fmt", "rgb24"))
+    raw = best(lambda: run_ffmpeg("-pix_fmt", "yuv420p"))
+    print(f"  ffmpeg -threads 1, scaled to {w}x{h} rgb24: {scaled:7.1f} frames/s   ours/ffmpeg {ours1 / scaled:4.2f}"
+          "   (goal >= 0.8)")
+    print(f"  ffmpeg -threads 1, 1080p yuv420p (no scaling): {raw:7.1f} frames/s   ours/ffmpeg {ours1 / raw:4.2f}")
+
+
+def _ray_node(tmp: Path, name: str, cpus: int, head_port: int | None = None) -> tuple[subprocess.Popen, int]:
+    """`ray start --block` on loopback in its own process group (ended by killpg, leaving other Rays alone)."""
+    import json
+    import socket
+
+    def free() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port = head_port or free()
+    cmd = ["ray", "start", "--block", "--node-ip-address", "127.0.0.2", "--num-cpus", str(cpus),
+           "--resources", json.dumps({name: 1}), "--object-store-memory", str(200 << 20), "--disable-usage-stats",
+           "--dashboard-agent-listen-port", str(free()), "--metrics-export-port", str(free())]
+    cmd += (["--address", f"127.0.0.2:{head_port}"] if head_port else
+            ["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(tmp / "ray")])
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 forbids joining a head and, on, Ray rewrites the address 127.0.0.1
+    # to the routable one: so every node listens on 127.0.0.2 (loopback, not rewritten).
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0" if head_port is None else "1"}
+    proc = subprocess.Popen(cmd, stdout=open(tmp / f"{name}.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True, env=env)
+    return proc, port
+
+
+def bench_nodes(tmp: Path, videos: Path, video_cfg: VideoConfig, vae_cfg: VaeConfig, frames: int) -> None:
+    import signal
+
+    import ray
+
+    from orchestration.precompute.job import run
+
+    rates = {}
+    for nodes in (1, 2):
+        head, port = _ray_node(tmp, f"bench_head{nodes}", 2 if nodes == 1 else 1)
+        procs = [head]
+        try:
+            ray.init(address=f"127.0.0.2:{port}", log_to_driver=False)  # waits for the head (bounded by Ray)
+            if nodes == 2:
+                procs.append(_ray_node(tmp, "bench_node_b", 1, head_port=port)[0])
+                for _ in range(240):  # bounded: until the second node has registered
+                    if sum(1 for n in ray.nodes() if n["Alive"]) == 2:
+                        break
+                    time.sleep(0.5)
+            cfg = PrecomputeConfig(
+                inputs=InputsConfig(dir=str(videos)), video=video_cfg, vae=vae_cfg, progress_every_s=1e9,
+                output=OutputConfig(root=str(tmp / f"out-nodes{nodes}"), videos_per_shard=4),
+                ray=PrecomputeRayConfig(address=f"127.0.0.2:{port}", encode_actors=2, encode_cpus=0.5,
+                                        decode_cpus=0.5, decode_in_flight=3))
+            t0 = time.perf_counter()
+            summary = run(cfg)
+            assert summary["frames"] == frames, (summary, frames)
+            rates[nodes] = (summary["frames"] / (time.perf_counter() - t0), summary["frames_per_s"],
+                            sum(1 for r in summary["nodes"].values() if r["decoded"]))
+        finally:
+            ray.shutdown()
+            for p in reversed(procs):
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    print(f"\nbench/precompute.py nodes: {frames} frames, 2 encoders, same 2 logical CPUs in total; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    for n in (1, 2):
+        print(f"  {n} node(s) (decoded on {rates[n][2]}): whole job {rates[n][0]:7.1f} frames/s; "
+              f"after encoder start-up {rates[n][1]:7.1f} frames/s")
+    print(f"  2 nodes / 1 node: whole job {rates[2][0] / rates[1][0]:4.2f}; "
+          f"after start-up {rates[2][1] / rates[1][1]:4.2f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", default="all", choices=["all", "decode", "encode", "nodes"])
+    ap.add_argument("--decode-frames", type=int, default=90)
     ap.add_argument("--vae", default="tiny", choices=["tiny", "sdxl-shape"])
     ap.add_argument("--videos", type=int, default=12)
     ap.add_argument("--frames", type=int, default=24)
@@ -63,6 +198,10 @@ def main() -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     vae_path = "tiny" if args.vae == "tiny" else str(sdxl_shape_vae(tmp / "sdxl-shape"))
+    if args.part in ("all", "decode"):
+        bench_decode(tmp, args.decode_frames)
+        if args.part == "decode":
+            return 0
 
     videos = tmp / "videos"
     videos.mkdir()
@@ -91,6 +230,9 @@ def main() -> int:
         torch.set_num_threads(os.cpu_count() or 1)
         return n, n / (time.perf_counter() - t0)
 
+    if args.part == "nodes":
+        bench_nodes(tmp, videos, video_cfg, vae_cfg, sum(f.shape[0] for _, f in decoded))
+        return 0
     frames, bare_before = bare_loop()
 
     import ray
@@ -126,6 +268,8 @@ def main() -> int:
           f"after start-up {results[1][1] / bare:5.2f}   (goal >= 0.85)")
     print(f"  scaling job(2)/job(1):           whole job {results[2][0] / results[1][0]:5.2f}; "
           f"after start-up {results[2][1] / results[1][1]:5.2f}")
+    if args.part == "all":
+        bench_nodes(tmp, videos, video_cfg, vae_cfg, frames)
     return 0
 
 

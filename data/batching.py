@@ -9,6 +9,9 @@ so the clip attention keeps them apart (clips of different samples never see
 each other). Rows shorter than the longest are padded with zero frames, which
 `Batch.frame_mask()` marks as padding.
 
+A step's samples are of one shape bucket (data/buckets.py), so the rows of a
+batch, packed or not, hold latents of one shape.
+
 `LatentBatch` is a `Batch` plus provenance: the global index (epoch * N + p)
 of every sample (feed it to `pretrain.training.objective.row_seed` so the noise does not
 depend on the run's parallel layout), its stored frame indices, and the positions of
@@ -39,7 +42,7 @@ class SampleRecord:
     interval: int = 0
     clips: tuple[int, ...] = ()
     patches: int = 0               # tokens per frame
-    local_index: int = 0           # j: the rank-local sample number (step * batch_size + slot)
+    step: int = 0                  # the global step (since the loader's start) that serves it
 
 
 @dataclass
@@ -114,8 +117,9 @@ def collate(records: list[SampleRecord], pack_tokens: int, dtype: torch.dtype) -
     shapes = {tuple(r.latents.shape[1:]) for r in ok}
     if len(shapes) > 1:
         raise ConfigError(f"data.batch_size/pack_tokens: one step holds latents of shapes {sorted(shapes)} "
-                          f"(keys {[r.key for r in ok]}); batching needs one latent shape per step: "
-                          f"use batch_size 1 without packing, or a single-resolution dataset")
+                          f"(keys {[r.key for r in ok]}), but its index.json records no per-sample shapes "
+                          "(written before they were recorded), so the loader cannot group samples by shape: "
+                          "rebuild the index with the precompute job, or use batch_size 1 without packing")
     tokens = [sequence_length([list(r.clips)], r.patches) for r in ok]
     rows = pack_rows(tokens, pack_tokens)
     frames = [sum(ok[i].latents.shape[0] for i in row) for row in rows]

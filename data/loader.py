@@ -1,44 +1,55 @@
 """Streaming latent loader with exact resume, across ranks, workers and world sizes.
 
-Data order is a pure function of (seed, epoch, global position) (data/order.py):
-the global stream of samples is fixed by the seed and the dataset alone.
-Global step s serves G = world_size * batch_size consecutive positions of it;
-rank r takes slots r, r+W, r+2W, ... of the step; worker w of a rank's
-DataLoader takes the rank's samples j with j % num_workers == w and the
-DataLoader hands them back round-robin, so the rank sees them in order.
-Per-sample randomness (start frame, interval, clip cuts; data/stage.py) comes
-from an RNG seeded by (seed, epoch, position).
+Data order is a pure function of (seed, epoch, position) (data/order.py): the
+epoch order is fixed by the seed and the dataset alone, and so is every shape
+bucket's stream of samples (data/buckets.py: samples of one latent h x w).
+Global step s serves G_b = world_size * batch_b consecutive items of one
+bucket's stream, so every batch has one latent shape; steps of the buckets
+interleave in proportion to their sizes. Rank r takes the items i = r
+(mod W) of the step, worker w of its DataLoader those with i // W = w (mod
+n), and the DataLoader hands the workers' parts back round-robin. Per-sample
+randomness (start frame, interval, clip cuts; data/stage.py) comes from an
+RNG seeded by (seed, epoch, position).
 
-State (`state_dict`) is the cursor (epoch, offset of the next unconsumed
-position) plus what defines the order (seed, shuffle buffer, streams, tail
-rule, dataset fingerprint), checked on `load_state_dict`. It does not depend
-on the world size, batch size or worker count: resume on any number of ranks
-serves exactly the positions an uninterrupted run would have served next.
+State (`state_dict`) is one cursor per shape bucket (items of its stream
+consumed) and the count of known skips reported, plus what defines the order
+(seed, shuffle buffer, streams, tail rule, dataset and bucket fingerprints),
+checked on `load_state_dict`. It does not depend on the world size, batch
+sizes or worker count: resume on any number of ranks serves every bucket's
+stream exactly from where it stopped (same samples, same frames and clips).
 The state is counted in the main process from the steps *handed out*, so
 samples prefetched by workers but not consumed are served again after resume.
 
-Every position yields exactly one record on exactly one rank, a sample or a
-counted skip (video too short for the stage, too many tokens, corrupt shard or
-undecodable sample under data.corrupt_shards='skip'; 'fail' raises instead,
-naming the shard), and every rank takes the same number of steps (a step
-is G positions, whatever is skipped): no end-of-epoch hang with uneven shards.
-A step whose positions were all skipped on a rank is a 0-row batch for that
-rank (the trainer runs it as a zero-loss step, still joining collectives).
+Early filtering: with the frame counts and shapes index.json records, a video
+too short for the stage (or whose shortest draw exceeds max_tokens) is a
+*known skip*: it takes no batch slot, is reported (counted by reason, like
+every skip) by the step at whose pace the skip stream has reached it, and is
+never read; a shard of nothing else is never fetched. A drawn clip partition
+over max_tokens is known from the recorded frame count too, so it is skipped
+unread, in its slot. An older index without those records gives one bucket
+and finds every skip at read time, as before.
 
-Epoch tail (data.epoch_tail), the drop/pad rule: 'roll' (default) never drops
-and never pads: the step that reaches the end of epoch e is completed with the
-first positions of epoch e+1's order (which epoch e+1 then does not serve
-again), so every sample of every epoch is served exactly once, an epoch takes
-about N / G steps, and with data.epochs = E the run is ceil((E*N - start) / G)
-steps. 'drop' keeps steps inside epochs: the last N mod G positions of each
-epoch's order are not served in that epoch (the same positions on every rank,
-a different set each epoch since the order is reshuffled).
+Every item yields exactly one record on exactly one rank, a sample or a
+counted skip (too many tokens, corrupt shard or undecodable sample under
+data.corrupt_shards='skip'; 'fail' raises instead, naming the shard; a sample
+whose decoded shape differs from the recorded one is an undecodable sample),
+and every rank takes the same number of steps: no end-of-epoch hang with
+uneven shards. A step whose items were all skipped on a rank is a 0-row
+batch for that rank (the trainer runs it as a zero-loss step, still joining
+collectives).
 
-Workers: DataLoader worker w of n reads the rank's samples j with j % n == w
-(so with S streams and n*W dividing S, each worker reads its own shards) and
-sends one message per step with its part of the step (latents as pickled
-bytes, cheaper here than torch's shared-memory tensors); the main process
-merges the parts of a step and collates the batch.
+Epoch tail (data.epoch_tail), the drop/pad rule, per bucket: 'roll' (default)
+never drops and never pads: the step that reaches the end of a bucket's epoch
+e is completed with the first items of its epoch e+1 (which epoch e+1 then
+does not serve again), so every sample of every epoch is served exactly once,
+and with data.epochs = E the run is sum_b ceil((E*n_b - cursor_b) / G_b)
+steps. 'drop' keeps steps inside epochs: the last n_b mod G_b items of each
+bucket's epoch are not served in that epoch (the same on every rank, a
+different set each epoch since the order is reshuffled).
+
+Workers: each sends one message per step with its part of the step (latents
+as pickled bytes, cheaper here than torch's shared-memory tensors); the main
+process merges the parts of a step and collates the batch.
 """
 from __future__ import annotations
 
@@ -54,7 +65,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.batch import patches_per_frame
 from data.batching import LatentBatch, SampleRecord, collate, copy_serial, numpy_view
-from data.order import Cursor, DatasetMeta, Schedule, epoch_order, resolve_num_streams
+from data.buckets import SKIP_CODES, build_buckets, token_range
+from data.order import (
+    Buckets,
+    DatasetMeta,
+    Schedule,
+    Window,
+    bucket_streams,
+    epoch_order,
+    reader_items,
+    resolve_num_streams,
+)
 from data.shard_format import ShardFormatError, decode_sample, get_fs, read_index
 from data.shards import CorruptShardError, ShardSource
 from data.stage import SKIP_SHORT, SKIP_TOKENS, plan_sample, sample_rng, sample_tokens
@@ -62,7 +83,7 @@ from jobconfig.data import DataConfig
 from jobconfig.errors import ConfigError
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2
 SKIP_CORRUPT = "corrupt_shard"
 SKIP_BAD_SAMPLE = "corrupt_sample"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,11 +131,14 @@ class _ReaderError:
 
 
 class _Readers(IterableDataset):
-    """One rank's reader; in each DataLoader worker it serves that worker's positions."""
+    """One rank's reader; in each DataLoader worker it serves that worker's items."""
 
-    def __init__(self, cfg: DataConfig, meta: DatasetMeta, num_streams: int, schedule: Schedule, rank: int):
-        self.cfg, self.meta, self.num_streams, self.schedule, self.rank = cfg, meta, num_streams, schedule, rank
+    def __init__(self, cfg: DataConfig, meta: DatasetMeta, buckets: Buckets, num_streams: int,
+                 schedule: Schedule, rank: int):
+        self.cfg, self.meta, self.buckets, self.num_streams = cfg, meta, buckets, num_streams
+        self.schedule, self.rank = schedule, rank
         self._warned: set[str] = set()  # corrupt shards already reported by this reader
+        self._orders: dict[int, tuple] = {}  # epoch -> _epoch(epoch), the last two epochs
 
     def __iter__(self) -> Iterator[list[SampleRecord]]:
         """One chunk per rank-local step: this worker's records of the step (maybe none), in order.
@@ -123,47 +147,101 @@ class _Readers(IterableDataset):
         part of step s) and costs one IPC message per step instead of one per sample."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        B, total = self.cfg.batch_size, self.schedule.num_steps()
         share = _to_wire if info is not None else _identity  # in-process: no IPC, no extra copy
-        step, chunk = 0, []
         try:
-            for rec in self._records(worker, workers):
-                while rec.local_index // B > step:
+            for window, records in self._records(worker, workers):
+                step, chunk = window.first_step, []
+                for rec in records:
+                    while rec.step > step:
+                        yield share(chunk)
+                        step, chunk = step + 1, []
+                    chunk.append(rec)
+                while step < window.first_step + len(window):  # up to the window's last step
                     yield share(chunk)
                     step, chunk = step + 1, []
-                chunk.append(rec)
         except Exception as e:
             if info is None:
                 raise
             # hand the error to the main process as an item and end normally: it is re-raised
             # there as itself (not wrapped), and a worker that raised delays DataLoader shutdown 5 s
             yield _ReaderError(e, f"DataLoader worker {worker} of rank {self.rank}")
-            return
-        while total is not None and step < total:  # trailing steps this worker has no sample in
-            yield share(chunk)
-            step, chunk = step + 1, []
 
-    def _records(self, worker: int, workers: int) -> Iterator[SampleRecord]:
-        cfg, meta = self.cfg, self.meta
+    def _records(self, worker: int, workers: int) -> Iterator[tuple[Window, Iterator[SampleRecord]]]:
+        cfg, meta, sched = self.cfg, self.meta, self.schedule
         # a fresh filesystem object per process: s3fs sessions must not cross a fork
         fs, root = get_fs(cfg.root, {**cfg.storage_options, "skip_instance_cache": True})
         source = ShardSource(fs, root, meta, prefetch=cfg.prefetch_shards, verify=cfg.verify_sha256)
-        N = meta.num_samples
         try:
-            for epoch, ps, js in self.schedule.reader_positions(self.rank, worker, workers):
-                shard_of, idx_of = epoch_order(meta.sizes, cfg.seed, epoch, self.num_streams, cfg.shuffle_buffer)
-                shards, idxs = shard_of[ps].tolist(), idx_of[ps].tolist()
-                source.begin_epoch(zip(shards, idxs))
-                for p, j, shard, idx in zip(ps.tolist(), js.tolist(), shards, idxs):
-                    rec = self._record(source.take(shard, idx), epoch, p, shard, N)
-                    rec.local_index = j
-                    yield rec
+            for window in sched.windows():
+                yield window, self._window_records(source, window, worker, workers)
         finally:
             source.close()
 
-    def _record(self, got, epoch: int, p: int, shard: int, N: int) -> SampleRecord:
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+        """(shard, index in shard) per epoch position, and the bucket streams, of one epoch."""
+        if epoch not in self._orders:
+            cfg, sizes = self.cfg, self.meta.sizes
+            args = (cfg.seed, epoch, self.num_streams, cfg.shuffle_buffer)
+            self._orders = {e: v for e, v in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = (*epoch_order(sizes, *args), bucket_streams(sizes, self.buckets, *args))
+        return self._orders[epoch]
+
+    def _window_records(self, source: ShardSource, window: Window, worker: int,
+                        workers: int) -> Iterator[SampleRecord]:
+        """This worker's records of a window, by step (samples in slot order, then known skips).
+        Its shard needs are handed to `source` first, so fetching runs ahead of decoding."""
+        meta, sched, N, nb = self.meta, self.schedule, self.meta.num_samples, len(self.schedule.sizes)
+        steps, bks, items, skips = reader_items(window, sched.batch, sched.world_size, self.rank, worker, workers)
+        plan = []  # (step, epoch, p, shard, idx, known skip reason or None)
+        for step, b, i in zip(steps.tolist(), bks.tolist(), items.tolist()):
+            epoch, m = divmod(i, sched.sizes[b])
+            sh, ix, streams = self._epoch(epoch)
+            p = int(streams[b][m])
+            plan.append((step, epoch, p, int(sh[p]), int(ix[p]), None))
+        for step, k in zip(skips[0].tolist(), skips[1].tolist()):
+            epoch, m = divmod(k, sched.num_skips)
+            sh, ix, streams = self._epoch(epoch)
+            p = int(streams[nb][m])
+            shard, idx = int(sh[p]), int(ix[p])
+            plan.append((step, epoch, p, shard, idx, SKIP_CODES[int(self.buckets.code[meta.offsets[shard] + idx])]))
+        plan.sort(key=lambda x: x[0])  # stable: a step's samples stay in slot order, before its skips
+        needs = [((epoch, shard), idx) for step, epoch, p, shard, idx, known in plan
+                 if known is None and self._needs_read(epoch, p, shard, idx)]
+        source.extend(needs)
+        for step, epoch, p, shard, idx, known in plan:
+            rec = SampleRecord(epoch * N + p, epoch, p, meta.names[shard], step=step, skip=known)
+            if rec.skip is None and meta.frames is not None:  # the plan needs only the recorded frame count
+                v = int(meta.offsets[shard]) + idx
+                rec.skip = self._plan(rec, int(meta.frames[v]), tuple(meta.shapes[v, 2:].tolist()))
+            if rec.skip is None:
+                self._read(rec, source.take((epoch, shard), idx), shard, idx)
+            yield rec
+
+    def _needs_read(self, epoch: int, p: int, shard: int, idx: int) -> bool:
+        """False when the recorded frame count and shape already say the draw is too many tokens."""
+        if self.meta.frames is None:
+            return True
+        v = int(self.meta.offsets[shard]) + idx
+        hw = tuple(self.meta.shapes[v, 2:].tolist())
+        if token_range(self.cfg.stage, hw)[1] <= self.cfg.stage.max_tokens:
+            return True  # no draw can exceed the limit
+        rec = SampleRecord(0, epoch, p, "")
+        return self._plan(rec, int(self.meta.frames[v]), hw) is None
+
+    def _plan(self, rec: SampleRecord, frames: int, hw: tuple[int, int]) -> str | None:
+        """Frames, interval and clips of the sample from (seed, epoch, position); a skip reason or None."""
+        stage = self.cfg.stage
+        plan = plan_sample(stage, frames, sample_rng(self.cfg.seed, rec.epoch, rec.position))
+        if plan is None:
+            return SKIP_SHORT
+        rec.patches = patches_per_frame(hw, stage.patch_size)
+        if sample_tokens(stage, plan.clips, hw) > stage.max_tokens:
+            return SKIP_TOKENS
+        rec.frame_indices, rec.interval, rec.clips = plan.frame_indices, plan.interval, plan.clips
+        return None
+
+    def _read(self, rec: SampleRecord, got, shard: int, idx: int) -> None:
         cfg = self.cfg
-        rec = SampleRecord(epoch * N + p, epoch, p, self.meta.names[shard])
         if isinstance(got, CorruptShardError):
             if cfg.corrupt_shards == "fail":
                 raise got
@@ -171,30 +249,28 @@ class _Readers(IterableDataset):
                 self._warned.add(rec.shard)
                 log.warning("skipping the samples of a corrupt shard (data.corrupt_shards=skip): %s", got)
             rec.skip = SKIP_CORRUPT
-            return rec
+            return
         rec.key, members = got
         try:
             latents, _ = decode_sample(members, where=f"shard {rec.shard} sample {rec.key}")
+            recorded = None if self.meta.shapes is None else self.meta.shapes[self.meta.offsets[shard] + idx].tolist()
+            if recorded is not None and list(latents.shape) != recorded:
+                raise ShardFormatError(f"shard {rec.shard} sample {rec.key}: latents of shape "
+                                       f"{list(latents.shape)}, index.json records {recorded}")
         except ShardFormatError as e:  # a verified shard holding an undecodable sample: the writer's bug
             if cfg.corrupt_shards == "fail":
                 raise
             log.warning("skipping an undecodable sample (data.corrupt_shards=skip): %s", e)
             rec.skip = SKIP_BAD_SAMPLE
-            return rec
-        plan = plan_sample(cfg.stage, latents.shape[0], sample_rng(cfg.seed, epoch, p))
-        if plan is None:
-            rec.skip = SKIP_SHORT
-            return rec
-        rec.patches = patches_per_frame(tuple(latents.shape[-2:]), cfg.stage.patch_size)
-        if sample_tokens(cfg.stage, plan.clips, tuple(latents.shape[-2:])) > cfg.stage.max_tokens:
-            rec.skip = SKIP_TOKENS
-            return rec
+            return
+        if self.meta.frames is None:  # an older index: the plan needs the decoded frame count
+            rec.skip = self._plan(rec, latents.shape[0], tuple(latents.shape[-2:]))
+            if rec.skip is not None:
+                return
         # evenly spaced frames: a strided view in the stored dtype; a worker moves it as is (bf16 is
         # half the bytes of fp32) and collate converts while copying it into the batch
-        f = plan.frame_indices
-        rec.latents = latents[f[0]:f[-1] + 1:plan.interval]
-        rec.frame_indices, rec.interval, rec.clips = plan.frame_indices, plan.interval, plan.clips
-        return rec
+        f = rec.frame_indices
+        rec.latents = latents[f[0]:f[-1] + 1:rec.interval]
 
 
 class LatentLoader:
@@ -208,39 +284,63 @@ class LatentLoader:
             raise ConfigError(f"rank: got {rank}, expected 0 <= rank < world_size={world_size}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         fs, root = get_fs(cfg.root, cfg.storage_options)
-        self.meta = DatasetMeta.from_index(read_index(fs, root), where=f"{cfg.root}/index.json")
+        index = read_index(fs, root)
+        where = f"{cfg.root}/index.json"
+        self.meta = DatasetMeta.from_index(index, where=where)
+        self.buckets = build_buckets(self.meta, cfg, index.get("latent_shape"), where=where)
         self.num_streams = resolve_num_streams(cfg.num_streams, len(self.meta.names))
-        self.cursor = Cursor()
+        self.cursors: tuple[int, ...] = (0,) * len(self.buckets.names)
+        self.skips_reported = 0                  # known skips reported (the skip stream's cursor)
         self.stats: Counter = Counter()          # skips of this rank, by reason; plus steps/samples
         self.corrupt_shards: set[str] = set()    # names of shards skipped as corrupt (this rank)
         self._schedule()  # validates the tail rule against the dataset size now, not at first step
+
+    @property
+    def max_batch_size(self) -> int:
+        """The most samples per rank one step holds (the largest bucket batch)."""
+        return max(self.buckets.batch)
 
     # ------------------------------------------------------------ state
     def _order_fields(self) -> dict:
         return {"seed": self.cfg.seed, "shuffle_buffer": self.cfg.shuffle_buffer, "num_streams": self.num_streams,
                 "epoch_tail": self.cfg.epoch_tail, "dataset": self.meta.fingerprint,
-                "num_samples": self.meta.num_samples}
+                "num_samples": self.meta.num_samples, "buckets": self.buckets.fingerprint}
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "epoch": self.cursor.epoch, "offset": self.cursor.offset,
-                **self._order_fields()}
+        return {"version": STATE_VERSION, "cursors": dict(zip(self.buckets.names, self.cursors)),
+                "skips": self.skips_reported, **self._order_fields()}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("version") == 1 and self.buckets.flat:  # before buckets: one cursor over the epoch order
+            state = {**state, "version": STATE_VERSION, "buckets": self.buckets.fingerprint,
+                     "cursors": {self.buckets.names[0]: state.get("epoch", 0) * self.meta.num_samples
+                                 + state.get("offset", 0)}}
         if state.get("version") != STATE_VERSION:
-            raise ConfigError(f"loader state: version {state.get('version')!r}, expected {STATE_VERSION}")
+            raise ConfigError(f"loader state: version {state.get('version')!r}, expected {STATE_VERSION}"
+                              + (" (a state from before shape buckets resumes only a dataset of one shape "
+                                 "without recorded frame counts)" if state.get("version") == 1 else ""))
         for key, want in self._order_fields().items():
             if state.get(key) != want:
-                same = "dataset (index.json)" if key in ("dataset", "num_samples") else f"data.{key}"
+                same = {"dataset": "dataset (index.json)", "num_samples": "dataset (index.json)",
+                        "buckets": "dataset and data.stage (the samples it can use, and their shapes)"
+                        }.get(key, f"data.{key}")
                 raise ConfigError(f"loader state: {key} is {state.get(key)!r} in the checkpoint but {want!r} now; "
                                   f"the data order would differ (resume with the same {same})")
-        if not 0 <= state["offset"] <= self.meta.num_samples or state["epoch"] < 0:  # drop: may sit at N
-            raise ConfigError(f"loader state: cursor ({state['epoch']}, {state['offset']}) out of range")
-        self.cursor = Cursor(int(state["epoch"]), int(state["offset"]))
+        cursors = state.get("cursors")
+        if (not isinstance(cursors, dict) or sorted(cursors) != sorted(self.buckets.names)
+                or any(not isinstance(c, int) or c < 0 for c in cursors.values())):
+            raise ConfigError(f"loader state: cursors {cursors!r}, expected one non-negative count per shape "
+                              f"bucket {list(self.buckets.names)}")
+        if not isinstance(state.get("skips", 0), int) or state.get("skips", 0) < 0:
+            raise ConfigError(f"loader state: skips {state.get('skips')!r}, expected a non-negative count")
+        self.cursors = tuple(cursors[n] for n in self.buckets.names)
+        self.skips_reported = state.get("skips", 0)
 
     # ------------------------------------------------------------ iteration
     def _schedule(self) -> Schedule:
-        return Schedule(self.meta.num_samples, self.world_size, self.cfg.batch_size, self.cursor,
-                        self.cfg.epoch_tail, self.cfg.epochs)
+        b = self.buckets
+        return Schedule(b.sizes, b.num_known_skips, b.batch, self.world_size, self.cursors,
+                        self.cfg.epoch_tail, self.cfg.epochs, self.skips_reported)
 
     def num_steps(self) -> int | None:
         """Steps left until data.epochs is reached (the same on every rank); None when endless."""
@@ -249,34 +349,41 @@ class LatentLoader:
     def __iter__(self) -> Iterator[LatentBatch]:
         cfg = self.cfg
         schedule = self._schedule()
-        dataset = _Readers(cfg, self.meta, self.num_streams, schedule, self.rank)
+        dataset = _Readers(cfg, self.meta, self.buckets, self.num_streams, schedule, self.rank)
         if cfg.num_workers:
             records = iter(DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
                                       collate_fn=_identity, prefetch_factor=4))  # items are whole steps
         else:
             records = iter(dataset)
-        dtype, parts, done = _DTYPES[cfg.dtype], max(1, cfg.num_workers), 0
-        chunks: list[list[SampleRecord]] = []
-        for chunk in records:
-            if isinstance(chunk, _ReaderError):
-                del records  # shut the workers down before raising
-                raise chunk.error
-            chunks.append(_from_wire(chunk))
-            if len(chunks) < parts:
-                continue
-            buf = sorted((r for c in chunks for r in c), key=lambda r: r.local_index)
-            chunks = []
-            if len(buf) != cfg.batch_size:
-                raise RuntimeError(f"loader rank {self.rank}: step {done} got {len(buf)} samples from its "
-                                   f"readers, expected {cfg.batch_size}")
-            batch = collate(buf, cfg.pack_tokens, dtype)
-            for _, _, reason in batch.skipped:
-                self.stats[f"skipped/{reason}"] += 1
-            self.corrupt_shards.update(r.shard for r in buf if r.skip == SKIP_CORRUPT)
-            self.stats["steps"] += 1
-            self.stats["samples"] += len(buf) - len(batch.skipped)
-            done += 1
-            self.cursor = schedule.cursor_after(done)  # before yielding: state_dict() now includes this step
-            yield batch
-        if chunks:
-            raise RuntimeError(f"loader rank {self.rank}: {len(chunks)} reader chunks left over, expected whole steps")
+        dtype, parts, W = _DTYPES[cfg.dtype], max(1, cfg.num_workers), self.world_size
+        cursors = list(self.cursors)
+        for window in schedule.windows():
+            expect = reader_items(window, schedule.batch, W, self.rank, 0, 1)
+            counts = np.bincount(expect[0] - window.first_step, minlength=len(window)) \
+                + np.bincount(expect[3][0] - window.first_step, minlength=len(window))
+            for t, (b, start) in enumerate(zip(window.bucket.tolist(), window.start.tolist())):
+                buf = []
+                for _ in range(parts):
+                    chunk = next(records, None)
+                    if isinstance(chunk, _ReaderError):
+                        del records  # shut the workers down before raising
+                        raise chunk.error
+                    if chunk is None:
+                        raise RuntimeError(f"loader rank {self.rank}: the readers ended before step "
+                                           f"{window.first_step + t}")
+                    buf += _from_wire(chunk)
+                # samples in global-index order, then skips: the same batch whatever the worker count
+                buf.sort(key=lambda r: (r.skip is not None, r.global_index))
+                if len(buf) != counts[t]:
+                    raise RuntimeError(f"loader rank {self.rank}: step {window.first_step + t} got {len(buf)} "
+                                       f"records from its readers, expected {counts[t]}")
+                batch = collate(buf, cfg.pack_tokens, dtype)
+                for _, _, reason in batch.skipped:
+                    self.stats[f"skipped/{reason}"] += 1
+                self.corrupt_shards.update(r.shard for r in buf if r.skip == SKIP_CORRUPT)
+                self.stats["steps"] += 1
+                self.stats["samples"] += len(buf) - len(batch.skipped)
+                cursors[b] = schedule.normalize(b, start + schedule.global_batch[b])
+                self.cursors = tuple(cursors)  # before yielding: state_dict() now includes this step
+                self.skips_reported = int(window.skips_hi[t])
+                yield batch

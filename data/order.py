@@ -1,8 +1,9 @@
 """The global sample order and who reads what: pure functions of metadata.
 
 Everything here is computed from index.json alone (shard names, sample counts,
-hashes), never from data, rank or worker state, so every process of every run
-derives the same answers.
+hashes, and where recorded each sample's frame count and latents shape), never
+from data, rank or worker state, so every process of every run derives the
+same answers.
 
 **Epoch order** (`epoch_order`): a pure function of (seed, epoch) over the
 dataset's shards:
@@ -18,52 +19,91 @@ dataset's shards:
      before any byte is read, which is what makes resume exact and cheap;
   4. streams are interleaved round-robin: position p takes sample p // S of
      stream p % S (the first N % S streams are one longer, so this holds to
-     the end of the epoch).
+     the end of the epoch). A sample is named by (epoch, p); its per-sample
+     randomness and its global index epoch * N + p derive from that name.
 
-**Global stream**: epochs follow each other; global position P = epoch * N + p.
-Global step s covers G = world * batch consecutive positions; rank r takes
-the *strided* slots r, r + W, r + 2W, ... of each step (not a contiguous
-block), and DataLoader worker w of n takes the rank-local samples j with
-j % n == w. Together: reader (r, w) gets exactly the positions
-P = P0 + r + W*w (mod n*W), P0 being where the run (or resume) started.
+**Buckets** (`Buckets`, built by data/buckets.py): every sample is in one
+shape bucket (same latent h x w, so a batch of one bucket has one shape), or
+is known unusable for the stage from its recorded frame count (a *known
+skip*, reported without reading it). Bucket b's *stream* lists its n_b
+samples of epoch e, then of epoch e+1, ...; within an epoch it is built like
+the epoch order: the bucket's samples in stream order (stream 0's, then
+stream 1's, ...) cut into S equal *pieces*, interleaved round-robin, rotated
+by e * n_b so that item i of the bucket stream always comes from piece
+i % S. Piece k is stream k's samples of the bucket give or take a few at
+its ends. With one bucket and no known skips this is exactly the epoch order
+above. Known skips form one more stream the same way.
 
-**Why strided + streams** (the locality tradeoff): positions of one residue
-class mod n*W hit the streams p % S of one residue class mod gcd(n*W, S).
-When n*W divides S, each reader gets whole streams, i.e. reads only its own
-shards, and this stays true for any resume offset P0; the only shards read
-by two readers are the (at most S-1) shards cut between two streams, so the
-read amplification is at most 1 + (S-1)/shards (S=12 over 240 shards: 5%).
-When it does not divide, a reader reads S/gcd(n*W, S) streams and skips the
-samples that are not its own (read amplification n*W/gcd). The order itself
-never depends on W or n, so a change of world size or worker count on resume
-costs locality at worst, never correctness. `S` defaults to a number <= the
-shard count with many divisors (2^a * 3^b * 5^c, e.g. 48 for 50 shards, 7680
-for 10k); set `data.num_streams` to a multiple of every world*workers you
-plan to run with, for perfect locality. The alternatives: block assignment
-of shards to ranks gives perfect locality but makes the order depend on the
-world size (Energon then refuses DP-size changes); an unsharded global
-shuffle buffer makes every rank read every shard.
+**Steps** (`Schedule`): a global step takes the next G_b = world * batch_b
+items of one bucket's stream (batch_b: data.batch_size, or the bucket's own
+size). Steps go in the order of their first item's *progress* i / n_b through
+its bucket stream (ties: lower bucket first): every bucket moves through its
+epochs at the same pace, so batches of the shapes are mixed in proportion.
+The known skips are reported at the same pace: step t reports those of
+progress in [F_{t-1}, F_t), F_t being the progress of the next step. Progress
+is an integer, (epoch << 32) + floor(2^32 * offset / n_b), so every process
+sorts identically. The state is one cursor per bucket (items consumed); the
+bucket streams do not depend on world size, batch sizes or workers, so a
+resume on any layout continues every bucket exactly where it stopped (only
+how the buckets interleave over steps depends on G), plus the count of known
+skips reported.
+
+**Ranks and workers**: rank r takes the items i = r (mod W) of each step
+(any G_b consecutive items hold batch_b of each class), and DataLoader worker
+w of n the rank's items with i // W = w (mod n): reader (r, w) gets the items
+i = r + W*w (mod n*W) of every bucket, whatever the cursor. Known skips:
+skip k goes to rank k % W, worker (k // W) % n.
+
+**Why pieces + streams** (the locality tradeoff): item i of a bucket stream
+comes from piece i % S, mostly stream i % S, so when n*W divides S each
+reader gets whole pieces, i.e. reads little but its own shards, and this
+stays true for any resume cursor and every bucket; the shards read by two
+readers are the (at most S-1) shards cut between two streams, plus, per
+bucket, the shards at the ends of streams where a piece boundary differs
+from the stream boundary (a few per stream and bucket: the bucket's share of
+streams varies). When n*W does not divide S, a reader reads S/gcd(n*W, S)
+streams. Every bucket's pieces advance through their streams at the same
+pace, so a reader holds few shards at once however the shapes mix.
+The order never depends on W or n, so a change of world size or worker count
+on resume costs locality at worst, never correctness. `S` defaults to a
+number <= the shard count with many divisors (2^a * 3^b * 5^c, e.g. 48 for
+50 shards, 7680 for 10k); set `data.num_streams` to a multiple of every
+world*workers you plan to run with, for perfect locality. Shapes clustered by
+shard (e.g. a source that is all 4:3 in a run of shards) move piece
+boundaries further from stream boundaries (more shared shards) and make one
+stream's buckets advance at different depths (a reader holds that stream's
+shards longer). The alternatives: block assignment of shards to ranks gives perfect
+locality but makes the order depend on the world size (Energon then refuses
+DP-size changes); an unsharded global shuffle buffer makes every rank read
+every shard.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 from typing import Iterator, Literal
 
 import numpy as np
 
 from jobconfig.errors import ConfigError
 
+PROGRESS_BITS = 32
+_FRAC = (1 << PROGRESS_BITS) - 1
+
 
 @dataclass(frozen=True)
 class DatasetMeta:
-    """What the order needs from index.json."""
+    """What the order needs from index.json. `frames` / `shapes`: per sample (flat index: `offsets`
+    of its shard + its index in the shard), the recorded frame count and latents shape [T, C, h, w];
+    None when index.json predates them."""
     names: tuple[str, ...]
     sizes: tuple[int, ...]
     sha256: tuple[str, ...]
     num_bytes: tuple[int, ...]
+    frames: np.ndarray | None = field(default=None, compare=False)  # [num_samples] by flat index
+    shapes: np.ndarray | None = field(default=None, compare=False)  # [num_samples, 4] by flat index
 
     @classmethod
     def from_index(cls, index: dict, where: str = "index.json") -> "DatasetMeta":
@@ -75,11 +115,33 @@ class DatasetMeta:
             raise ConfigError(f"{where}: shard list lacks {e} (expected name, num_samples, sha256, bytes)") from None
         if not meta.names:
             raise ConfigError(f"{where}: the dataset has no samples")
+        if all("sample_shapes" in s and "sample_frames" in s for s in shards):  # else: an older index
+            frames, shapes = [], []
+            for s in shards:
+                n = int(s["num_samples"])
+                try:
+                    f = np.asarray(s["sample_frames"], dtype=np.int64)
+                    sh = np.asarray(s["sample_shapes"], dtype=np.int64)
+                    ok = f.shape == (n,) and sh.shape == (n, 4)
+                except (TypeError, ValueError):
+                    ok = False
+                if not ok:
+                    raise ConfigError(f"{where}: shard {s['name']}: sample_frames / sample_shapes must list one frame "
+                                      f"count and one [T, C, h, w] per sample ({n} samples)")
+                frames.append(f)
+                shapes.append(sh)
+            meta = cls(meta.names, meta.sizes, meta.sha256, meta.num_bytes, np.concatenate(frames),
+                       np.concatenate(shapes))
         return meta
 
     @property
     def num_samples(self) -> int:
         return sum(self.sizes)
+
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        """Flat sample index of each shard's first sample (shards in index order)."""
+        return np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
 
     @property
     def fingerprint(self) -> str:
@@ -109,7 +171,7 @@ def _rng(*words: int) -> np.random.Generator:
                                                         + [w >> 32 & 0xFFFFFFFF for w in words]))
 
 
-@lru_cache(maxsize=2)  # the current epoch and the next (a rolled step spans two)
+@lru_cache(maxsize=3)  # the current epoch and the next (a rolled step spans two)
 def epoch_order(sizes: tuple[int, ...], seed: int, epoch: int, num_streams: int,
                 shuffle_buffer: int) -> tuple[np.ndarray, np.ndarray]:
     """(shard index, sample index within shard) for every position p of the epoch."""
@@ -133,97 +195,210 @@ def epoch_order(sizes: tuple[int, ...], seed: int, epoch: int, num_streams: int,
     return out_sh, out_ix
 
 
+@dataclass(frozen=True, eq=False)  # hashed by identity: one object per loader, a key of bucket_streams' cache
+class Buckets:
+    """Every sample's bucket: `code` per flat sample index (data.order.DatasetMeta.offsets + index in
+    shard) is a bucket number >= 0, or < 0 for a known skip (data/buckets.py says which reason)."""
+    code: np.ndarray
+    names: tuple[str, ...]
+    batch: tuple[int, ...]   # per-rank batch size of each bucket
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(np.bincount(self.code[self.code >= 0], minlength=len(self.names)).tolist())
+
+    @property
+    def num_known_skips(self) -> int:
+        return int((self.code < 0).sum())
+
+    @property
+    def flat(self) -> bool:
+        """One bucket, nothing known to skip: the bucket stream is the epoch order itself."""
+        return len(self.names) == 1 and not self.num_known_skips
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes when the bucket streams would (shapes, or which samples the stage can use)."""
+        return hashlib.sha256(self.code.astype(np.int32).tobytes() + json.dumps(self.names).encode()).hexdigest()[:16]
+
+
+def _pieces(pos: np.ndarray, num_streams: int, rotate: int) -> np.ndarray:
+    """Epoch positions of a bucket reordered like the epoch order itself: stream-major (stream 0's in
+    order, then stream 1's, ...), cut into S equal pieces, interleaved round-robin from piece `rotate`
+    (item m is element m // S of piece (m + rotate) % S; the pieces that round reaches once more are
+    the longer ones)."""
+    S, n = num_streams, len(pos)
+    major = pos[np.lexsort((pos // S, pos % S))]
+    L, extra = divmod(n, S)
+    lengths = L + (((np.arange(S) - rotate) % S) < extra)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    m = np.arange(n, dtype=np.int64)
+    return major[starts[(m % S + rotate) % S] + m // S]
+
+
+@lru_cache(maxsize=3)
+def bucket_streams(sizes: tuple[int, ...], buckets: Buckets, seed: int, epoch: int, num_streams: int,
+                   shuffle_buffer: int) -> tuple[np.ndarray, ...]:
+    """Epoch positions p of each bucket's stream in this epoch, then of the known skips' stream."""
+    sh, ix = epoch_order(sizes, seed, epoch, num_streams, shuffle_buffer)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    code = buckets.code[offsets[sh] + ix]
+    out = []
+    for b in range(len(buckets.names) + 1):
+        pos = np.flatnonzero(code == b if b < len(buckets.names) else code < 0).astype(np.int64)
+        rotate = 0 if buckets.flat else (epoch * len(pos)) % num_streams
+        out.append(_pieces(pos, num_streams, rotate))
+    return tuple(out)
+
+
+def progress(i, n):
+    """Integer progress of item i of a stream of n items per epoch: (epoch << 32) + 2^32 * offset // n."""
+    return ((i // n) << PROGRESS_BITS) + (((i % n) << PROGRESS_BITS) // n)
+
+
+def first_at(F, n):
+    """The first item of a stream of n per epoch whose progress is >= F."""
+    return (F >> PROGRESS_BITS) * n + -(-((F & _FRAC) * n) >> PROGRESS_BITS)
+
+
 @dataclass(frozen=True)
-class Cursor:
-    """Where the global stream stands: the next unconsumed position `offset` of `epoch`."""
-    epoch: int = 0
-    offset: int = 0
+class Window:
+    """The global steps whose first item lies in one epoch, in order (arrays over those steps)."""
+    epoch: int
+    first_step: int          # global step number (since the schedule's start) of the first
+    bucket: np.ndarray
+    start: np.ndarray        # bucket-stream index of the step's first item
+    skips_lo: np.ndarray     # known skips [lo, hi) (skip-stream indices) the step reports
+    skips_hi: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.bucket)
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Global steps from a cursor: which positions each step, rank and worker get.
+    """Global steps from per-bucket cursors (items consumed), see the module docstring.
 
-    epoch_tail 'roll': the stream runs on across epochs; a step that reaches the
-    end of an epoch is completed with the first positions of the next epoch's
-    order (nothing dropped, nothing repeated; with `epochs` set, the last step
-    borrows from epoch `epochs`). 'drop': every step lies inside one epoch; the
-    last N mod G positions of an epoch are not served in that epoch.
+    epoch_tail 'roll': a bucket's stream runs on across epochs; the step that reaches the end of
+    its epoch is completed with the first items of the next epoch's (nothing dropped, nothing
+    repeated; with `epochs` set, the last step of a bucket borrows from epoch `epochs`). A bucket
+    smaller than its global batch repeats samples of consecutive epochs within a step. 'drop':
+    every step lies inside one epoch of its bucket; the last n_b mod G_b items of each epoch are
+    not served in that epoch (a bucket smaller than its global batch is never served).
     """
-    num_samples: int
+    sizes: tuple[int, ...]        # n_b: items of each bucket per epoch
+    num_skips: int                # known skips per epoch
+    batch: tuple[int, ...]        # per-rank batch size of each bucket
     world_size: int
-    batch_size: int
-    start: Cursor
+    start: tuple[int, ...]        # cursors: items of each bucket consumed
     tail: Literal["roll", "drop"] = "roll"
-    epochs: int = 0  # 0: endless
+    epochs: int = 0               # 0: endless
+    skips_start: int = 0          # known skips reported before the start
 
     def __post_init__(self):
-        if self.tail == "drop" and self.num_samples < self.global_batch:
-            raise ConfigError(f"data.epoch_tail: 'drop' with {self.num_samples} samples per epoch and a global "
-                              f"batch of {self.global_batch} would never serve a step; use 'roll'")
+        if self.tail == "drop" and not any(n >= g for n, g in zip(self.sizes, self.global_batch)):
+            raise ConfigError(f"data.epoch_tail: 'drop' with {max(self.sizes)} samples per epoch in the largest "
+                              f"shape bucket and a global batch of {min(self.global_batch)} would never serve a "
+                              "step; use 'roll'")
 
     @property
-    def global_batch(self) -> int:
-        return self.world_size * self.batch_size
+    def global_batch(self) -> tuple[int, ...]:
+        return tuple(self.world_size * b for b in self.batch)
 
-    def _steps_in_epoch(self, epoch: int) -> int:
-        first = self.start.offset if epoch == self.start.epoch else 0
-        return (self.num_samples - first) // self.global_batch
+    def _active(self) -> list[int]:
+        return [b for b, (n, g) in enumerate(zip(self.sizes, self.global_batch)) if self.tail == "roll" or n >= g]
+
+    def normalize(self, b: int, c: int) -> int:
+        """Cursor c of bucket b where its next step starts ('drop': at the next epoch if less than G_b is left)."""
+        n, G = self.sizes[b], self.global_batch[b]
+        if self.tail == "drop" and c % n + G > n:
+            return (c // n + 1) * n
+        return c
 
     def num_steps(self) -> int | None:
         """Global steps until the configured end; None when endless."""
         if not self.epochs:
             return None
-        N, G = self.num_samples, self.global_batch
-        if self.tail == "roll":
-            left = self.epochs * N - (self.start.epoch * N + self.start.offset)
-            return max(0, -(-left // G))
-        return sum(self._steps_in_epoch(e) for e in range(self.start.epoch, self.epochs))
-
-    def cursor_after(self, steps: int) -> Cursor:
-        N, G = self.num_samples, self.global_batch
-        if self.tail == "roll":
-            return Cursor(*divmod(self.start.epoch * N + self.start.offset + steps * G, N))
-        epoch, offset = self.start.epoch, self.start.offset
-        while steps:
-            take = min(steps, (N - offset) // G)
-            if take == 0:
-                epoch, offset = epoch + 1, 0
-                continue
-            offset += take * G
-            steps -= take
-        return Cursor(epoch, offset)
-
-    def reader_positions(self, rank: int, worker: int,
-                         num_workers: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Per epoch, in order: (epoch, positions p, rank-local sample numbers j) of reader (rank, worker)."""
-        N, G, W, B = self.num_samples, self.global_batch, self.world_size, self.batch_size
-        n = max(1, num_workers)
-        total = self.num_steps()
-        epoch, steps_before = self.start.epoch, 0
-        while total is None or steps_before < total:
+        E, total = self.epochs, 0
+        for b in self._active():
+            n, G, c = self.sizes[b], self.global_batch[b], self.normalize(b, self.start[b])
             if self.tail == "roll":
-                P0 = self.start.epoch * N + self.start.offset
-                lo, hi = max(epoch * N, P0), (epoch + 1) * N
-                if total is not None:
-                    hi = min(hi, P0 + total * G)
-                if lo >= hi:
-                    return
-                # P = P0 + W*j + rank, j % n == worker
-                j_lo = max(0, -(-(lo - P0 - rank) // W))
-                j_hi = -(-(hi - P0 - rank) // W)
-                j = np.arange(j_lo + (worker - j_lo) % n, max(j_lo, j_hi), n, dtype=np.int64)
-                yield epoch, P0 + W * j + rank - epoch * N, j
-            else:
-                m = self._steps_in_epoch(epoch)
-                if total is not None:
-                    m = min(m, total - steps_before)
-                first = self.start.offset if epoch == self.start.epoch else 0
-                s = np.arange(m, dtype=np.int64)[:, None]
-                i = np.arange(B, dtype=np.int64)[None, :]
-                j = ((steps_before + s) * B + i).ravel()
-                q = (first + s * G + rank + W * i).ravel()
-                keep = j % n == worker
-                yield epoch, q[keep], j[keep]
-                steps_before += m
-            epoch += 1
+                total += max(0, -(-(E * n - c) // G))
+            elif c < E * n:
+                total += (n - c % n) // G + (E - 1 - c // n) * (n // G)
+        return total
+
+    def _chunks(self, b: int, e: int) -> tuple[np.ndarray, int]:
+        """Start indices of bucket b's steps whose first item is in epoch e, and its next start after them."""
+        n, G = self.sizes[b], self.global_batch[b]
+        c = self.normalize(b, self.start[b])
+        if self.tail == "roll":
+            k_lo = max(0, -(-(e * n - c) // G))
+            k_hi = max(k_lo, -(-((e + 1) * n - c) // G))
+            if self.epochs:
+                k_end = max(0, -(-(self.epochs * n - c) // G))
+                k_lo, k_hi = min(k_lo, k_end), min(k_hi, k_end)
+            return c + G * np.arange(k_lo, k_hi, dtype=np.int64), c + G * k_hi
+        if (self.epochs and e >= self.epochs) or c >= (e + 1) * n:
+            return np.zeros(0, dtype=np.int64), max(c, (e + 1) * n)
+        s0 = max(c, e * n)
+        return s0 + G * np.arange(((e + 1) * n - s0) // G, dtype=np.int64), (e + 1) * n
+
+    def windows(self) -> Iterator[Window]:
+        """The steps from the cursors to the end (or endlessly), one window per epoch of first items."""
+        active, total = self._active(), self.num_steps()
+        reported = self.skips_start
+        e = min(self.normalize(b, self.start[b]) // self.sizes[b] for b in active)
+        done = 0
+        while total is None or done < total:
+            parts = [self._chunks(b, e) for b in active]
+            starts = np.concatenate([s for s, _ in parts])
+            bucket = np.concatenate([np.full(len(s), b, dtype=np.int64) for b, (s, _) in zip(active, parts)])
+            n_of = np.asarray(self.sizes, dtype=np.int64)[bucket]
+            order = np.lexsort((bucket, progress(starts, n_of)))
+            starts, bucket, n_of = starts[order], bucket[order], n_of[order]
+            keys = progress(starts, n_of)
+            after = min(progress(nxt, self.sizes[b]) for b, (_, nxt) in zip(active, parts))
+            F = np.concatenate([keys[1:], [after]]).astype(np.int64)
+            # skips below the frontier, never below what was reported (a resume on another layout may
+            # see a lower frontier: in 'drop', a bucket never served before can be served now)
+            hi = np.maximum.accumulate(np.maximum(first_at(F, self.num_skips), reported)) if self.num_skips \
+                else np.zeros(len(starts), dtype=np.int64)
+            lo = np.concatenate([[reported], hi[:-1]]).astype(np.int64)
+            if len(starts):
+                reported = int(hi[-1])
+                yield Window(e, done, bucket, starts, lo, hi)
+            done += len(starts)
+            e += 1
+
+    def cursors_after(self, steps: int) -> tuple[tuple[int, ...], int]:
+        """Per-bucket cursors and known skips reported after `steps` global steps from the start."""
+        cur, reported = list(self.start), self.skips_start
+        if steps <= 0:
+            return tuple(cur), reported
+        for w in self.windows():
+            take = min(steps - w.first_step, len(w))
+            for b, s in zip(w.bucket[:take].tolist(), w.start[:take].tolist()):
+                cur[b] = self.normalize(b, s + self.global_batch[b])
+            reported = int(w.skips_hi[take - 1])
+            if w.first_step + take >= steps:
+                break
+        return tuple(cur), reported
+
+
+def reader_items(w: Window, batch: tuple[int, ...], world: int, rank: int, worker: int,
+                 workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Reader (rank, worker)'s items of a window: (step, bucket, bucket-stream index) of its samples,
+    in step then slot order, and (step, skip-stream index) of its known skips."""
+    n = max(1, workers)
+    B = np.asarray(batch, dtype=np.int64)[w.bucket]
+    step = np.repeat(np.arange(len(w), dtype=np.int64) + w.first_step, B)
+    slot = np.arange(int(B.sum()), dtype=np.int64) - np.repeat(np.cumsum(B) - B, B)
+    i = np.repeat(w.start + (rank - w.start) % world, B) + world * slot
+    keep = (i // world) % n == worker
+    samples = (step[keep], np.repeat(w.bucket, B)[keep], i[keep])
+    cnt = w.skips_hi - w.skips_lo
+    k = np.repeat(w.skips_lo, cnt) + np.arange(int(cnt.sum()), dtype=np.int64) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    kstep = np.repeat(np.arange(len(w), dtype=np.int64) + w.first_step, cnt)
+    kk = (k % world == rank) & ((k // world) % n == worker)
+    return (*samples, np.stack([kstep[kk], k[kk]]))

@@ -10,7 +10,10 @@ dataset settings is refused instead of mixing two datasets under one root.
 
 Sample keys are stable ids derived from the source URI: a sanitized file stem
 (readable) plus a short hash of the full URI (unique), with no dots
-(WebDataset splits keys at the first dot).
+(WebDataset splits keys at the first dot). A video cut into several segments
+(data/video.py, `segment_bounds`) gives one sample per segment, keyed
+`<key>-s0000`, `<key>-s0001`, ...; a plain key never ends that way (it ends in
+a hex hash), so `source_key` maps any sample key back to its input.
 """
 from __future__ import annotations
 
@@ -42,6 +45,19 @@ def make_key(uri: str) -> str:
     stem = PurePosixPath(uri.rstrip("/")).stem  # dots inside the name become '_' below
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:48] or "video"
     return check_key(f"{stem}-{hashlib.sha1(uri.encode()).hexdigest()[:10]}")
+
+
+_SEGMENT = re.compile(r"-s\d{4,}$")
+
+
+def segment_key(key: str, segment: int, num_segments: int) -> str:
+    """The sample key of one segment: the input's key itself when the video is a single sample."""
+    return key if num_segments == 1 else check_key(f"{key}-s{segment:04d}")
+
+
+def source_key(sample_key: str) -> str:
+    """The input key a sample came from (inverse of `segment_key`)."""
+    return _SEGMENT.sub("", sample_key)
 
 
 def _uri(fs, path: str) -> str:

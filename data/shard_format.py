@@ -27,6 +27,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from data.object_store import open_fs
+
 FORMAT_VERSION = 1
 LATENTS_MEMBER = "latents.safetensors"
 META_MEMBER = "meta.json"
@@ -39,8 +41,8 @@ class ShardFormatError(ValueError):
 
 
 def get_fs(root: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
-    return fs, path.rstrip("/")
+    """The filesystem of `root` and its path; object stores retry throttling (data/object_store.py)."""
+    return open_fs(root, storage_options)
 
 
 def shard_stem(name: str, index: int) -> str:

@@ -18,21 +18,22 @@ reads and hashlib release the GIL), which hides S3 latency.
 A shard that fails (missing, wrong size, bad sha256, truncated tar, wrong
 sample count) raises `CorruptShardError` naming the shard; the loader's
 `corrupt_shards` policy decides whether that stops the run or skips the shard.
-A read error (network, throttling) is retried and then raised as such: it says
-nothing about the data, so it is never skipped as corruption.
+A read error (network, throttling) is retried with exponential backoff, counted
+and logged (data/object_store.py), and then raised as such: it says nothing
+about the data, so it is never skipped as corruption.
 """
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable
 
 import fsspec
 
+from data.object_store import retrying
 from data.order import DatasetMeta
 from data.shard_format import ShardFormatError, iter_tar
-
-READ_ATTEMPTS = 3
 
 
 class CorruptShardError(ShardFormatError):
@@ -47,15 +48,10 @@ def load_shard(fs: fsspec.AbstractFileSystem, root: str, meta: DatasetMeta, shar
                keep: set[int] | None = None, verify: bool = True) -> dict[int, tuple[str, dict[str, bytes]]]:
     """Sample index -> (key, members) of one verified shard, restricted to `keep`."""
     path = shard_path(root, meta.names[shard])
-    for attempt in range(READ_ATTEMPTS):
-        try:
-            data = fs.cat_file(path)
-            break
-        except FileNotFoundError:
-            raise CorruptShardError(f"shard {path}: listed in index.json but missing") from None
-        except OSError as e:  # transient (network, throttling): retried, and never taken for corruption
-            if attempt == READ_ATTEMPTS - 1:
-                raise OSError(f"shard {path}: read failed {READ_ATTEMPTS} times: {e}") from e
+    try:  # transient errors (network, throttling) are retried with backoff, and never taken for corruption
+        data = retrying(lambda: fs.cat_file(path), f"shard {path}")
+    except FileNotFoundError:
+        raise CorruptShardError(f"shard {path}: listed in index.json but missing") from None
     if len(data) != meta.num_bytes[shard]:
         raise CorruptShardError(f"shard {path}: {len(data)} bytes, index.json says {meta.num_bytes[shard]} "
                                 f"(truncated or rewritten)")
@@ -78,64 +74,81 @@ def load_shard(fs: fsspec.AbstractFileSystem, root: str, meta: DatasetMeta, shar
     return out
 
 
+class _Visit:
+    """One fetch of a shard for a run of takes: the sample indices still to take and the data."""
+
+    def __init__(self, shard: int):
+        self.shard, self.needed, self.left = shard, set(), 0
+        self.future: Future | None = None
+        self.data: dict | CorruptShardError | None = None
+
+
 class ShardSource:
-    """Needed samples of the shards of one epoch, fetched ahead in first-need order."""
+    """Needed samples of shards, fetched ahead in first-need order.
+
+    `extend(needs)` appends (key, sample index) pairs in the order they will be taken, key being
+    (epoch, shard): within one call a key is one fetch; a key given again in a later call (a shard
+    of the next epoch, borrowed by a rolled step and then needed by the epoch itself) is fetched
+    again, after the earlier fetch's samples are all taken."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, meta: DatasetMeta,
                  prefetch: int = 2, verify: bool = True):
         self.fs, self.root, self.meta, self.verify = fs, root, meta, verify
         self.prefetch = prefetch
         self._pool = ThreadPoolExecutor(prefetch, thread_name_prefix="shard") if prefetch else None
-        self._pending: dict[int, Future] = {}
-        self._loaded: dict[int, dict | CorruptShardError] = {}
-        self._needed: dict[int, set[int]] = {}
-        self._left: dict[int, int] = {}
-        self._queue: list[int] = []
-        self._next = 0
+        self._visits: dict[tuple[int, int], deque[_Visit]] = {}
+        self._queue: deque[_Visit] = deque()   # visits not yet fetched, in first-need order
+        self._inflight = 0                     # fetched ahead, not yet taken from
 
-    def begin_epoch(self, needs: Iterable[tuple[int, int]]) -> None:
-        """`needs`: (shard, sample index) in the order they will be taken."""
-        self._needed, self._queue, self._next = {}, [], 0
-        self._loaded.clear()
-        for shard, idx in needs:
-            if shard not in self._needed:
-                self._needed[shard] = set()
-                self._queue.append(shard)
-            self._needed[shard].add(idx)
-        self._left = {s: len(v) for s, v in self._needed.items()}
+    def extend(self, needs: Iterable[tuple[tuple[int, int], int]]) -> None:
+        new: dict[tuple[int, int], _Visit] = {}
+        for key, idx in needs:
+            v = new.get(key)
+            if v is None:
+                v = new[key] = _Visit(key[1])
+                self._visits.setdefault(key, deque()).append(v)
+                self._queue.append(v)
+            v.needed.add(idx)
+            v.left += 1
         self._fill()
 
-    def _fetch(self, shard: int):
+    def _fetch(self, v: _Visit):
         try:
-            return load_shard(self.fs, self.root, self.meta, shard, self._needed[shard], self.verify)
+            return load_shard(self.fs, self.root, self.meta, v.shard, v.needed, self.verify)
         except CorruptShardError as e:
             return e
 
     def _fill(self) -> None:
         if self._pool is None:
             return
-        while self._next < len(self._queue) and len(self._pending) < self.prefetch:
-            shard = self._queue[self._next]
-            self._next += 1
-            self._pending[shard] = self._pool.submit(self._fetch, shard)
+        while self._queue and self._inflight < self.prefetch:
+            v = self._queue.popleft()
+            v.future = self._pool.submit(self._fetch, v)
+            self._inflight += 1
 
-    def take(self, shard: int, idx: int) -> tuple[str, dict[str, bytes]] | CorruptShardError:
-        if shard not in self._loaded:
-            if shard in self._pending:
-                self._loaded[shard] = self._pending.pop(shard).result()
+    def take(self, key: tuple[int, int], idx: int) -> tuple[str, dict[str, bytes]] | CorruptShardError:
+        visits = self._visits[key]
+        v = visits[0]
+        if v.data is None:
+            if v.future is not None:
+                v.data = v.future.result()
+                self._inflight -= 1
             else:  # not prefetched (prefetch 0, or needed out of first-need order): fetch now
-                self._loaded[shard] = self._fetch(shard)
+                self._queue.remove(v)
+                v.data = self._fetch(v)
             self._fill()
-        got = self._loaded[shard]
-        item = got if isinstance(got, CorruptShardError) else got.pop(idx)
-        self._left[shard] -= 1
-        if self._left[shard] == 0:
-            del self._loaded[shard]
+        item = v.data if isinstance(v.data, CorruptShardError) else v.data.pop(idx)
+        v.left -= 1
+        if v.left == 0:
+            visits.popleft()
+            if not visits:
+                del self._visits[key]
         return item
 
     def close(self) -> None:
         if self._pool is not None:
-            for f in self._pending.values():
-                f.cancel()
-            self._pool.shutdown(wait=True)
+            for v in self._queue:
+                if v.future is not None:
+                    v.future.cancel()
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

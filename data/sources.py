@@ -87,7 +87,7 @@ class LatentSource:
 
     def __init__(self, cfg: JobConfig, dp_rank: int, dp_size: int):
         self.loader = LatentLoader(cfg.data, rank=dp_rank, world_size=dp_size)
-        self.rows_per_micro = cfg.data.batch_size
+        self.rows_per_micro = self.loader.max_batch_size  # shape buckets may differ: the largest
         self._it = None
         index = read_index(*get_fs(cfg.data.root, cfg.data.storage_options))
         p = cfg.model.patch_size

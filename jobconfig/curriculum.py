@@ -10,7 +10,7 @@ from pathlib import Path
 
 from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
-from jobconfig.loader import CONFIG_ROOT, from_dict, parse_overrides, read_yaml, resolve_raw
+from jobconfig.loader import CONFIG_ROOT, build, parse_overrides, read_yaml
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -36,7 +36,7 @@ def plan_stages(config: str, overrides: list[str], only_stage: int | None) -> li
     if "stages" in raw:
         plan = _stages(path, raw, pairs)
     else:
-        plan = [(path.stem, from_dict(JobConfig, resolve_raw(raw, pairs)))]
+        plan = [(path.stem, build(JobConfig, raw, pairs, f"in {path}"))]
     # checked here for every caller (train, launch): a file of one stage has stage 1 only
     if only_stage is not None and not 1 <= only_stage <= len(plan):
         raise ConfigError(f"--stage: got {only_stage}, expected 1..{len(plan)}")
@@ -55,8 +55,9 @@ def _stages(path: Path, raw: dict, pairs: list) -> list[tuple[str, JobConfig]]:
         stage_file = path if isinstance(f, dict) else _resolve(f, path.parent)
         try:
             stage_raw = f if isinstance(f, dict) else read_yaml(stage_file)
-            cfg = from_dict(JobConfig, resolve_raw(_merge(shared, stage_raw), pairs))
         except ConfigError as e:
             raise ConfigError(f"{e} (stage {i}: {stage_file})") from None
+        # errors name the stage's file, or the command-line override the bad value came from
+        cfg = build(JobConfig, _merge(shared, stage_raw), pairs, f"stage {i}: {stage_file}")
         plan.append((f"stage{i}", cfg))
     return plan

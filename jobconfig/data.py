@@ -11,12 +11,18 @@ for a curriculum stage (METHOD.md, "The four curriculum stages"):
     stage 3: frames 48, interval random [4, 12], clips random
     stage 4: frames 80, interval random [4, 12], clips random, 1.28M tokens
 
+Samples are batched by latent shape (data/buckets.py): every batch holds one
+shape bucket "HxW", whose per-rank batch size is bucket_batch_size["HxW"],
+else batch_tokens // the most tokens one of its samples can take, else
+batch_size; pack_tokens then packs a batch's samples into rows.
+
 The fields that define the order of the data (seed, shuffle_buffer,
 num_streams, epoch_tail, the dataset itself) are stored in the loader state and
-checked on resume; batch size, workers and world size may change freely.
+checked on resume; batch sizes, workers and world size may change freely.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,7 +70,9 @@ class DataConfig:
     seed: int = 0
     shuffle_buffer: int = 256                # bounded shuffle window per stream, in samples (0: no shuffle)
     num_streams: int = 0                     # shard streams the global order interleaves; 0: auto (see order.py)
-    batch_size: int = 1                      # samples per rank per step
+    batch_size: int = 1                      # samples per rank per step (of every shape bucket not set below)
+    bucket_batch_size: dict[str, int] = field(default_factory=dict)  # per latent shape "HxW": samples per rank
+    batch_tokens: int = 0                    # > 0: a bucket's batch = this // the most tokens one sample takes
     num_workers: int = 0                     # DataLoader worker processes per rank
     prefetch_shards: int = 2                 # shards fetched ahead per reader (threads; hides s3 latency)
     pack_tokens: int = 0                     # > 0: pack several samples per row up to this many tokens
@@ -78,11 +86,16 @@ class DataConfig:
     def validate(self) -> None:
         if not self.root:
             raise ConfigError("root: empty, expected a dataset root (/path, file://..., s3://bucket/prefix)")
-        for name in ("shuffle_buffer", "num_streams", "num_workers", "pack_tokens", "epochs", "prefetch_shards"):
+        for name in ("shuffle_buffer", "num_streams", "num_workers", "pack_tokens", "epochs", "prefetch_shards",
+                     "batch_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: got {getattr(self, name)}, expected a non-negative integer")
         if self.batch_size <= 0:
             raise ConfigError(f"batch_size: got {self.batch_size}, expected a positive integer")
+        for key, size in self.bucket_batch_size.items():
+            if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", str(key)) or size <= 0:
+                raise ConfigError(f"bucket_batch_size: got {key!r}: {size!r}, expected a latent shape 'HxW' "
+                                  "(e.g. '22x40') mapped to a positive batch size")
         if not isinstance(self.storage_options, dict):
             raise ConfigError(f"storage_options: got {type(self.storage_options).__name__}, expected a mapping "
                               "of fsspec options (e.g. {endpoint_url: ...})")

@@ -12,8 +12,10 @@ size registry); keys given next to the preset override it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -182,8 +184,8 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
 
 
 def resolve_raw(raw: dict, overrides: list[tuple[str, Any]] = ()) -> dict:
-    """Apply (path, value) overrides to a raw mapping, then expand the model preset."""
-    raw = dict(raw)
+    """Apply (path, value) overrides to a copy of a raw mapping, then expand the model preset."""
+    raw = copy.deepcopy(raw)
     for key, value in overrides:
         _set_path(raw, key, value)
     return _expand_model_preset(raw)
@@ -224,12 +226,58 @@ def load_raw(path: str | Path | None, overrides: list[tuple[str, Any]] = ()) -> 
     return resolve_raw(read_yaml(path) if path is not None else {}, overrides)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), cls: type = JobConfig) -> Any:
-    """Load a YAML job config with `--a.b=c` overrides into `cls`; strict."""
-    pairs = parse_overrides(list(overrides))
-    raw = load_raw(path, pairs)
+# ---------------------------------------------------------------- provenance
+_KEY_OF_ERROR = (re.compile(r"^unknown config key '([^']+)'"), re.compile(r"^([A-Za-z_][\w.\[\]-]*): "))
+
+
+def _error_key(message: str) -> str | None:
+    """The key path a ConfigError message starts with ('train.steps: got ...', "unknown config key 'x.y'")."""
+    for pattern in _KEY_OF_ERROR:
+        if m := pattern.match(message):
+            return m.group(1)
+    return None
+
+
+def _overrides_of(key: str, pairs: list[tuple[str, Any]]) -> list[str]:
+    """The override keys that set `key`: the key itself, a section holding it, or keys under it."""
+    base = re.sub(r"\[\d+\]", "", key)
+    return [k for k, _ in pairs if k == base or base.startswith(k + ".") or k.startswith(base + ".")]
+
+
+def build(cls: type, raw: dict, pairs: list[tuple[str, Any]] = (), source: str | None = None,
+          flag_prefix: str = "") -> Any:
+    """`cls` from a raw mapping (a file's) with parsed `--a.b=c` overrides applied, strictly.
+
+    A ConfigError says where the bad value came from: `(from the command line: --train.steps)`
+    when an override set that key, `(<source>)` (e.g. `in configs/debug.yaml`) when the file did,
+    and `(<source> with the command line's --a.b)` when each is valid alone but not together.
+    `flag_prefix` is what the command line puts before these keys (`cluster.` for `vgpt launch`)."""
+    pairs = list(pairs)
     try:
-        return from_dict(cls, raw)
+        return from_dict(cls, resolve_raw(raw, pairs))
     except ConfigError as e:
-        where = f" (in {path})" if path else ""
-        raise ConfigError(f"{e}{where}") from None
+        if str(e).startswith("override "):  # names its override already
+            raise
+        key = _error_key(str(e))
+        given = _overrides_of(key, pairs) if key else []
+        if given:
+            raise ConfigError(f"{e} (from the command line: {', '.join(f'--{flag_prefix}{k}' for k in given)})") \
+                from None
+        if not pairs:
+            raise ConfigError(f"{e} ({source})" if source else str(e)) from None
+        try:  # the file alone (or the defaults, without a file)
+            from_dict(cls, resolve_raw(raw))
+        except ConfigError:
+            raise ConfigError(f"{e} ({source})" if source else str(e)) from None
+        cli = ", ".join(f"--{flag_prefix}{k}" for k, _ in pairs)
+        where = f"{source} with the command line's {cli}" if source else f"from the command line: {cli}"
+        raise ConfigError(f"{e} ({where})") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), cls: type = JobConfig,
+                flag_prefix: str = "") -> Any:
+    """Load a YAML job config with `--a.b=c` overrides into `cls`; strict. Errors name the file or
+    the command-line override (given as `--{flag_prefix}a.b=c`) the bad value came from (`build`)."""
+    pairs = parse_overrides(list(overrides))
+    raw = read_yaml(path) if path is not None else {}
+    return build(cls, raw, pairs, f"in {path}" if path is not None else None, flag_prefix)

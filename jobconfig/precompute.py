@@ -63,7 +63,11 @@ class VideoConfig:
     max_image_size: int = 320  # long side after resize
     sample_fps: Optional[float] = None  # take frames at this rate (by timestamp) ...
     stride: int = 1  # ... or, when sample_fps is null, every stride-th decoded frame
-    max_frames: int = 0  # keep at most this many sampled frames per video; 0 = all
+    max_frames: int = 0  # at most this many sampled frames per sample; 0 = no limit
+    # A video with more: `segment` cuts it into several samples (keys <key>-s0000, -s0001, ...) so every
+    # frame is used; `truncate` keeps only its first max_frames.
+    long_videos: Literal["segment", "truncate"] = "segment"
+    segment_overlap: int = 0  # frames shared by consecutive segments (< max_frames)
     min_frames: int = 16  # fewer sampled frames than this: rejected
     min_side: int = 128  # source width or height below this: rejected
     max_aspect: float = 4.0  # source long/short side above this: rejected
@@ -82,6 +86,9 @@ class VideoConfig:
             raise ConfigError(f"max_frames: got {self.max_frames}, expected 0 or >= min_frames={self.min_frames}")
         if self.max_aspect < 1.0:
             raise ConfigError(f"max_aspect: got {self.max_aspect}, expected >= 1.0")
+        if self.segment_overlap < 0 or (self.segment_overlap and self.segment_overlap >= self.max_frames):
+            raise ConfigError(f"segment_overlap: got {self.segment_overlap}, expected 0 <= segment_overlap < "
+                              f"max_frames={self.max_frames}")
 
 
 @dataclass
@@ -102,12 +109,19 @@ class VaeConfig:
 
 @dataclass
 class PrecomputeRayConfig:
+    """Placement on a cluster of any size. Decode tasks go to the nodes that hold `decode_resources`
+    (custom resources given to `ray start --resources`; none: every node with CPUs), at most
+    `decode_in_flight` segments per node between decode and encode, so each node's object store
+    holds a bounded number of decoded segments. Encoders go where `encode_resources` are, spread."""
     address: Optional[str] = None  # null: RAY_ADDRESS (set by `ray job submit`) or a local Ray
-    decode_in_flight: int = 4  # videos decoded or waiting for an encoder, at most
+    decode_in_flight: int = 4  # per node: segments decoded or waiting for an encoder, at most
     decode_cpus: float = 1.0
+    decode_threads: int = 0  # FFmpeg threads per decode task; 0: as many as decode_cpus
+    decode_resources: dict[str, float] = field(default_factory=dict)  # e.g. {video_decode: 1}
     encode_actors: int = 1
     encode_cpus: float = 1.0
     encode_gpus: float = 0.0
+    encode_resources: dict[str, float] = field(default_factory=dict)
     max_retries: int = 3  # decode task retries and encoder actor restarts
     commit_threads: int = 2  # shard uploads overlap decoding and encoding
 
@@ -120,6 +134,13 @@ class PrecomputeRayConfig:
                 raise ConfigError(f"{name}: got {getattr(self, name)}, expected >= 0")
         if self.max_retries < 0:
             raise ConfigError(f"max_retries: got {self.max_retries}, expected >= 0")
+        if self.decode_threads < 0:
+            raise ConfigError(f"decode_threads: got {self.decode_threads}, expected >= 0")
+        for name in ("decode_resources", "encode_resources"):
+            for res, amount in getattr(self, name).items():
+                if not isinstance(amount, (int, float)) or amount <= 0 or res in ("CPU", "GPU", "memory"):
+                    raise ConfigError(f"{name}.{res}: got {amount!r}, expected a custom resource with a "
+                                      "positive amount (CPU/GPU have their own keys)")
 
 
 @dataclass
@@ -143,6 +164,11 @@ class PrecomputeConfig:
         d["inputs"].pop("storage_options")
         d["output"].pop("storage_options")
         d["output"].pop("root")
+        # Settings that cannot change this dataset's bytes stay out, so older hashes still match.
+        if not self.video.max_frames:
+            d["video"].pop("long_videos")
+        if not self.video.segment_overlap:
+            d["video"].pop("segment_overlap")
         return d
 
 

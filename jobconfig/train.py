@@ -46,6 +46,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_last: int = 3  # checkpoints kept besides every `keep_every`-th
     keep_every: int = 0
+    # save in the background: training waits only for the copy of the state into host memory, then a
+    # thread writes, checksums and commits it (at most one save in flight). None: on with a GPU/NPU
+    async_checkpoint: Optional[bool] = None
     # a flushed window (train.log_every steps) whose loader skipped more than this fraction of its samples
     # stops the run with the reasons: a stage the data cannot feed trains on nothing otherwise
     max_skipped_fraction: float = 0.5
@@ -53,6 +56,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
     out_dir: str = "runs/debug"
     tensorboard: bool = True
+    # Weights & Biases project to log the step scalars to (None: off); mode and credentials come from the
+    # environment (WANDB_MODE=offline, WANDB_API_KEY), never from the config
+    wandb: Optional[str] = None
     # torch.compile each backbone block (attention left eager; pretrain/training/parallelize.py)
     compile: bool = False
 

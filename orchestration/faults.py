@@ -8,9 +8,13 @@ variable, so it reaches torchrun workers and Ray workers:
 
   VGPT_FAULT_KILL=RANK:STEP            `vgpt train`: SIGKILL that rank after that step, in the
                                        first attempt only (elastic restarts then run through)
+  VGPT_FAULT_RAISE=RANK:STEP           `vgpt train`: that rank raises RuntimeError after that step (torchrun's
+                                       error file then names it: the @record of orchestration/cli/__main__.py)
   VGPT_FAULT_CKPT=before_manifest:STEP `vgpt train`: rank 0 exits (17) when the checkpoint of that
                                        step is written but its manifest is not
   VGPT_FAULT_KILL_AFTER_SHARDS=N       `vgpt precompute`: the driver exits (13) after N committed shards
+  VGPT_FAULT_PAUSE_NODES_DECODED=K:<dir> `vgpt precompute`: once K nodes have each decoded a video, the
+                                       driver writes <dir>/paused.json (work per node) and waits for <dir>/resume
   VGPT_FAULT_DECODE_EXIT=<dir>         `vgpt precompute`: the first decode task kills its worker
   VGPT_FAULT_ENCODER_EXIT=<dir>        `vgpt precompute`: the first encode call kills its actor
   VGPT_SWEEP_FAULT_EXIT_AFTER=K        `vgpt sweep run`: the driver exits (3) after recording K trials
@@ -20,8 +24,10 @@ Ray's retry of the killed work succeeds.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +35,20 @@ from pretrain.training.trainer import Trainer, TrainerHooks
 
 
 def trainer_hooks() -> TrainerHooks:
-    return TrainerHooks(after_step=_kill_after_step(), before_checkpoint_commit=_exit_before_manifest())
+    after_step = _kill_after_step() or _raise_after_step()
+    return TrainerHooks(after_step=after_step, before_checkpoint_commit=_exit_before_manifest())
+
+
+def _raise_after_step() -> Callable[[Trainer], None] | None:
+    spec = os.environ.get("VGPT_FAULT_RAISE")
+    if not spec:
+        return None
+    rank, step = (int(x) for x in spec.split(":"))
+
+    def hook(trainer: Trainer) -> None:
+        if trainer.dist.rank == rank and trainer.step == step:
+            raise RuntimeError(f"VGPT_FAULT_RAISE: rank {rank} fails after step {step}")
+    return hook
 
 
 def _kill_after_step() -> Callable[[Trainer], None] | None:
@@ -65,6 +84,28 @@ def exit_after_commits() -> Callable[[int], None] | None:
         if count >= limit:
             print(f"[precompute] FAULT INJECTION: exiting after {count} committed shard(s)", flush=True)
             os._exit(13)
+    return hook
+
+
+def pause_when_nodes_decoded() -> Callable[[dict], None] | None:
+    """The precompute driver's pause point (a test kills a node meanwhile), called with the work done
+    per node after each result: pauses once, when K nodes have decoded something."""
+    spec = os.environ.get("VGPT_FAULT_PAUSE_NODES_DECODED")
+    if not spec:
+        return None
+    nodes_needed, where = spec.split(":", 1)
+    fired = []
+
+    def hook(nodes: dict) -> None:
+        if fired or sum(1 for r in nodes.values() if r["decoded"]) < int(nodes_needed):
+            return
+        fired.append(True)
+        (Path(where) / "paused.json").write_text(json.dumps(nodes))
+        print(f"[precompute] FAULT INJECTION: paused with {nodes_needed} nodes having decoded", flush=True)
+        for _ in range(6000):  # bounded: a test that never resumes fails instead of hanging
+            if (Path(where) / "resume").exists():
+                return
+            time.sleep(0.1)
     return hook
 
 

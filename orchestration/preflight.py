@@ -25,7 +25,7 @@ from data.batch import patches_per_frame, sequence_length
 from data.shard_format import LATENTS_MEMBER, META_MEMBER, ShardFormatError, get_fs, iter_tar, read_index
 from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
-from pretrain.checkpoint.export import export_path, read_export_metadata
+from pretrain.checkpoint.export import CONFIG_NAME, export_path, read_export_metadata
 from pretrain.checkpoint.storage import verify_checkpoint
 
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE",
@@ -110,14 +110,12 @@ def check_writable_dir(path: str, key: str) -> None:
 
 
 def check_export_file(path: str, key: str) -> dict:
-    """An export (.safetensors written by a stage or `vgpt ckpt export`); returns its metadata."""
+    """An export (the directory a stage or `vgpt ckpt export` writes, or an older single .safetensors file);
+    returns its metadata."""
     p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{key}: {path} is a directory, expected an export .safetensors; for a checkpoint "
-                          "directory run `vgpt ckpt export` first")
-    if not p.exists():
-        raise ConfigError(f"{key}: {path} does not exist (expected an export .safetensors, e.g. "
-                          "<out_dir>/export/model.safetensors)")
+    if p.is_dir() and (p / "checkpoints").is_dir() and not (p / CONFIG_NAME).exists():
+        raise ConfigError(f"{key}: {path} is a run's out_dir, expected an export: its export is {export_path(p)} "
+                          "(for a checkpoint run `vgpt ckpt export` first)")
     try:
         return read_export_metadata(p)
     except ConfigError as e:

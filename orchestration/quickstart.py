@@ -41,7 +41,7 @@ from data.video import decode_video
 from jobconfig.curriculum import plan_stages
 from jobconfig.loader import CONFIG_ROOT
 from jobconfig.precompute import VideoConfig
-from pretrain.checkpoint.export import export_path, read_export_metadata
+from pretrain.checkpoint.export import export_exists, export_path, read_export_metadata
 from pretrain.evaluation.figures import plot_loss_curves, read_loss_curve, write_strip
 from pretrain.inference.pipeline import predict_videos, resolve_recipe
 
@@ -181,7 +181,7 @@ def run(workdir: Path, scale: Scale, nproc: int = 1) -> dict:
     t0 = time.perf_counter()
     out = workdir / "train"
     over = train_overrides(latents, out, scale)
-    if export_path(out / "stage4").is_file():
+    if export_exists(export_path(out / "stage4")):
         log("step 4/6: all four stages are trained already")
     else:
         run_command(["train", "--config", str(CONFIG_ROOT / "quickstart.yaml"), "--resume", "auto",

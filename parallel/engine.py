@@ -21,9 +21,11 @@ Defaults chosen for the device:
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 from typing import Callable
 
 import torch
+from packaging.requirements import Requirement
 
 from jobconfig.parallel import ParallelConfig
 from jobconfig.train import TrainConfig
@@ -70,6 +72,35 @@ def deepspeed_config(pc: ParallelConfig, tc: TrainConfig, dp_size: int, micro_ba
     return merge(cfg, pc.deepspeed)
 
 
+PACKAGE = "videogpt-pretrain"
+
+
+def supported_deepspeed() -> str | None:
+    """The DeepSpeed version range this package declares (pyproject.toml), or None when not installed."""
+    try:
+        requires = importlib.metadata.requires(PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for line in requires:
+        req = Requirement(line)
+        if req.name == "deepspeed" and not req.marker:
+            return str(req.specifier) or None
+    return None
+
+
+def check_deepspeed_version(installed: str | None = None, supported: str | None = None) -> None:
+    """Refuse a DeepSpeed outside the declared range: the checkpoint format reads its partitions through
+    internals (fragment mappings, ZeRO-3 partitions, the globals of its older .pt files) that change
+    between releases, and a silent mismatch would write or load wrong state."""
+    from packaging.specifiers import SpecifierSet
+
+    installed = installed or importlib.metadata.version("deepspeed")
+    supported = supported if supported is not None else supported_deepspeed()
+    if supported and installed not in SpecifierSet(supported, prereleases=True):
+        raise RuntimeError(f"deepspeed {installed} is installed; {PACKAGE} supports deepspeed{supported} "
+                           f"(pyproject.toml). Install a version in that range: pip install 'deepspeed{supported}'")
+
+
 def build_engine(model: torch.nn.Module, pc: ParallelConfig, tc: TrainConfig, dp_size: int,
                  make_optimizer: Callable, make_scheduler: Callable, mpu=None, micro_batch: int | None = None,
                  device_type: str = "cpu"):
@@ -81,6 +112,7 @@ def build_engine(model: torch.nn.Module, pc: ParallelConfig, tc: TrainConfig, dp
     """
     import deepspeed  # after DeviceSpec.activate(): DeepSpeed picks its accelerator at import
 
+    check_deepspeed_version(deepspeed.__version__)
     config = deepspeed_config(pc, tc, dp_size, micro_batch, device_type)
     optimizer = None if "optimizer" in config else make_optimizer(model.parameters())
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,

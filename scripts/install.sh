@@ -1,9 +1,36 @@
 #!/usr/bin/env bash
-# Installs the project and its test dependencies into the current Python.
-# Order matters: torch first (the right build for this machine), then deepspeed
-# built against it without build isolation, then the project itself.
+# Installs the project and its test dependencies into the active Python: make that a virtual
+# environment first (README: `python3 -m venv .venv && . .venv/bin/activate`); outside one, a note
+# says so and the install goes on (CI installs into its fresh machine's Python).
+# Order matters: torch first (the right build for this machine), then deepspeed built against it
+# without build isolation, in the version range pyproject.toml pins, then the project itself.
+#
+#   bash scripts/install.sh [--with-system-tools]
+#
+# System packages are installed only with --with-system-tools or in CI (CI set): shellcheck, the
+# linter tests/test_launch.py runs over the rendered Slurm/torchrun scripts (skipped without it).
+# Nothing else the tests use comes from the system: videos are read and written with PyAV, whose
+# wheels carry their own FFmpeg libraries. apt-get runs as root, or through sudo when there is one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+SYSTEM_TOOLS=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-system-tools) SYSTEM_TOOLS=1 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "install.sh: unknown argument '$arg' (expected --with-system-tools)" >&2; exit 2 ;;
+  esac
+done
+if [ -n "${CI:-}" ]; then
+  SYSTEM_TOOLS=1
+fi
+
+if ! python -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)' 2>/dev/null && [ -z "${CI:-}" ]; then
+  echo "install.sh: note: installing into $(python -c 'import sys; print(sys.prefix)'), not a virtual" \
+       "environment; see the README to make one first" >&2
+fi
+
 PIP="python -m pip install --disable-pip-version-check -q"
 if ! python -c "import torch" 2>/dev/null; then
   if [ -n "${VGPT_TORCH_SPEC:-}" ]; then
@@ -12,11 +39,23 @@ if ! python -c "import torch" 2>/dev/null; then
     $PIP torch==2.13.0                 # the CPU build on our CI / dev boxes
   fi
 fi
-python -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $PIP --no-build-isolation "deepspeed>=0.16"
+# the one DeepSpeed requirement, as pyproject.toml states it (e.g. deepspeed>=0.16,<0.20)
+DS_SPEC="$(grep -o '"deepspeed[^"]*"' pyproject.toml | head -n 1 | tr -d '"')"
+python -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $PIP --no-build-isolation "$DS_SPEC"
 $PIP -e ".[dev]"
-# The linter for the Slurm/torchrun scripts `vgpt launch` renders (tests/test_launch.py
-# skips that check without shellcheck); installed from Debian only when we are root with apt-get.
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && ! command -v shellcheck >/dev/null 2>&1; then
-  apt-get update -qq >/dev/null 2>&1 || true
-  apt-get install -y -qq shellcheck >/dev/null 2>&1 || true
+
+if [ "$SYSTEM_TOOLS" = 1 ] && ! command -v shellcheck >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else SUDO="-"; fi
+  if [ "$SUDO" = "-" ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "install.sh: cannot install shellcheck (needs apt-get and root or sudo); its test will be skipped" >&2
+  else
+    echo "install.sh: installing shellcheck with apt-get" >&2
+    if ! { $SUDO apt-get update -qq >/dev/null \
+           && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq shellcheck >/dev/null; }; then
+      echo "install.sh: WARNING: apt-get could not install shellcheck; its test will be skipped" >&2
+    fi
+  fi
+elif ! command -v shellcheck >/dev/null 2>&1; then
+  echo "install.sh: note: shellcheck is not installed, so tests/test_launch.py skips linting the rendered" \
+       "scripts; rerun with --with-system-tools to install it with apt-get" >&2
 fi

@@ -1,10 +1,11 @@
-"""Harness for the precompute farm's end-to-end tests: a Ray head on loopback,
-`ray job submit` through the real CLI, real mp4 inputs, and dataset readers.
+"""Harness for the precompute farm's end-to-end tests: a Ray head on loopback
+(and a second Ray node joining it), `ray job submit` through the real CLI, real
+mp4 inputs, and dataset readers.
 
-The head runs as `ray start --head --block` in its own process group with its
-own temp dir, and teardown ends that group: other Ray instances on the machine
+Each node runs as `ray start --block` in its own process group with its own
+temp dir, and teardown ends that group: other Ray instances on the machine
 (other engineers', other test sessions) are left alone, which `ray stop` would
-not do.
+not do. Killing a worker node's group is how the multi-node test loses a node.
 """
 from __future__ import annotations
 
@@ -48,10 +49,13 @@ def make_inputs(folder: Path) -> dict[str, Path]:
 
 
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+# Every submitted job cuts videos longer than 16 frames into segments: clip_a (20 frames) gives two samples.
+SEGMENTS = ("--precompute.video.max_frames=16",)
+HEAD_RESOURCE, NODE_B_RESOURCE = "vgpt_head", "vgpt_node_b"
 
 
 class RayHead:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, node_ip: str = "127.0.0.1"):
         from conftest import free_port
 
         self.port, self.dash = free_port(), free_port()
@@ -61,14 +65,20 @@ class RayHead:
         # this keeps the GCS, raylet and workers on loopback.
         # Token auth off for this throwaway loopback head, explicitly, so that a token file
         # in ~/.ray (which turns it on) does not change what the test does.
-        env = {**os.environ, **RAY_ENV}
+        # Health checks every second instead of 3 s: a killed node (test 6) is declared dead after 5 refused
+        # checks, ~5 s instead of ~15; the 10 s timeout per check keeps a slow but live node alive.
+        env = {**os.environ, **RAY_ENV, "RAY_health_check_period_ms": "1000"}
         self.proc = subprocess.Popen(
-            ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+            ["ray", "start", "--head", "--block", "--node-ip-address", node_ip, "--dashboard-host", "127.0.0.1",
              "--port", str(self.port), "--dashboard-port", str(self.dash), "--num-cpus", "2",
              "--object-store-memory", str(200 * 1024 * 1024), "--disable-usage-stats",
-             "--temp-dir", str(self.temp_dir), "--include-dashboard", "true"],
+             "--temp-dir", str(self.temp_dir), "--include-dashboard", "true",
+             "--resources", json.dumps({HEAD_RESOURCE: 1}),
+             # Free ports, not Ray's fixed defaults: another Ray on this machine holds those, and a head
+             # whose agent cannot bind its HTTP port never accepts a job.
+             "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        self.address = f"http://127.0.0.1:{self.dash}"
+        self.address, self.node_ip = f"http://127.0.0.1:{self.dash}", node_ip
         try:
             self._wait_ready()
         except BaseException:
@@ -93,19 +103,14 @@ class RayHead:
     def stop(self) -> None:
         """SIGKILL the head's process group: this head and its workers only. A graceful
         `ray start --block` shutdown takes ~30 s here, and the temp dir is thrown away anyway."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        self.log.close()
+        kill_group(self.proc, self.log)
 
     def submit(self, *overrides: str, env: dict | None = None, timeout: int = 300) -> tuple[int, str]:
         """`ray job submit ... -- vgpt precompute --config tiny.yaml <overrides>`; (exit code, output)."""
         runtime_env = {"env_vars": {"VGPT_CACHE": os.environ["VGPT_CACHE"], **(env or {})}}
         cmd = ["ray", "job", "submit", "--address", self.address, "--working-dir", str(REPO),
                "--runtime-env-json", json.dumps(runtime_env), "--",
-               "vgpt", "precompute", "--config", TINY, *overrides]
+               "vgpt", "precompute", "--config", TINY, *SEGMENTS, *overrides]
         # The dashboard answers before the node's job agent has registered; on a loaded machine that
         # gap is seconds, and Ray then refuses the submission and asks to try again: do, a bounded number of times.
         for _ in range(120):
@@ -115,6 +120,59 @@ class RayHead:
                 break
             time.sleep(1.0)
         return out.returncode, out.stdout + out.stderr
+
+
+def kill_group(proc: subprocess.Popen, log) -> None:
+    """SIGKILL a `ray start` process group (its raylet, object store and workers) and close its log."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    log.close()
+
+
+class RayNode:
+    """A second Ray node on loopback joining `head`, with its own custom resource; `kill` loses it
+    (SIGKILL to its raylet, object store and workers), as a machine failure would."""
+
+    def __init__(self, tmp: Path, head: RayHead, resource: str = NODE_B_RESOURCE, num_cpus: int = 2):
+        from conftest import free_port
+
+        self.log = open(tmp / f"ray-{resource}.log", "w")
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the head's loopback switch) also forbids joining a head, and
+        # with it on, Ray rewrites the address 127.0.0.1 to the routable one: so a head that other nodes
+        # join listens on 127.0.0.2 (loopback too, but not rewritten), see `RayHead(node_ip=...)`.
+        assert head.node_ip != "127.0.0.1", "start the head with node_ip='127.0.0.2' to let nodes join it"
+        env = {**os.environ, **RAY_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+        self.proc = subprocess.Popen(
+            ["ray", "start", "--block", "--address", f"{head.node_ip}:{head.port}", "--node-ip-address", head.node_ip,
+             "--num-cpus", str(num_cpus), "--resources", json.dumps({resource: 1}),
+             "--object-store-memory", str(200 * 1024 * 1024), "--disable-usage-stats",
+             "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        try:
+            self._wait_joined(head, resource)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _wait_joined(self, head: RayHead, resource: str, attempts: int = 240) -> None:
+        for _ in range(attempts):  # bounded poll of the head's node table
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray node exited with {self.proc.returncode}: see {self.log.name}")
+            try:
+                with urllib.request.urlopen(f"{head.address}/api/v0/nodes?detail=1", timeout=5) as r:
+                    nodes = json.loads(r.read())["data"]["result"]["result"]
+                if any(n.get("state") == "ALIVE" and resource in n.get("resources_total", {}) for n in nodes):
+                    return
+            except (OSError, KeyError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"ray node with {resource} did not join: see {self.log.name}")
+
+    def kill(self) -> None:
+        kill_group(self.proc, self.log)
 
 
 def read_dataset(fs, root: str) -> dict[str, dict[str, bytes]]:

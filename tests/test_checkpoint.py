@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from jobconfig.errors import ConfigError
 from jobconfig.model import ModelConfig
-from pretrain.checkpoint.export import load_exported_model, save_export
+from pretrain.checkpoint.export import load_exported_model, read_export_tensors, save_export
 from pretrain.model.videogpt import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def test_sigkilled_rank_restarts_and_finishes_bitwise(uninterrupted, tmp_path):
                fault_env={"VGPT_FAULT_KILL": f"1:{kill_step}"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed debug from" in res.stdout and "step_00000005 at step 5" in res.stdout
-    a, b = load_file(str(tmp_path / "export/model.safetensors")), load_file(str(uninterrupted / "export/model.safetensors"))
+    a, b = read_export_tensors(tmp_path / "export"), read_export_tensors(uninterrupted / "export")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"killed at step {kill_step}"
     # the loader delivered the same samples: the last record of every step equals the uninterrupted run's
     assert rows_by_step(tmp_path) == rows_by_step(uninterrupted)
@@ -64,7 +64,7 @@ def test_sigkilled_rank_restarts_and_finishes_bitwise(uninterrupted, tmp_path):
 def test_corrupt_newest_checkpoint_is_named_and_skipped(tmp_path):
     assert vgpt("train", *BASE, "--train.steps=10", f"--train.out_dir={tmp_path}").returncode == 0
     newest = tmp_path / "checkpoints" / "step_00000010"
-    victim = max((p for p in newest.iterdir() if p.name.endswith(".pt")), key=lambda p: p.stat().st_size)
+    victim = max((p for p in newest.iterdir() if p.name.endswith(".safetensors")), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     res = vgpt("ckpt", "verify", str(tmp_path))
     assert res.returncode == 1 and f"{victim}: " in res.stdout and "step_00000005: ok" in res.stdout
@@ -87,13 +87,12 @@ def test_save_killed_half_way_never_becomes_latest(tmp_path):
 
 
 def test_ckpt_export_equals_the_live_model_and_loads_with_safetensors_alone(uninterrupted, tmp_path):
-    out = tmp_path / "exported.safetensors"
+    out = tmp_path / "exported"
     res = vgpt("ckpt", "export", str(uninterrupted), "--out", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
-    from safetensors import safe_open
-    with safe_open(str(out), framework="pt") as f:
-        assert json.loads(f.metadata()["model_config"])["hidden_size"] == 64
-    a, b = load_file(str(out)), load_file(str(uninterrupted / "export/model.safetensors"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["hidden_size"] == 64 and config["_videogpt"]["step"] == 12
+    a, b = load_file(str(out / "diffusion_pytorch_model.safetensors")), read_export_tensors(uninterrupted / "export")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     inspect = vgpt("ckpt", "inspect", str(uninterrupted)).stdout
     assert "step 12" in inspect and "backbone.layers.0.self_attn.qkv_proj.weight" in inspect and "(192, 64)" in inspect

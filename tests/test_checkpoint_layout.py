@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from test_checkpoint import rows_by_step, vgpt
+
+from pretrain.checkpoint.export import read_export_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -45,7 +46,7 @@ def losses(out: Path) -> dict[int, float]:
 
 
 def export(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "export" / "model.safetensors"))
+    return read_export_tensors(out / "export")
 
 
 def assert_matches(run: Path, reference: Path, first_step: int) -> None:
@@ -91,7 +92,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(resumed_on_one_rank, uninterrup
     assert_matches(out, uninterrupted, first_step=11)
     assert not (out / "checkpoints" / ".converted" / "step_00000010").exists()  # the conversion is cleaned up
     st = json.loads((out / "checkpoints" / "step_00000015" / "trainer_state.json").read_text())
-    assert st["layout"]["dp"] == 1 and st["layout"]["format"] == "deepspeed"  # new saves: the new layout
+    assert st["layout"]["dp"] == 1 and st["layout"]["format"] == "sharded"  # new saves: the new layout
 
 
 def test_one_rank_checkpoint_resharded_resumes_on_two_ranks(resumed_on_one_rank, uninterrupted, tmp_path):
@@ -123,7 +124,7 @@ def zero3_tp2(tmp_path_factory):
 
 def test_zero3_tp2_export_equals_the_live_model(zero3_tp2, tmp_path):
     ckpt = zero3_tp2 / "checkpoints" / "step_00000010"
-    assert (ckpt / "zero_pp_rank_0_mp_rank_01_optim_states.pt").is_file()  # TP rank 1 has its own shards
+    assert (ckpt / "model-tp01.safetensors").is_file() and (ckpt / "rank-00001.safetensors").is_file()  # TP rank 1
     out = tmp_path / "exported.safetensors"
     res = vgpt("ckpt", "export", str(zero3_tp2), "--out", str(out))
     assert res.returncode == 0, res.stderr[-2000:]

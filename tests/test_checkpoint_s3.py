@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from test_checkpoint import BASE, vgpt
+
+from pretrain.checkpoint.export import read_export_tensors
 
 SECRET = "vgpt-test-secret-never-printed"
 
@@ -48,18 +49,18 @@ def test_list_verify_export_from_s3(s3_run, s3_server, run_dir, tmp_path, capsys
     assert "step_00000001" in out and "step_00000002" in out and "<- latest" in out and "INCOMPLETE" not in out
     rc, out, _ = ckpt(capsys, "verify", url)
     assert rc == 0 and "step_00000001: ok" in out and "step_00000002: ok" in out
-    target = tmp_path / "from_s3.safetensors"
+    target = tmp_path / "from_s3"
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")  # the endpoint from the command line instead
     rc, out, err = ckpt(capsys, "export", url, "--out", str(target), "--endpoint-url", s3_server)
     assert rc == 0, err
     assert f"exported {url}/checkpoints/step_00000002" in out
-    got, live = load_file(str(target)), load_file(str(run_dir / "export" / "model.safetensors"))
+    got, live = read_export_tensors(target), read_export_tensors(run_dir / "export")
     assert got.keys() == live.keys() and all(torch.equal(got[k], live[k]) for k in live)
 
 
 def test_corrupted_object_is_named_and_refused(s3_run, tmp_path, capsys):
     fs, url, key = s3_run
-    victim = max((p for p in fs.ls(f"{key}/step_00000002") if p.endswith(".pt")), key=fs.size)
+    victim = max((p for p in fs.ls(f"{key}/step_00000002") if p.endswith(".safetensors")), key=fs.size)
     original = fs.cat(victim)
     fs.pipe(victim, original[:-100])  # a truncated upload
     rc, out, _ = ckpt(capsys, "verify", url)
@@ -73,7 +74,7 @@ def test_corrupted_object_is_named_and_refused(s3_run, tmp_path, capsys):
     assert rc == 1 and f"s3://{victim}" in err and not (tmp_path / "y.safetensors").exists()
     fs.pipe(victim, b"\0" * len(original))  # same size, other bytes: only the hash can tell
     rc, out, _ = ckpt(capsys, "verify", url, "--step", "2")
-    assert rc == 1 and f"s3://{victim}: sha256 mismatch" in out
+    assert rc == 1 and f"s3://{victim}: checksum mismatch" in out
 
 
 def test_save_without_manifest_is_incomplete_and_skipped(s3_run, tmp_path, capsys):

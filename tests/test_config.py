@@ -162,3 +162,31 @@ def test_a_stage_beyond_a_single_stage_file_is_refused():
     with pytest.raises(ConfigError, match=r"--stage: got 2, expected 1\.\.1"):
         plan_stages(str(CONFIG_ROOT / "stages" / "stage1.yaml"), [], 2)
     assert [name for name, _ in plan_stages(str(CONFIG_ROOT / "stages" / "stage1.yaml"), [], 1)] == ["stage1"]
+
+
+def test_errors_name_the_file_or_the_command_line_override(tmp_path):
+    """A bad value set on the command line is not reported as the file's, in a job file or a curriculum."""
+    from jobconfig.curriculum import plan_stages
+    job = tmp_path / "job.yaml"
+    job.write_text("model: {preset: debug}\ntrain: {steps: 3}\n")
+    with pytest.raises(ConfigError, match=r"^train\.lr: got 'fast', expected a number "
+                                          r"\(from the command line: --train\.lr\)$"):
+        load_config(job, ["--train.lr=fast"])
+    job.write_text("model: {preset: debug}\ntrain: {steps: many}\n")
+    with pytest.raises(ConfigError, match=rf"^train\.steps: got 'many', expected an integer \(in {job}\)$"):
+        load_config(job, ["--train.lr=0.5"])
+    (tmp_path / "s1.yaml").write_text("train: {steps: 3}\n")
+    (tmp_path / "all.yaml").write_text("stages: [s1.yaml]\nmodel: {preset: debug}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.hiden_size'.*\(from the command line: "
+                                          r"--model\.hiden_size\)$"):
+        plan_stages(str(tmp_path / "all.yaml"), ["--model.hiden_size=8"], None)
+    # valid alone, wrong together (hidden_size 60 with the file's 4 heads): both are named
+    with pytest.raises(ConfigError, match=r"\(stage 1: .*s1\.yaml with the command line's --model\.hidden_size\)$"):
+        plan_stages(str(tmp_path / "all.yaml"), ["--model.hidden_size=60"], None)
+
+
+def test_overrides_leave_the_raw_mapping_alone():
+    """Overrides apply to a copy: the file's own mapping (shared by every stage of a curriculum) is unchanged."""
+    from jobconfig.loader import resolve_raw
+    raw = {"model": {"preset": "debug"}, "train": {"steps": 3}}
+    assert resolve_raw(raw, [("train.steps", 5)])["train"]["steps"] == 5 and raw["train"]["steps"] == 3

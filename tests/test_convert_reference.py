@@ -252,17 +252,18 @@ def test_export_after_training_takes_the_carried_data_from_base(tmp_path):
 
 
 def test_export_of_a_curriculum_from_an_import_finds_the_carried_data_by_init_from(tmp_path):
-    """Stage exports record init_from; to-reference walks it back to the import without --base."""
+    """Stage exports record init_from; to-reference walks it back to the import without --base.
+    Export directories (what stages write) throughout."""
     sd = reference_state(torch.bfloat16)
-    import_reference(write_reference(tmp_path / "ckpt", sd), tmp_path / "import.safetensors")
-    model = load_exported_model(tmp_path / "import.safetensors")
-    parent = tmp_path / "import.safetensors"
+    import_reference(write_reference(tmp_path / "ckpt", sd), tmp_path / "import")
+    model = load_exported_model(tmp_path / "import")
+    parent = tmp_path / "import"
     for stage in ("stage1", "stage2"):  # each stage starts from the previous one's export
         with torch.no_grad():
             model.special_tokens.add_(1.0)
-        save_export(model.state_dict(), tmp_path / f"{stage}.safetensors", model.cfg, dtype=torch.bfloat16,
-                    extra={"stage": stage, "init_from": str(parent)})
-        parent = tmp_path / f"{stage}.safetensors"
+        save_export(model.state_dict(), tmp_path / stage, model.cfg, dtype=torch.bfloat16,
+                    extra={"stage": stage, "init_from": str(parent)}, max_shard_size=20_000)
+        parent = tmp_path / stage
     export_reference(parent, tmp_path / "back")
     got = load_file(str(tmp_path / "back" / "model.safetensors"))
     others = [i for i in range(VOCAB) if i not in IDS.values()]

@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
+from test_export_pretrained import load_in_fresh_process
 
 from data.synthetic.shards import write_toy_dataset
-from pretrain.checkpoint.export import weights_fingerprint
+from pretrain.checkpoint.export import read_export_tensors, weights_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,16 +38,21 @@ def test_four_stages_chain_through_exports(tmp_path):
     lines = [json.loads(x) for x in (run / "stage4" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
     for i in range(1, 5):
-        assert (run / f"stage{i}" / "export" / "model.safetensors").is_file(), f"stage {i} exported nothing"
+        assert (run / f"stage{i}" / "export" / "config.json").is_file(), f"stage {i} exported nothing"
         assert f"[stage{i}] step      2/2" in res.stdout
     for i in range(2, 5):
         init = json.loads((run / f"stage{i}" / "init.json").read_text())
-        previous = load_file(str(run / f"stage{i - 1}" / "export" / "model.safetensors"))
-        assert init["init_from"].endswith(f"stage{i - 1}/export/model.safetensors")
+        previous = read_export_tensors(run / f"stage{i - 1}" / "export")
+        assert init["init_from"].endswith(f"stage{i - 1}/export")
         assert init["weights_sha256"] == weights_fingerprint(previous), f"stage {i} did not start from stage {i - 1}"
     # stages differ by data: stage 1 is next-frame (one frame per clip), stage 4 uses 80 frames
-    assert weights_fingerprint(load_file(str(run / "stage1/export/model.safetensors"))) != \
-        weights_fingerprint(load_file(str(run / "stage4/export/model.safetensors")))
+    assert weights_fingerprint(read_export_tensors(run / "stage1/export")) != \
+        weights_fingerprint(read_export_tensors(run / "stage4/export"))
+    # a stage export is a from_pretrained directory: diffusers and our model class alone load it, bitwise
+    got = load_in_fresh_process(run / "stage4/export", tmp_path / "loaded.safetensors")
+    assert got["provenance"]["stage"] == "stage4" and got["provenance"]["init_from"].endswith("stage3/export")
+    loaded, written = load_file(str(tmp_path / "loaded.safetensors")), read_export_tensors(run / "stage4/export")
+    assert all(torch.equal(loaded[k], written[k]) for k in written)
 
 
 def test_frames_beyond_the_token_limit_fail_before_training(tmp_path):
@@ -71,9 +78,9 @@ def test_stages_with_tensor_parallel_chain_in_one_process_group(tmp_path):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for i in (1, 2):
-        assert (tmp_path / "run" / f"stage{i}" / "export" / "model.safetensors").is_file()
+        assert (tmp_path / "run" / f"stage{i}" / "export" / "config.json").is_file()
     init = json.loads((tmp_path / "run" / "stage2" / "init.json").read_text())
-    assert init["init_from"].endswith("stage1/export/model.safetensors")
+    assert init["init_from"].endswith("stage1/export")
     # the reference's warmup counts every process, TP ranks too (world 2), and restarts each stage:
     # LR(n) = lr * min(1, n * 2 / 8) for optimiser steps n = 0, 1
     for i in (1, 2):

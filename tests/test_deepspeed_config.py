@@ -100,3 +100,13 @@ def test_conflict_fails_before_any_process_starts(tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     assert "parallel.deepspeed.zero_optimization.stage: conflicts with parallel.zero_stage=2" in res.stderr
     assert "torch.distributed" not in res.stderr and not (tmp_path / "run").exists()
+
+
+def test_deepspeed_outside_the_declared_range_is_refused_naming_it():
+    from parallel.engine import check_deepspeed_version, supported_deepspeed
+
+    declared = supported_deepspeed()
+    assert declared and "<" in declared  # pyproject pins an upper bound: our checkpoint reads DS internals
+    check_deepspeed_version()  # the installed one is inside it
+    with pytest.raises(RuntimeError, match=r"deepspeed 0\.99\.0 is installed; videogpt-pretrain supports deepspeed"):
+        check_deepspeed_version("0.99.0", declared)

@@ -83,7 +83,7 @@ def one_line_error(res, rc: int, prefix: str) -> str:
 
 
 def biggest_shard(ckpt: Path) -> Path:
-    return max((p for p in ckpt.iterdir() if p.name.endswith(".pt")), key=lambda p: p.stat().st_size)
+    return max((p for p in ckpt.iterdir() if p.name.endswith(".safetensors")), key=lambda p: p.stat().st_size)
 
 
 def truncate(f: Path) -> None:
@@ -160,7 +160,7 @@ def test_ckpt_list_checks_sizes_and_with_verify_hashes(run):
     assert "complete" in rows["step_00000005"]  # sizes only: a flipped bit needs the hashes
     res = vgpt("ckpt", "list", str(run), "--verify")
     rows = {line.split()[0]: line for line in res.stdout.splitlines()[1:]}
-    assert "BROKEN" in rows["step_00000005"] and "sha256 mismatch" in rows["step_00000005"]
+    assert "BROKEN" in rows["step_00000005"] and "checksum mismatch" in rows["step_00000005"]
 
 
 @pytest.mark.parametrize("damage", [truncate, flip_bit], ids=["truncated", "bit-flipped"])

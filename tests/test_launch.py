@@ -1,16 +1,21 @@
-"""`vgpt launch`: rendered launch files are valid for every example cluster and stage,
-impossible layouts fail naming the stage and numbers, and the rendered torchrun
-commands really train (1 node x 2 processes; 2 simulated nodes on loopback)."""
+"""`vgpt launch`: rendered launch files are valid for every example cluster and stage (the
+Kubernetes ones against the Kubeflow CRDs' published schemas, tests/data/kubeflow/), they take
+the rendezvous from MASTER_ADDR/MASTER_PORT, impossible layouts fail naming the stage and
+numbers, and the rendered torchrun commands really train (1 node x 2 processes; 2 simulated
+nodes on loopback)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 from conftest import free_port
@@ -72,10 +77,14 @@ def test_torchrun_commands_parse_with_torchruns_parser(rendered, name):
         rest = args.training_script_args
         assert rest[:1] == ["train"] and rest[rest.index("--stage") + 1] == str(s)
         assert f"--parallel.sequence_parallel={spec.layout.sp}" in rest
-        # the script runs exactly that argv
+        # the script runs exactly that argv, its rendezvous endpoint taken from MASTER_ADDR/MASTER_PORT
         line = (d / "torchrun.sh").read_text().strip().splitlines()[-1]
         words = shlex.split(line)
-        assert words[words.index("torch.distributed.run") + 1:] == meta["torchrun_argv"]
+        endpoint = "--rdzv-endpoint=${MASTER_ADDR}:${MASTER_PORT}"
+        assert words[words.index("torch.distributed.run") + 1:] == [
+            endpoint if a.startswith("--rdzv-endpoint=") else a for a in meta["torchrun_argv"]]
+        assert meta["rendezvous"] == {"MASTER_ADDR": spec.cluster.rendezvous.host or None,
+                                      "MASTER_PORT": spec.cluster.rendezvous.port}
 
 
 @pytest.mark.parametrize("name", CLUSTERS)
@@ -89,13 +98,17 @@ def test_slurm_and_deepspeed_and_ray_scripts(rendered, name):
         srun = shlex.split(text.strip().splitlines()[-1])
         assert srun[0] == "srun"
         args = parse_torchrun(srun[srun.index("torch.distributed.run") + 1:])
-        assert args.nnodes == str(spec.cluster.nodes) and args.rdzv_endpoint.startswith("${head_node}:")
+        assert args.nnodes == str(spec.cluster.nodes) and args.rdzv_endpoint == "${MASTER_ADDR}:${MASTER_PORT}"
+        assert 'MASTER_PORT="${MASTER_PORT:-' in text
         _, d = rendered[(name, s, "deepspeed")]
         hosts = (d / "hostfile").read_text().splitlines()
         assert len(hosts) == spec.cluster.nodes and all(h.endswith(f"slots={spec.cluster.devices_per_node}")
                                                        for h in hosts)
         ds = ds_parse(json.loads((d / "deepspeed.json").read_text())["deepspeed_argv"])
         assert ds.module and ds.user_script == "orchestration.cli" and ds.user_args[0] == "train"
+        ds_words = shlex.split((d / "deepspeed.sh").read_text().strip().splitlines()[-1])
+        assert ds_words[ds_words.index("--master_addr") + 1:ds_words.index("--master_port") + 2] == \
+            ["${MASTER_ADDR}", "--master_port", "${MASTER_PORT}"]
         _, d = rendered[(name, s, "ray")]
         ray_line = shlex.split((d / "ray_precompute.sh").read_text().strip().splitlines()[-1])
         assert ray_line[1:4] == ["ray", "job", "submit"] and "precompute" in ray_line
@@ -112,55 +125,112 @@ def test_slurm_and_deepspeed_and_ray_scripts(rendered, name):
 
 def test_scripts_pass_shellcheck(rendered):
     if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not on PATH (scripts/install.sh installs it when run as root on Debian)")
+        pytest.skip("shellcheck not on PATH (`bash scripts/install.sh --with-system-tools` installs it; CI does)")
     scripts = sorted(str(f) for _, d in rendered.values() for f in d.glob("*.sh"))
     res = subprocess.run(["shellcheck", "-s", "bash", *scripts], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-4000:]
 
 
-# the PyTorchJob (kubeflow.org/v1) fields we emit, as the CRD nests them
-K8S_SCHEMA = {"apiVersion": str, "kind": str, "metadata": {"name": str, "namespace": str, "labels": dict},
-              "spec": {"elasticPolicy": {"rdzvBackend": str, "rdzvHost": str, "rdzvPort": int, "rdzvId": str,
-                                         "minReplicas": int, "maxReplicas": int, "maxRestarts": int},
-                       "nprocPerNode": str,
-                       "pytorchReplicaSpecs": {"Worker": {"replicas": int, "restartPolicy": str,
-                                                          "template": {"spec": dict}}}}}
-CONTAINER_KEYS = {"name", "image", "imagePullPolicy", "workingDir", "command", "env", "resources", "volumeMounts"}
+CRDS = REPO / "tests/data/kubeflow"
+DNS1123 = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
-def check_schema(doc, schema, path="") -> None:
-    if isinstance(schema, dict):
-        assert isinstance(doc, dict), path
-        assert set(doc) <= set(schema), f"{path}: unexpected {set(doc) - set(schema)}"
-        for k, sub in schema.items():
-            assert k in doc, f"{path}.{k} missing"
-            check_schema(doc[k], sub, f"{path}.{k}")
-    else:
-        assert isinstance(doc, schema), f"{path}: {doc!r} is not {schema.__name__}"
+@functools.lru_cache(maxsize=None)
+def crd_validator(file: str) -> jsonschema.protocols.Validator:
+    """The CRD's published openAPIV3Schema (a structural JSON schema) as a validator."""
+    crd = yaml.load((CRDS / file).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    (version,) = crd["spec"]["versions"]
+    return jsonschema.Draft7Validator(version["schema"]["openAPIV3Schema"])
+
+
+def check_against(validator, doc: dict, where) -> None:
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    assert not errors, f"{where}: " + "; ".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+                                                for e in errors[:5])
+
+
+def test_schema_check_rejects_what_the_crd_rejects():
+    """The vendored schemas do bite: a wrong type, an unknown enum value, a missing required field."""
+    trainjob, pytorchjob = crd_validator("trainer.kubeflow.org_trainjobs.yaml"), crd_validator(
+        "kubeflow.org_pytorchjobs.yaml")
+    assert not trainjob.is_valid({"spec": {"runtimeRef": {"name": "torch-distributed"}, "trainer": {"numNodes": "2"}}})
+    assert not trainjob.is_valid({"spec": {"trainer": {"numNodes": 2}}})            # runtimeRef is required
+    assert trainjob.is_valid({"spec": {"runtimeRef": {"name": "torch-distributed"}, "trainer": {"numNodes": 2}}})
+    assert not pytorchjob.is_valid({"spec": {"pytorchReplicaSpecs": {"Worker": {"replicas": "2"}}}})
 
 
 @pytest.mark.parametrize("name", CLUSTERS)
-def test_kubernetes_manifests_match_pytorchjob_schema(rendered, name):
+def test_kubernetes_trainjob_validates_against_the_trainjob_crd(rendered, name):
+    validator = crd_validator("trainer.kubeflow.org_trainjobs.yaml")
     for s in STAGES:
         spec, d = rendered[(name, s, "k8s")]
+        job = yaml.safe_load((d / "trainjob.yaml").read_text())
+        check_against(validator, job, d)
+        assert (job["apiVersion"], job["kind"]) == ("trainer.kubeflow.org/v1alpha1", "TrainJob")
+        assert re.match(DNS1123, job["metadata"]["name"]) and len(job["metadata"]["name"]) <= 63
+        trainer = job["spec"]["trainer"]
+        assert (trainer["numNodes"], trainer["numProcPerNode"]) == (spec.cluster.nodes, spec.cluster.devices_per_node)
+        assert not {e["name"] for e in trainer["env"]} & {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK",
+                                                           "PET_MASTER_ADDR", "PET_MASTER_PORT"}  # the runtime's
+        limits = trainer["resourcesPerNode"]["limits"]
+        if spec.cluster.accelerator == "cuda":
+            assert limits["nvidia.com/gpu"] == spec.cluster.devices_per_node
+        if spec.cluster.accelerator == "npu":
+            assert limits["huawei.com/Ascend910"] == spec.cluster.devices_per_node
+        # sh -c 'cd "$0" && exec "$@"' WORKDIR python -m torch.distributed.run ...: nodes, procs and the
+        # master come from the runtime's PET_* variables, so torchrun's flags for them are absent
+        assert trainer["command"][:4] == ["sh", "-c", 'cd "$0" && exec "$@"', spec.cluster.workdir]
+        args = get_args_parser().parse_args(trainer["command"][7:])
+        assert args.module and args.training_script == "orchestration.cli"
+        assert (args.nnodes, args.nproc_per_node, args.max_restarts) == ("1:1", "1", spec.cluster.elastic.max_restarts)
+        assert "--nnodes" not in " ".join(trainer["command"]) and args.training_script_args[0] == "train"
+
+
+def test_trainjob_command_enters_the_workdir_and_runs_the_argv_unchanged(tmp_path, rendered):
+    spec, d = rendered[("k8s-gpu.yaml", 1, "k8s")]
+    command = yaml.safe_load((d / "trainjob.yaml").read_text())["spec"]["trainer"]["command"]
+    res = subprocess.run([*command[:3], str(tmp_path), sys.executable, "-c",
+                          "import os, sys; print(os.getcwd(), sys.argv[1:])", "a b", "$x"],
+                         capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == f"{tmp_path} ['a b', '$x']"
+
+
+@pytest.mark.parametrize("name", CLUSTERS)
+def test_kubernetes_pytorchjob_validates_against_the_pytorchjob_crd(rendered, name):
+    validator = crd_validator("kubeflow.org_pytorchjobs.yaml")
+    for s in STAGES:
+        spec, d = rendered[(name, s, "k8s-pytorchjob")]
         job = yaml.safe_load((d / "pytorchjob.yaml").read_text())
-        check_schema(job, K8S_SCHEMA)
+        check_against(validator, job, d)
         assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
         ep = job["spec"]["elasticPolicy"]
         assert (ep["minReplicas"], ep["maxReplicas"]) == spec.cluster.node_range
-        worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
-        assert worker["restartPolicy"] in ("OnFailure", "Never", "Always", "ExitCode")
-        (c,) = worker["template"]["spec"]["containers"]
-        assert set(c) <= CONTAINER_KEYS and c["name"] == "pytorch"
-        limits = c["resources"]["limits"]
-        acc = spec.cluster.accelerator
-        if acc == "cuda":
-            assert limits["nvidia.com/gpu"] == spec.cluster.devices_per_node
-        if acc == "npu":
-            assert limits["huawei.com/Ascend910"] == spec.cluster.devices_per_node
+        (c,) = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
+        if spec.cluster.accelerator == "npu":
             env = {e["name"]: e["value"] for e in c["env"]}
             assert env["ASCEND_RT_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7" and "HCCL_CONNECT_TIMEOUT" in env
         parse_torchrun(c["command"][3:])
+
+
+def test_torchrun_script_takes_the_rendezvous_from_master_addr_and_port(tmp_path):
+    """torchrun.sh runs with `python` standing for the interpreter as `echo`, so the argv it would run
+    is printed: MASTER_ADDR/MASTER_PORT when set; without a host anywhere it stops naming MASTER_ADDR."""
+    spec = plan_launch(1, cluster("h100-slurm.yaml"), cluster_overrides=["--python=echo", f"--workdir={tmp_path}"])
+    (script,) = [p for p in render(spec, "torchrun", tmp_path / "launch") if p.name == "torchrun.sh"]
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    res = subprocess.run(["bash", str(script)], env={**env, "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "1234"},
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "--rdzv-endpoint=10.1.2.3:1234" in res.stdout.split(), res.stderr
+    res = subprocess.run(["bash", str(script)], env={**env, "MASTER_ADDR": "10.1.2.3"}, capture_output=True, text=True)
+    assert "--rdzv-endpoint=10.1.2.3:29400" in res.stdout.split(), res.stderr
+    res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "MASTER_ADDR" in res.stderr and not res.stdout
+    # a one-node loopback cluster stays on loopback whatever MASTER_ADDR says; its port still follows MASTER_PORT
+    spec = plan_launch(1, cluster("local-cpu.yaml"), cluster_overrides=["--python=echo", f"--workdir={tmp_path}"])
+    (script,) = [p for p in render(spec, "torchrun", tmp_path / "local") if p.name == "torchrun.sh"]
+    res = subprocess.run(["bash", str(script)], env={**env, "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "1234"},
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "--rdzv-endpoint=127.0.0.1:1234" in res.stdout.split(), res.stderr
 
 
 def test_stage4_layout_is_data_parallel_as_the_reference_unless_sp_is_asked_for():

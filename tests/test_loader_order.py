@@ -12,26 +12,38 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.order import Cursor, Schedule, epoch_order, resolve_num_streams
+from data.order import Schedule, epoch_order, reader_items, resolve_num_streams
 from jobconfig.errors import ConfigError
 
 
-def served(schedule: Schedule, steps: int, workers: int) -> list[list[tuple[int, int]]]:
-    """Per global step, the (epoch, position) list in slot order, assembled from every reader."""
-    W, B = schedule.world_size, schedule.batch_size
-    out = [[None] * (W * B) for _ in range(steps)]
+def served(schedule: Schedule, steps: int, workers: int) -> tuple[list[list[tuple[int, int]]], list[set[int]]]:
+    """Per global step: the (bucket, bucket-stream index) of its items in slot order, assembled from
+    every reader, and the known skips it reports; checks that no two readers claim an item."""
+    W, n = schedule.world_size, max(1, workers)
+    items = [[] for _ in range(steps)]
+    skips = [set() for _ in range(steps)]
     for r in range(W):
-        for w in range(max(1, workers)):
-            for epoch, ps, js in schedule.reader_positions(r, w, workers):
-                for p, j in zip(ps.tolist(), js.tolist()):
-                    s, i = divmod(j, B)
-                    if s >= steps:
-                        break
-                    assert out[s][r + W * i] is None, "two readers claim the same slot"
-                    out[s][r + W * i] = (epoch, p)
-                if js.size and js[-1] // B >= steps:
+        for w in range(n):
+            for win in schedule.windows():
+                if win.first_step >= steps:
                     break
-    return out
+                st_, bk, it, sk = reader_items(win, schedule.batch, W, r, w, workers)
+                for s, b, i in zip(st_.tolist(), bk.tolist(), it.tolist()):
+                    if s < steps:
+                        items[s].append((b, i))
+                for s, k in zip(sk[0].tolist(), sk[1].tolist()):
+                    if s < steps:
+                        assert k not in skips[s], "two readers report the same skip"
+                        skips[s].add(k)
+    for s in range(steps):
+        assert len(set(items[s])) == len(items[s]), "two readers claim the same item"
+        items[s].sort()
+    return items, skips
+
+
+def flat(N: int, W: int, B: int, start: int = 0, tail: str = "roll", epochs: int = 0) -> Schedule:
+    """One bucket, nothing known to skip: a dataset of one shape (or an index without shapes)."""
+    return Schedule((N,), 0, (B,), W, (start,), tail, epochs)
 
 
 @given(sizes=st.lists(st.integers(1, 9), min_size=1, max_size=12), seed=st.integers(0, 2**40),
@@ -58,26 +70,26 @@ def test_epochs_and_seeds_give_different_orders():
 def test_every_position_is_served_once_by_exactly_one_reader(N, W, B, n, tail, epochs, start):
     if tail == "drop" and N < W * B:
         with pytest.raises(ConfigError, match="epoch_tail"):
-            Schedule(N, W, B, Cursor(), tail, epochs)
+            flat(N, W, B, 0, tail, epochs)
         return
-    cursor = Cursor(*divmod(start, N)) if tail == "roll" else Cursor(0, (start % N) // (W * B) * (W * B))
-    sched = Schedule(N, W, B, cursor, tail, epochs)
+    start = start if tail == "roll" else (start % N) // (W * B) * (W * B)
+    sched = flat(N, W, B, start, tail, epochs)
     steps = sched.num_steps()
-    table = served(sched, steps, n)
-    flat = [x for step in table for x in step]
-    assert None not in flat, "a slot of a step was served by no reader"
-    assert len(set(flat)) == len(flat), "a position was served twice"
-    first = (cursor.epoch, cursor.offset)
-    if tail == "roll":  # consecutive global positions from the cursor, nothing skipped
-        P = [e * N + p for e, p in flat]
-        assert P == list(range(first[0] * N + first[1], first[0] * N + first[1] + steps * W * B))
+    table, _ = served(sched, steps, n)
+    assert all(len(step) == W * B for step in table), "a slot of a step was served by no reader"
+    flat_items = [i for step in table for _, i in step]
+    assert len(set(flat_items)) == len(flat_items), "an item was served twice"
+    if tail == "roll":  # consecutive items from the cursor, nothing skipped
+        assert flat_items == list(range(start, start + steps * W * B))
         if steps:  # the last step reaches the end of the last epoch, and no step lies wholly past it
-            assert P[-1] >= epochs * N - 1 and P[-1] - W * B < epochs * N - 1
-    else:  # inside epochs: from the cursor, each epoch's served positions are a prefix, tail < G dropped
-        for e in range(cursor.epoch, epochs):
-            ps = sorted(p for ep, p in flat if ep == e)
-            lo = cursor.offset if e == cursor.epoch else 0
+            assert flat_items[-1] >= epochs * N - 1 and flat_items[-1] - W * B < epochs * N - 1
+    else:  # inside epochs: from the cursor, each epoch's served items are a prefix, tail < G dropped
+        for e in range(start // N, epochs):
+            ps = sorted(i - e * N for i in flat_items if i // N == e)
+            lo = start % N if e == start // N else 0
             assert ps == list(range(lo, lo + len(ps))) and N - (lo + len(ps)) < W * B
+    if tail == "roll":
+        assert sched.cursors_after(steps) == ((start + steps * W * B,), 0)
 
 
 @given(N=st.integers(5, 60), W1=st.integers(1, 4), W2=st.integers(1, 4), B1=st.integers(1, 3),
@@ -86,18 +98,18 @@ def test_every_position_is_served_once_by_exactly_one_reader(N, W, B, n, tail, e
 def test_resume_on_another_world_size_continues_the_same_global_stream(N, W1, W2, B1, B2, k, tail):
     if tail == "drop" and N < max(W1 * B1, W2 * B2):
         return
-    full = Schedule(N, 1, 1, Cursor(), tail, 0)  # the uninterrupted run, one position per step
-    first = Schedule(N, W1, B1, Cursor(), tail, 0)
-    cursor = first.cursor_after(k)
-    resumed = Schedule(N, W2, B2, cursor, tail, 0)
-    after = [x for step in served(resumed, 4, 2) for x in step]
-    before = [x for step in served(first, k, 1) for x in step]
-    assert not set(before) & set(after), "a position served before the checkpoint is served again"
+    first = flat(N, W1, B1, 0, tail)
+    cursor = first.cursors_after(k)[0]
+    resumed = flat(N, W2, B2, cursor[0], tail)
+    before = [x for step in served(first, k, 1)[0] for x in step]
+    after = [x for step in served(resumed, 4, 2)[0] for x in step]
+    assert not set(before) & set(after), "an item served before the checkpoint is served again"
     if tail == "roll":
-        ref = [x for step in served(full, k * W1 * B1 + 4 * W2 * B2, 0) for x in step]
+        full = flat(N, 1, 1, 0, tail)  # the uninterrupted run, one item per step
+        ref = [x for step in served(full, k * W1 * B1 + 4 * W2 * B2, 0)[0] for x in step]
         assert before + after == ref
-    else:  # drop: the resumed run serves the next positions of the same epoch until fewer than G2 are left
-        assert after[0] == (cursor.epoch, cursor.offset) or cursor.offset + W2 * B2 > N
+    else:  # drop: the resumed run serves the next items of the same epoch until fewer than G2 are left
+        assert after[0] == (0, cursor[0]) or cursor[0] % N + W2 * B2 > N
 
 
 def test_auto_streams_have_many_divisors_and_are_bounded_by_shards():
@@ -111,13 +123,14 @@ def test_aligned_readers_read_disjoint_shards(W, n):
     """Equal streams and n*W | S: every shard is read by exactly one reader (no read amplification)."""
     sizes = tuple([5] * 24)
     S = 12
-    sched = Schedule(sum(sizes), W, 2, Cursor(0, 3 * W * 2), "roll", 1)  # resumed mid-epoch, too
+    sched = flat(sum(sizes), W, 2, 3 * W * 2 + 1, "roll", 1)  # resumed mid-epoch, off the step grid too
     sh, _ = epoch_order(sizes, 3, 0, S, 6)
     owners: dict[int, set] = {}
     for r in range(W):
         for w in range(n):
-            for epoch, ps, _ in sched.reader_positions(r, w, n):
-                for s in set(sh[ps].tolist()):
+            for win in sched.windows():
+                _, _, items, _ = reader_items(win, sched.batch, W, r, w, n)
+                for s in set(sh[items[items < sum(sizes)]].tolist()):
                     owners.setdefault(s, set()).add((r, w))
     assert owners and all(len(v) == 1 for v in owners.values())
 
@@ -129,11 +142,11 @@ def test_uneven_shards_cost_at_most_the_cut_shards(W, n):
     sizes = tuple(int(x) for x in rng.integers(20, 60, size=48))
     S = 12
     sh, _ = epoch_order(sizes, 0, 0, S, 16)
-    sched = Schedule(sum(sizes), W, 1, Cursor(), "roll", 1)
+    sched = flat(sum(sizes), W, 1, 0, "roll", 1)
     reads = 0
     for r in range(W):
         for w in range(n):
-            for epoch, ps, _ in sched.reader_positions(r, w, n):
-                if epoch == 0:
-                    reads += len(set(sh[ps].tolist()))
+            for win in sched.windows():
+                _, _, items, _ = reader_items(win, sched.batch, W, r, w, n)
+                reads += len(set(sh[items[items < sum(sizes)]].tolist()))
     assert len(sizes) <= reads <= len(sizes) + S - 1

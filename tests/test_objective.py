@@ -40,7 +40,7 @@ def test_200_steps_lower_the_loss_3x_on_moving_squares(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     trained = build_model(cfg.model)
-    load_export(trained, tmp_path / "export" / "model.safetensors")
+    load_export(trained, tmp_path / "export")
     after = eval_loss(trained, cfg, videos)
     assert len(losses) == 200
     assert before / after >= 3.0, f"held-out loss {before:.4f} -> {after:.4f}: only {before / after:.2f}x lower"

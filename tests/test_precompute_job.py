@@ -8,19 +8,37 @@ files made with PyAV, a moto S3 server. One head serves every test (module fixtu
 3. crash (driver killed after its first commit) + resume with a worker and an
    encoder killed on the way: equal to the uninterrupted run, byte for byte;
 4. bad inputs land in errors/ with their reason and are counted;
-5. a rerun of a finished job encodes nothing and says so.
+5. a rerun of a finished job encodes nothing and says so;
+6. two Ray nodes (the head and a second `ray start` node, each with its own
+   custom resource) both decode; the second node is killed mid-job and the job
+   still finishes, equal to the uninterrupted run byte for byte.
+Every job cuts videos longer than 16 frames into segments (harness SEGMENTS):
+clip_a (20 frames) is stored as two samples, 16 + 4 frames.
 """
 from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 
 import fsspec
 import pytest
 import torch
-from precompute_harness import BAD, GOOD, RayHead, make_inputs, read_dataset, read_errors
+from precompute_harness import (
+    BAD,
+    GOOD,
+    HEAD_RESOURCE,
+    NODE_B_RESOURCE,
+    RayHead,
+    RayNode,
+    make_inputs,
+    read_dataset,
+    read_errors,
+)
+from throttle_proxy import ThrottleProxy
 
-from data.precompute_plan import make_key
+from data.precompute_plan import make_key, source_key
 from data.shard_format import committed_manifests, decode_sample, read_index
 from jobconfig.precompute import VaeConfig, VideoConfig
 
@@ -34,7 +52,7 @@ def env(tmp_path_factory):
     mp.setenv("VGPT_CACHE", str(tmp / "cache"))  # the tiny VAE, shared by the job and this process
     inputs = tmp / "videos"
     good = make_inputs(inputs)
-    head = RayHead(tmp)
+    head = RayHead(tmp, node_ip="127.0.0.2")  # loopback, and joinable by a second node (test 6)
     try:
         yield {"tmp": tmp, "inputs": inputs, "good": good, "head": head}
     finally:
@@ -62,28 +80,44 @@ def test_local_dataset_every_valid_video_once_and_latents_decode(env, full_run):
     root, out = full_run
     fs = fsspec.filesystem("file")
     data = read_dataset(fs, root)
-    assert sorted(data) == sorted(_valid_keys(env))  # each valid video once, nothing else
+    # Each valid video once, nothing else; clip_a (20 frames > max_frames=16) as two segments.
+    long_key = make_key(str(env["good"]["clip_a"]))
+    assert sorted(data) == sorted([k for k in _valid_keys(env) if k != long_key]
+                                  + [f"{long_key}-s0000", f"{long_key}-s0001"])
     index = read_index(fs, root)
-    assert index["num_samples"] == len(GOOD) and index["num_shards"] == 5
+    assert index["num_samples"] == len(GOOD) + 1 and index["num_shards"] == 5
     assert index["latent_channels"] == 4 and index["latent_dtype"] == "bfloat16"
     assert index["vae"]["name"] == "tiny" and index["num_inputs"] == len(GOOD) + len(BAD)
+    # index.json records every sample's frame count and latents shape, as the tars hold them.
+    recorded = {k: (f, s) for sh in index["shards"] for k, f, s in zip(
+        committed_manifests(fs, root)[sh["name"]].keys, sh["sample_frames"], sh["sample_shapes"])}
+    assert {k: (s[0], s) for k, (_, s) in recorded.items()} == recorded
+    assert {k: list(decode_sample(m)[0].shape) for k, m in data.items()} == {k: s for k, (_, s) in recorded.items()}
 
     vae = LatentVae(VaeConfig(path="tiny", batch_size=8))
     video_cfg = VideoConfig(max_image_size=128, min_frames=4)
     specs = {name: (w, h, t, fps) for name, w, h, t, fps, _ in GOOD}
     for key, uri in _valid_keys(env).items():
-        latents, meta = decode_sample(data[key], where=key)
+        parts = sorted(k for k in data if source_key(k) == key)
+        decoded = [decode_sample(data[k], where=k) for k in parts]
+        latents = torch.cat([lat for lat, _ in decoded])
         name = uri.rsplit("/", 1)[1][:-4]
         w, h, t, fps = specs[name]
-        # meta.json: source, geometry, fps and VAE facts
-        assert meta["source"] == uri and meta["key"] == key
-        assert meta["source_size"] == [w, h] and meta["fps"] == fps and meta["num_frames"] == t
-        assert meta["frame_indices"] == list(range(t))
+        first = 0
+        for k, (lat, meta) in zip(parts, decoded):
+            # meta.json: source, geometry, fps, VAE facts, and where a segment sits in its video
+            assert meta["source"] == uri and meta["key"] == k
+            assert meta["source_size"] == [w, h] and meta["fps"] == fps and meta["num_frames"] == lat.shape[0]
+            assert meta["frame_indices"] == list(range(first, first + lat.shape[0]))
+            assert meta.get("first_frame", 0) == first and meta["source_frames"] == t
+            if len(parts) > 1:
+                assert meta["source_key"] == key and meta["num_segments"] == len(parts) == 2
+            first += lat.shape[0]
         fw, fh = meta["frame_size"]
         assert fw % 16 == 0 and fh % 16 == 0 and max(meta["resized_size"]) <= 128
         assert meta["vae"]["sha256"] == index["vae"]["sha256"] and meta["scaling_factor"] == 0.13025
         assert latents.dtype == torch.bfloat16 and tuple(latents.shape) == (t, 4, fh // 8, fw // 8)
-        # The stored latents are the ones an in-process encode of the same input gives ...
+        # The stored latents (segments concatenated) are the ones an in-process encode of the whole input gives ...
         frames = decode_video(uri, video_cfg).frames
         expect = vae.encode(frames, key)
         torch.testing.assert_close(latents.float(), expect, atol=2e-2, rtol=2e-2)
@@ -118,17 +152,22 @@ def test_rerun_of_finished_job_does_no_work(env, full_run):
 
 
 def test_s3_output_lands_under_prefix_and_reads_back(env, full_run, s3_bucket, s3_server):
+    """Through a loopback proxy that answers the job's first requests with 503 SlowDown (issue 17,
+    acceptance 4): the throttling costs retries, counted in the job's log, not the job."""
     fs, opts, bucket = s3_bucket
     root = f"{bucket}/latents/run1"
     aws = {k: "testing" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    rc, out = env["head"].submit(
-        f"--precompute.inputs.dir={env['inputs']}", f"--precompute.output.root=s3://{root}",
-        f"--precompute.output.storage_options={{endpoint_url: '{s3_server}'}}",
-        env={**aws, "AWS_DEFAULT_REGION": "us-east-1"})
-    assert rc == 0, out
+    with ThrottleProxy(s3_server) as proxy:
+        proxy.throttle(5)
+        rc, out = env["head"].submit(
+            f"--precompute.inputs.dir={env['inputs']}", f"--precompute.output.root=s3://{root}",
+            f"--precompute.output.storage_options={{endpoint_url: '{proxy.url}'}}",
+            env={**aws, "AWS_DEFAULT_REGION": "us-east-1", "VGPT_STORAGE_BACKOFF": "base_s=0.01,cap_s=0.05"})
+        assert rc == 0, out
+        assert proxy.refused == 5 and "storage retries 5" in out and out.count("retrying in") == 5, out
     names = {p.rsplit("/", 1)[1] for p in fs.find(root)}
     assert {"index.json", "plan.json", "train-000000.tar", "train-000000.json"} <= names
-    assert len(committed_manifests(fs, root)) == 5 and read_index(fs, root)["num_samples"] == len(GOOD)
+    assert len(committed_manifests(fs, root)) == 5 and read_index(fs, root)["num_samples"] == len(GOOD) + 1
     assert sorted(read_errors(fs, root)) == sorted(read_errors(fsspec.filesystem("file"), full_run[0]))
     # Same inputs and dataset settings: the same bytes as the local run, sample by sample.
     assert read_dataset(fs, root) == read_dataset(fsspec.filesystem("file"), full_run[0])
@@ -163,3 +202,45 @@ def test_crash_and_resume_equals_uninterrupted_run(env, full_run):
     assert read_errors(fs, str(root)).keys() == read_errors(fs, full).keys()
     got, want = read_index(fs, str(root)), read_index(fs, full)
     assert got == want
+
+
+def test_two_nodes_share_the_work_and_losing_one_changes_nothing(env, full_run):
+    """A second node joins the head; the driver pauses (fault switch) as soon as both nodes have
+    decoded something, before the encode of that work is done; the test kills the second node
+    (raylet, object store, its decode workers and encoder) and lets the job go on: lost frames are
+    recomputed, its encoder restarts on the head, and the dataset equals the uninterrupted one-node
+    run byte for byte."""
+    head, tmp = env["head"], env["tmp"]
+    node = RayNode(tmp, head)
+    try:
+        root, pause = tmp / "out-2nodes", tmp / "pause-2nodes"
+        pause.mkdir()
+        result: dict = {}
+        job = threading.Thread(target=lambda: result.update(done=head.submit(
+            f"--precompute.inputs.dir={env['inputs']}", f"--precompute.output.root={root}",
+            "--precompute.ray.encode_actors=2", "--precompute.ray.encode_cpus=0.5",
+            "--precompute.ray.decode_cpus=0.5", "--precompute.ray.decode_in_flight=2",
+            env={"VGPT_FAULT_PAUSE_NODES_DECODED": f"2:{pause}"})))
+        job.start()
+        for _ in range(1200):  # bounded wait for the driver's pause point (or its early end)
+            if (pause / "paused.json").exists() or not job.is_alive():
+                break
+            time.sleep(0.1)
+        assert (pause / "paused.json").exists(), result.get("done")
+        work = {r["resources"]: r for r in json.loads((pause / "paused.json").read_text()).values()}
+        assert work[HEAD_RESOURCE]["decoded"] > 0 and work[NODE_B_RESOURCE]["decoded"] > 0, work
+        node.kill()
+        (pause / "resume").touch()
+        job.join(600)
+        rc, out = result["done"]
+    finally:
+        node.kill()
+        (pause / "resume").touch()
+    assert rc == 0, out
+    assert re.search(r"\[vgpt_node_b\] decoded [1-9]", out), out  # the job log's work by node
+    fs = fsspec.filesystem("file")
+    full = full_run[0]
+    assert read_dataset(fs, str(root)) == read_dataset(fs, full)
+    for stem in committed_manifests(fs, full):
+        assert (root / "shards" / f"{stem}.tar").read_bytes() == fs.cat_file(f"{full}/shards/{stem}.tar")
+    assert read_index(fs, str(root)) == read_index(fs, full)

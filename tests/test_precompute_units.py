@@ -30,7 +30,9 @@ def test_precompute_configs_load_and_bad_values_name_the_key():
              "--precompute.vae.dtype=fp8": "precompute.vae.dtype",
              "--precompute.output.storage_options={aws_secret_access_key: x}": "credentials are not allowed",
              "--precompute.video.max_aspect=0.5": "precompute.video.max_aspect",
-             "--precompute.ray.encode_actorz=2": "unknown config key 'precompute.ray.encode_actorz'"}
+             "--precompute.ray.encode_actorz=2": "unknown config key 'precompute.ray.encode_actorz'",
+             "--precompute.ray.decode_resources={CPU: 1}": "precompute.ray.decode_resources.CPU",
+             "--precompute.video.segment_overlap=-1": "precompute.video.segment_overlap"}
     for override, expect in cases.items():
         with pytest.raises(ConfigError, match=expect.replace(".", r"\.").replace("{", r"\{")):
             load_config("configs/precompute/tiny.yaml", [override])
@@ -90,8 +92,8 @@ def test_frame_sampling_by_stride_fps_and_cap(clip):
     assert by_stride.frame_indices == [0, 2, 4, 6, 8, 10] and by_stride.fps == 15
     by_fps = decode_video(str(path), VideoConfig(sample_fps=10, min_frames=1))
     assert by_fps.frame_indices == [0, 3, 6, 9] and by_fps.fps == 10
-    capped = decode_video(str(path), VideoConfig(max_frames=5, min_frames=1))
-    assert capped.frames.shape[0] == 5 and capped.meta["truncated"]
+    capped = decode_video(str(path), VideoConfig(max_frames=5, min_frames=1, long_videos="truncate"))
+    assert capped.frames.shape[0] == 5 and capped.meta["truncated"] and capped.num_segments == 1
     with pytest.raises(VideoRejected, match="too few frames: 4 sampled from 12 decoded"):
         decode_video(str(path), VideoConfig(sample_fps=10, min_frames=5))
 

@@ -3,6 +3,7 @@ the outputs it promises, and clear errors for bad input (acceptance 4)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import av
 import numpy as np
@@ -25,7 +26,7 @@ def setup(tmp_path_factory):
     with torch.no_grad():  # give the zero-initialised head weights, so predictions are not constant
         for p in model.final_layer.parameters():
             p.normal_(0, 0.05)
-    export = save_export(model.state_dict(), root / "model.safetensors", model.cfg, extra={"stage": "stage1"})
+    export = save_export(model.state_dict(), root / "export", model.cfg, extra={"stage": "stage1"})
     return root, video, export
 
 
@@ -93,11 +94,18 @@ def test_missing_recipe_and_broken_export_are_clear_errors(setup, tmp_path, caps
     _, video, export = setup
     rc = predict_main(["--checkpoint", str(export), "--video", str(video), "--context", "2", "--generate", "1"])
     assert rc == 2 and "pass --vae" in capsys.readouterr().err
-    broken = tmp_path / "broken.safetensors"
-    broken.write_bytes(export.read_bytes()[:100])
+    weights = export / "diffusion_pytorch_model.safetensors"
+    broken = tmp_path / "broken.safetensors"  # the older single-file layout
+    broken.write_bytes(weights.read_bytes()[:100])
     rc = predict_main(["--checkpoint", str(broken), "--video", str(video), "--vae", "tiny", "--context", "2",
                        "--generate", "1"])
     assert rc == 2 and "not a safetensors export" in capsys.readouterr().err
+    shutil.copytree(export, tmp_path / "broken")
+    (tmp_path / "broken" / weights.name).write_bytes(weights.read_bytes()[:100])
+    rc = predict_main(["--checkpoint", str(tmp_path / "broken"), "--video", str(video), "--vae", "tiny",
+                       "--context", "2", "--generate", "1", "--out", str(tmp_path / "o")])
+    assert rc == 2 and f"{tmp_path / 'broken' / weights.name}: not a readable safetensors file" in \
+        capsys.readouterr().err
 
 
 def test_predict_reads_a_video_from_object_storage(setup, s3_bucket, s3_server, monkeypatch, tmp_path):

@@ -120,7 +120,10 @@ def test_yaml_errors_name_the_file_and_line(env, capsys):
 def test_predict_checkpoint_dir_and_missing_video(env, capsys):
     (env / "ckptdir").mkdir()
     expect_bad(capsys, env, ["predict", "--checkpoint", str(env / "ckptdir"), "--video", "x.mp4"],
-               "is a directory", "vgpt ckpt export")
+               "a directory without config.json", "vgpt ckpt export")
+    (env / "run" / "checkpoints").mkdir(parents=True)  # a run's out_dir: its export is named
+    expect_bad(capsys, env, ["predict", "--checkpoint", str(env / "run"), "--video", "x.mp4"],
+               "is a run's out_dir", str(env / "run" / "export"))
     expect_bad(capsys, env, ["predict", "--checkpoint", str(env / "none.safetensors"), "--video", "x.mp4"],
                "--checkpoint", "does not exist")
 

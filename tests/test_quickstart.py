@@ -7,6 +7,7 @@ stage's export: it must resume instead of redoing any step.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+
+from pretrain.checkpoint.export import read_export_metadata, read_export_tensors
 
 pytestmark = pytest.mark.slow
 
@@ -62,9 +65,9 @@ def test_rerun_resumes_instead_of_redoing(first_run):
     fit = (workdir / "vae" / "fit.json").stat().st_mtime_ns
     lines = {i: len((workdir / "train" / f"stage{i}" / "metrics.jsonl").read_text().splitlines())
              for i in range(1, 5)}
-    export4 = workdir / "train" / "stage4" / "export" / "model.safetensors"
+    export4 = workdir / "train" / "stage4" / "export"
     before = _read_export(export4)
-    export4.unlink()  # as if the run died after stage 4's last checkpoint, before its export
+    shutil.rmtree(export4)  # as if the run died after stage 4's last checkpoint, before its export
 
     proc = quickstart(workdir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -83,9 +86,4 @@ def test_rerun_resumes_instead_of_redoing(first_run):
 
 
 def _read_export(path: Path):
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    return load_file(str(path)), meta
+    return read_export_tensors(path), read_export_metadata(path)

@@ -1,9 +1,10 @@
-"""The scaling-law fitter recovers a known law (acceptance 1), and its helpers behave."""
+"""The scaling-law fitter recovers a known law, and its helpers behave. (Interval coverage in 9 of 10
+seeds is tested on an IsoFLOP grid, the grid a sweep is planned on: test_sweep_identifiability.py.)"""
 from __future__ import annotations
 
 import numpy as np
 
-from orchestration.sweep.fit import PARAMS, LawFit, bootstrap, compute_optimal_ci, fit_law, isoflop_minima
+from orchestration.sweep.fit import PARAMS, LawFit, compute_optimal_ci, fit_law, isoflop_minima
 
 TRUE = LawFit(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 
@@ -20,16 +21,6 @@ def test_noise_free_points_give_the_law_back():
     f = fit_law(N, D, TRUE.predict(N, D))
     for p in PARAMS:
         assert np.isclose(getattr(f, p), getattr(TRUE, p), rtol=1e-3), (p, getattr(f, p))
-
-
-def test_each_parameter_inside_its_95_interval_in_9_of_10_seeds():
-    covered = {p: 0 for p in PARAMS}
-    for seed in range(10):
-        boot = bootstrap(*synthetic_points(seed), n_boot=100, seed=seed)
-        for p in PARAMS:
-            lo, hi = boot["ci"][p]
-            covered[p] += lo <= getattr(TRUE, p) <= hi
-    assert all(c >= 9 for c in covered.values()), covered
 
 
 def test_compute_optimal_matches_a_numerical_minimum():

@@ -1,6 +1,7 @@
-"""`vgpt sweep`: bad grids fail before any trial (acceptance 4); a real tiny sweep on a local
-Ray runs end to end and fits (acceptance 2); a killed sweep resumes without re-running its
-finished trials and ends with the results of an uninterrupted one (acceptance 3)."""
+"""`vgpt sweep`: bad grids fail before any trial; the example sweep (configs/sweep/example.yaml) runs
+end to end on a local Ray, is identifiable and reports its extrapolation error (issue 20,
+acceptance 5); a killed sweep resumes without re-running its finished trials and ends with the
+results of an uninterrupted one; old budgets-grid sweep dirs still fit."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from orchestration.cli.sweep import main as sweep_main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/sweep/tiny.yaml")
+EXAMPLE = str(REPO / "configs/sweep/example.yaml")
 
 
 @pytest.mark.parametrize("override, message", [
@@ -39,10 +41,16 @@ def test_bad_model_override_names_the_key(tmp_path, capsys):
     assert rc == 2 and "num_heads" in capsys.readouterr().err
 
 
+# The example sweep (configs/sweep/example.yaml) as the one end-to-end Ray sweep: its IsoFLOP grid at
+# one point of its lr x batch sub-grid (the sub-grid multiplies the trials; its laws are tested on
+# synthetic losses in test_sweep_lr_batch.py). Same trial keys as the full example's.
+E2E = ["--grid.lrs=[2.0e-2]", "--grid.batch_sizes=[4]"]
+
+
 def _sweep(action: str, out: Path, env: dict | None = None, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "orchestration.cli", "sweep", action, "--config", TINY, f"--out_dir={out}",
-           "--fit.bootstrap=20", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO,
+    cmd = [sys.executable, "-m", "orchestration.cli", "sweep", action, "--config", EXAMPLE, f"--out_dir={out}",
+           "--fit.bootstrap=40", *E2E, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
@@ -50,64 +58,105 @@ def _results(out: Path) -> dict[str, dict]:
     return {r["key"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
 
 
+def _plan(*extra: str) -> dict[str, dict]:
+    from jobconfig.loader import load_config
+    from orchestration.sweep.config import SweepConfig
+    from orchestration.sweep.trial import plan
+
+    return {t["key"]: t for t in plan(load_config(EXAMPLE, [*E2E, *extra], cls=SweepConfig))}
+
+
 @pytest.fixture(scope="module")
 def full_sweep(tmp_path_factory):
+    """The example sweep, killed after its first two trials and resumed to the end (one Ray sweep serves
+    acceptance 5 and the resume test)."""
     out = tmp_path_factory.mktemp("sweep") / "full"
+    p = _sweep("run", out, {"VGPT_SWEEP_FAULT_EXIT_AFTER": "2"})
+    assert p.returncode == 3, p.stdout + p.stderr
+    first = _results(out)
+    assert len(first) == 2
+    stamps = {k: (out / "trials" / k / "export" / "config.json").stat().st_mtime_ns for k in first}
     p = _sweep("run", out)
     assert p.returncode == 0, p.stdout + p.stderr
-    return out, p.stdout
+    return out, p.stdout, stamps
 
 
 @pytest.mark.slow
-def test_tiny_sweep_runs_fits_and_plots(full_sweep):
-    out, log = full_sweep
-    results = _results(out)
-    assert len(results) == 6 and "6/6 trials done" in log
-    assert {(r["size"], r["budget"]) for r in results.values()} == \
-        {(s, b) for s in ("xs", "s", "debug") for b in (20, 40)}
-    for r in results.values():
-        assert r["N"] > 0 and r["D"] > 0 and r["flops"] > r["flops_6nd"] > 0 and r["eval_loss"] > 0
-        assert len(r["curve"]) == r["budget"] // r["batch_size"] == r["steps"]
-    by = {(r["size"], r["budget"]): r for r in results.values()}
-    assert by[("xs", 20)]["N"] < by[("s", 20)]["N"] < by[("debug", 20)]["N"]
+def test_example_sweep_runs_is_identifiable_and_checks_extrapolation(full_sweep):
+    out, log, _ = full_sweep
+    results, planned = _results(out), _plan()
+    assert set(results) == set(planned) and f"{len(planned)}/{len(planned)} trials done" in log
+    for k, r in results.items():
+        t = planned[k]
+        assert r["N"] == t["N"] and r["level"] == t["level"] and r["eval_loss"] > 0
+        assert r["flops"] == pytest.approx(t["planned_flops"], rel=1e-9)  # on its IsoFLOP line, as planned
+        assert r["flops"] > r["flops_6nd"] > 0 and len(r["curve"]) == r["steps"] == t["job"]["train"]["steps"]
     p = _sweep("fit", out)
     assert p.returncode == 0, p.stdout + p.stderr
     for name in ("loss_vs_compute.png", "isoflop.png", "frontier.png"):
         assert (out / "fit" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "fit" / "report.md").read_text()
-    assert "| alpha |" in report and "N_opt" in report
     fit = json.loads((out / "fit" / "fit.json").read_text())
-    assert set(fit["params"]) == {"E", "A", "B", "alpha", "beta"} and fit["points"] == 6
+    assert set(fit["params"]) == {"E", "A", "B", "alpha", "beta"} and fit["points"] == len(planned)
+    assert fit["identifiable"], fit["not_identifiable_because"]
+    assert "**Identifiable**" in report and "| alpha |" in report and "N_opt" in report
+    ex = fit["extrapolation"]
+    assert ex["held_out_level"] == max(r["level"] for r in results.values())
+    assert ex["held_out"] and all(r["predicted"] > 0 and r["measured"] > 0 for r in ex["held_out"])
+    assert f"mean |error| {ex['mean_abs_rel_err']:.2%}" in report
+    assert fit["compute_optimal"] and len(fit["isoflop"]["levels"]) == 3
+
+
+RERUN = """
+import json, sys
+from orchestration.sweep.trial import run_trial
+print(json.dumps(run_trial(json.loads(sys.argv[1]), sys.argv[2])))
+"""
 
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_to_the_same_results(full_sweep, tmp_path):
-    full, _ = full_sweep
-    out = tmp_path / "killed"
-    p = _sweep("run", out, {"VGPT_SWEEP_FAULT_EXIT_AFTER": "2"})
-    assert p.returncode == 3, p.stdout + p.stderr
-    first = _results(out)
-    assert len(first) == 2
-    exports = {k: out / "trials" / k / "export" / "model.safetensors" for k in first}
-    stamps = {k: e.stat().st_mtime_ns for k, e in exports.items()}
-
-    p = _sweep("run", out)
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "2 finished earlier, 4 to run" in p.stdout
-    assert {k: e.stat().st_mtime_ns for k, e in exports.items()} == stamps  # not re-run
-    lines = (out / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 6
-    resumed, reference = _results(out), _results(full)
-    assert set(resumed) == set(reference)
-    for k, r in reference.items():
-        mine = resumed[k]
-        for field in ("size", "budget", "lr", "batch_size", "steps", "N", "D", "flops"):
-            assert mine[field] == r[field], (k, field)
-        assert mine["eval_loss"] == pytest.approx(r["eval_loss"], rel=1e-6, abs=1e-7)
-        assert [c["loss"] for c in mine["curve"]] == pytest.approx([c["loss"] for c in r["curve"]], rel=1e-6)
-
+    out, log, stamps = full_sweep
+    planned = _plan()
+    n = len(planned)
+    assert f"2 finished earlier, {n - 2} to run" in log
+    assert {k: (out / "trials" / k / "export" / "config.json").stat().st_mtime_ns for k in stamps} == stamps
+    assert len((out / "results.jsonl").read_text().splitlines()) == n  # each trial recorded once
+    # a trial run after the kill equals an uninterrupted run of it: rerun the cheapest one from scratch
+    results = _results(out)
+    key = min((k for k in results if k not in stamps), key=lambda k: results[k]["flops"])
+    p = subprocess.run([sys.executable, "-c", RERUN, json.dumps(planned[key]), str(tmp_path / "again")],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    again, mine = json.loads(p.stdout.strip().splitlines()[-1]), results[key]
+    for field in ("size", "level", "lr", "batch_size", "steps", "N", "D", "flops"):
+        assert again[field] == mine[field], field
+    assert again["eval_loss"] == pytest.approx(mine["eval_loss"], rel=1e-6, abs=1e-7)
+    assert [c["loss"] for c in again["curve"]] == pytest.approx([c["loss"] for c in mine["curve"]], rel=1e-6)
     p = _sweep("run", out)  # everything finished: nothing runs, Ray is not even started
-    assert p.returncode == 0 and "0 to run" in p.stdout and len((out / "results.jsonl").read_text().splitlines()) == 6
+    assert p.returncode == 0 and "0 to run" in p.stdout and len((out / "results.jsonl").read_text().splitlines()) == n
+
+
+def test_fit_reads_an_old_budgets_sweep(tmp_path):
+    """A sweep dir written before compute levels (no `level` in its records) still fits, and the
+    under-determined tiny grid (3 sizes x 2 budgets) is reported as not identifiable."""
+    from orchestration.sweep.fit import LawFit
+
+    law = LawFit(E=0.2, A=2.0, B=20.0, alpha=0.3, beta=0.4)
+    (tmp_path / "s").mkdir()
+    with open(tmp_path / "s" / "results.jsonl", "w") as f:
+        for i, (size, n) in enumerate((("xs", 2e4), ("s", 6e4), ("debug", 1.5e5))):
+            for budget, d in ((20, 1500.0), (40, 3000.0)):
+                curve = [{"step": s + 1, "loss": float(law.predict(n, d * (s + 1) / 5)), "tokens": d * (s + 1) / 5,
+                          "flops": 6 * n * d * (s + 1) / 5} for s in range(5)]
+                f.write(json.dumps({"key": f"k{i}{budget}", "size": size, "budget": budget, "lr": 2e-3,
+                                    "batch_size": 4, "steps": 5, "N": n, "D": d, "flops": 6 * n * d,
+                                    "flops_6nd": 6 * n * d, "eval_loss": float(law.predict(n, d)),
+                                    "final_train_loss": curve[-1]["loss"], "curve": curve, "seconds": 1.0}) + "\n")
+    assert sweep_main(["fit", "--config", TINY, f"--out_dir={tmp_path / 's'}", "--fit.bootstrap=10"]) == 0
+    fit = json.loads((tmp_path / "s" / "fit" / "fit.json").read_text())
+    assert fit["points"] == 6 and fit["identifiable"] is False and fit["compute_optimal"] == []
+    assert "NOT IDENTIFIABLE" in (tmp_path / "s" / "fit" / "report.md").read_text()
 
 
 def test_results_store_keeps_whole_lines_only(tmp_path):

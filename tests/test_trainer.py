@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
+from pretrain.checkpoint.export import read_export_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -49,7 +50,7 @@ def losses(out: Path) -> dict[int, float]:
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "export" / "model.safetensors"))
+    return read_export_tensors(out / "export")
 
 
 @pytest.fixture(scope="module")

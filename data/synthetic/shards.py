@@ -18,31 +18,36 @@ def video_latents(video: int, frames: int, shape: tuple[int, int, int], dtype=to
 
 
 def write_toy_dataset(root: str, shard_sizes: list[int], frames: int | list[int] = 20,
-                      shape: tuple[int, int, int] = (4, 4, 4), storage_options: dict | None = None,
-                      name: str = "train", dtype=torch.float32) -> dict:
-    """Shards of the given sample counts; `frames` per video (one int, or one per video in order).
+                      shape: tuple[int, int, int] | list[tuple[int, int, int]] = (4, 4, 4),
+                      storage_options: dict | None = None, name: str = "train", dtype=torch.float32,
+                      record_shapes: bool = True) -> dict:
+    """Shards of the given sample counts; `frames` and `shape` [C, h, w] per video (one value for
+    all, or one per video in order). record_shapes=False writes an index as it was before the
+    per-sample frame counts and shapes were recorded.
 
     Keys are v000000, v000001, ... in writing order. Returns the index dict.
     """
     fs, root = get_fs(root, storage_options)
     total = sum(shard_sizes)
     lengths = [frames] * total if isinstance(frames, int) else list(frames)
-    if len(lengths) != total:
-        raise ValueError(f"frames: got {len(lengths)} lengths for {total} videos")
+    shapes = [tuple(shape)] * total if isinstance(shape[0], int) else [tuple(s) for s in shape]
+    if len(lengths) != total or len(shapes) != total:
+        raise ValueError(f"frames / shape: got {len(lengths)} lengths and {len(shapes)} shapes for {total} videos")
     manifests, v = {}, 0
     for s, size in enumerate(shard_sizes):
-        samples, keys, nframes, shapes = [], [], 0, []
+        samples, keys, nframes, recorded = [], [], 0, []
         for _ in range(size):
             key = f"v{v:06d}"
-            lat = video_latents(v, lengths[v], shape, dtype)
+            lat = video_latents(v, lengths[v], shapes[v], dtype)
             samples.append((key, encode_sample(lat, {"source": f"toy://{key}", "frames": lengths[v]})))
             keys.append(key)
-            shapes.append(list(lat.shape))
+            recorded.append(list(lat.shape))
             nframes += lengths[v]
             v += 1
         stem = shard_stem(name, s)
-        manifests[stem] = commit_shard(fs, root, stem, build_tar(samples), keys, nframes, shapes)
-    return write_index(fs, root, manifests, latent_shape=list(shape), dtype=str(dtype).removeprefix("torch."))
+        manifests[stem] = commit_shard(fs, root, stem, build_tar(samples), keys, nframes,
+                                       recorded if record_shapes else None)
+    return write_index(fs, root, manifests, latent_shape=list(shapes[0]), dtype=str(dtype).removeprefix("torch."))
 
 
 def video_of(key: str) -> int:

@@ -6,6 +6,7 @@ inputs the farm must quarantine (empty, truncated, not a video).
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import av
@@ -55,16 +56,19 @@ def bouncing_square_frames(size: int, num_frames: int, seed: int = 0) -> np.ndar
     return frames
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: int, codec: str = "mpeg4") -> Path:
-    """Encode uint8 [T, H, W, 3] frames (even sides) with PyAV; container from the suffix."""
+def write_video(path: str | Path, frames, fps: int, codec: str = "mpeg4", options: dict | None = None) -> Path:
+    """Encode uint8 [H, W, 3] frames (an array [T, H, W, 3] or any iterable of frames, even sides) with
+    PyAV; container from the suffix. `options`: the encoder's (e.g. GOP, B-frames); mpeg4 defaults to
+    near-lossless, since tests compare against the source."""
     path = Path(path)
+    frames = iter(frames)
+    first = next(frames)
     with av.open(str(path), mode="w") as out:
         stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.height, stream.width = first.shape[:2]
         stream.pix_fmt = "yuv420p"
-        if codec == "mpeg4":
-            stream.options = {"qscale": "2"}  # near-lossless: tests compare against the source
-        for f in frames:
+        stream.options = options if options is not None else {"qscale": "2"} if codec == "mpeg4" else {}
+        for f in itertools.chain([first], frames):
             for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():

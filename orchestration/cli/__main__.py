@@ -1,6 +1,22 @@
-"""`python -m orchestration.cli ...` is `vgpt ...` (what torchrun and subprocesses run)."""
+"""`python -m orchestration.cli ...` is `vgpt ...`: what torchrun, the DeepSpeed launcher, the rendered
+launch files and subprocesses run.
+
+Under torchrun (which gives every rank a TORCHELASTIC_ERROR_FILE) `main` is wrapped in torch
+elastic's `@record`: an exception that ends a rank is written to that file, so torchrun's failure
+summary, and torchrun's own error file, name the root cause (exception and traceback) instead of
+only an exit code. Bad input (ConfigError) stays one line and exit status 2 (`reports_bad_input`),
+and is written to the error file too. Elsewhere `@record` would only enable faulthandler, so the
+import of torch's elastic package is skipped and `python -m orchestration.cli --help` stays fast.
+"""
+import os
 import sys
 
-from orchestration.cli import main
+from orchestration.cli import BAD_INPUT_HOOKS, main
+
+if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
+
+    BAD_INPUT_HOOKS.append(get_error_handler().record_exception)
+    main = record(main)
 
 sys.exit(main())

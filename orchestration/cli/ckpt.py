@@ -5,9 +5,11 @@
     vgpt ckpt verify  ROOT [--step N]             re-hash every file against its manifest; exit 1 on a problem,
                                                 2 when ROOT holds no checkpoints
     vgpt ckpt inspect ROOT [--step N]             config, parallel layout, parameter shapes
-    vgpt ckpt export  ROOT --out F [--step N] [--dtype fp32|bf16]
-                                                consolidated safetensors (ZeRO 0-3 and TP shards merged),
-                                                loadable by inference and by the next stage
+    vgpt ckpt export  ROOT --out DIR [--step N] [--dtype fp32|bf16] [--max-shard-size 5GB]
+                                                consolidated weights (ZeRO 0-3 and TP shards merged) as a
+                                                from_pretrained directory (config.json, sharded safetensors),
+                                                loadable by inference, the next stage and diffusers
+                                                (--out F.safetensors: the older single file)
     vgpt ckpt reshard ROOT --dp N [--tp M] [--sp K] --out DST [--step N]
                                                 the checkpoint in portable form under DST (a new checkpoint
                                                 root): a run of that layout (or any other) resumes from it
@@ -20,8 +22,9 @@ AWS_ENDPOINT_URL_S3. One rule picks the checkpoint of inspect, export and
 reshard (CheckpointStore.choose): without `--step` the newest one that
 verifies, naming on stderr the newer ones skipped and why; with `--step N`
 that one, refused (exit 1) when it does not verify.
-Export and inspect read the DeepSpeed shards offline (no process group, no
-GPU), after the manifest check, with pretrain/checkpoint/deepspeed_files.py. Local
+Export and inspect read the checkpoint's shards offline (no process group, no
+GPU), after the manifest check, with pretrain/checkpoint/sharded.py (DeepSpeed's .pt
+files of earlier versions: deepspeed_files.py, never unpickling code). Local
 roots and object stores go through the same storage layer (pretrain/checkpoint/storage.py).
 """
 from __future__ import annotations
@@ -39,11 +42,11 @@ from jobconfig.loader import from_dict
 from jobconfig.model import ModelConfig
 from orchestration.cli import reports_bad_input
 from parallel.dims import ParallelDims
-from pretrain.checkpoint.deepspeed_files import read_checkpoint
-from pretrain.checkpoint.export import save_export
+from pretrain.checkpoint.export import DEFAULT_MAX_SHARD_SIZE, parse_shard_size, save_export
 from pretrain.checkpoint.integrity import CheckpointError
 from pretrain.checkpoint.manager import PORTABLE, CheckpointManager, describe, layout_of, make_portable, write_latest
 from pretrain.checkpoint.portable import read_weights
+from pretrain.checkpoint.sharded import read_full_state
 from pretrain.checkpoint.storage import TRAINER_STATE, CheckpointStore, tag_for, verify_checkpoint
 from pretrain.training.parallelize import TP_PLAN
 
@@ -125,7 +128,7 @@ def consolidated_weights(ckpt: Path, verified: bool = False) -> dict[str, torch.
             raise SystemExit(f"vgpt ckpt: {ckpt} is broken:\n  " + "\n  ".join(problems))
         return read_weights(ckpt)
     # checkpoints record their TP plan; one without (written before plans were recorded) used this model's
-    return read_checkpoint(ckpt, with_optimizer=False, tp_plan=layout.get("tp_plan", TP_PLAN),
+    return read_full_state(ckpt, with_optimizer=False, tp_plan=layout.get("tp_plan", TP_PLAN),
                            verified=verified).weights
 
 
@@ -147,6 +150,7 @@ def cmd_inspect(store: CheckpointStore, args) -> int:
 
 
 def cmd_export(store: CheckpointStore, args) -> int:
+    parse_shard_size(args.max_shard_size)  # a typo is refused before the weights are consolidated
     with tempfile.TemporaryDirectory(prefix="vgpt-ckpt-") as tmp:
         # from an object store: a verified local copy, nothing is unpickled before its bytes are checked
         fetch = (lambda t: store.fetch(t, Path(tmp) / t)) if store.remote else None
@@ -157,7 +161,8 @@ def cmd_export(store: CheckpointStore, args) -> int:
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         out = save_export(consolidated_weights(ckpt, verified=True), args.out, model_cfg, dtype=dtype,
                           extra={"stage": st.get("stage"), "step": st.get("step"), "source": store.url(tag),
-                                 "init_from": st["config"].get("train", {}).get("init_from")})
+                                 "init_from": st["config"].get("train", {}).get("init_from")},
+                          max_shard_size=args.max_shard_size)
     print(f"exported {store.url(tag) if store.remote else tag} ({args.dtype}) to {out}")
     return 0
 
@@ -194,27 +199,61 @@ COMMANDS = {"list": cmd_list, "verify": cmd_verify, "inspect": cmd_inspect, "exp
             "reshard": cmd_reshard, "prune": cmd_prune}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """`vgpt ckpt <verb>`: one sub-parser per verb, each with only the options that verb reads."""
+    parser = argparse.ArgumentParser(prog="vgpt ckpt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+
+    def verb(name: str, about: str, remote: bool = False, step: bool = False) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=about, description=about)
+        where = " (or s3://bucket/run)" if remote else ""
+        sub.add_argument("root", help=f"a run's out_dir or its checkpoints/ folder{where}")
+        if step:
+            sub.add_argument("--step", type=int, default=None,
+                             help="this checkpoint (refused when it does not verify); default: the newest "
+                                  "that verifies")
+        if remote:
+            sub.add_argument("--endpoint-url", default=None,
+                             help="object store endpoint (default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL)")
+        else:
+            sub.set_defaults(endpoint_url=None)
+        return sub
+
+    sub = verb("list", "steps, stage, consumed samples, layout, size, complete or not", remote=True)
+    sub.add_argument("--verify", action="store_true", help="re-hash every file (default: sizes against the "
+                                                           "manifest only)")
+    sub = verb("verify", "re-hash every file against its manifest; exit 1 on a problem, 2 when ROOT holds no "
+                         "checkpoints", remote=True)
+    sub.add_argument("--step", type=int, default=None, help="only this checkpoint (default: every one)")
+    verb("inspect", "config, parallel layout, parameter shapes", step=True)
+    sub = verb("export", "consolidated weights (ZeRO 0-3 and TP shards merged) as a from_pretrained directory, "
+                         "loadable by inference, the next stage and diffusers", remote=True, step=True)
+    sub.add_argument("--out", required=True, help="the export directory to write (config.json and sharded "
+                                                  "safetensors); a path ending in .safetensors: the older "
+                                                  "single-file export")
+    sub.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    sub.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                     help="largest weights file of the directory, e.g. 2GB or 500MiB "
+                          f"(default {DEFAULT_MAX_SHARD_SIZE})")
+    sub = verb("reshard", "the checkpoint in portable form under a new checkpoint root, resumable by a run "
+                          "of any layout", step=True)
+    sub.add_argument("--dp", type=int, required=True, help="data-parallel size of the target layout")
+    sub.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the target layout")
+    sub.add_argument("--sp", type=int, default=1, help="sequence-parallel size of the target layout")
+    sub.add_argument("--out", required=True, help="the new checkpoint root")
+    sub = verb("prune", "delete old checkpoints, keeping the newest K and every M-th")
+    sub.add_argument("--keep-last", type=int, default=3)
+    sub.add_argument("--keep-every", type=int, default=0)
+    return parser
+
+
 @reports_bad_input("ckpt")
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vgpt ckpt", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=sorted(COMMANDS))
-    parser.add_argument("root", help="a run's out_dir or its checkpoints/ folder (list/verify/export: or s3://...)")
-    parser.add_argument("--step", type=int, default=None)
-    parser.add_argument("--out", default=None, help="export: the .safetensors file; reshard: the new checkpoint root")
-    parser.add_argument("--verify", action="store_true", help="list: re-hash every file (default: sizes only)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--keep-last", type=int, default=3)
-    parser.add_argument("--keep-every", type=int, default=0)
-    parser.add_argument("--dp", type=int, default=None, help="reshard: data-parallel size of the target layout")
-    parser.add_argument("--tp", type=int, default=1, help="reshard: tensor-parallel size of the target layout")
-    parser.add_argument("--sp", type=int, default=1, help="reshard: sequence-parallel size of the target layout")
-    parser.add_argument("--endpoint-url", default=None,
-                        help="object store endpoint (default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL)")
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("export", "reshard") and not args.out:
-        parser.error(f"{args.command} needs --out")
-    if args.command == "reshard" and (args.dp is None or min(args.dp, args.tp, args.sp) < 1):
-        parser.error("reshard needs --dp N (and optionally --tp M, --sp K), all positive")
+    if args.command == "reshard" and min(args.dp, args.tp, args.sp) < 1:
+        parser.error(f"reshard: --dp/--tp/--sp: got {args.dp}/{args.tp}/{args.sp}, expected positive integers")
     store = CheckpointStore.of_run(args.root, args.endpoint_url)
     if store.remote and args.command not in REMOTE_COMMANDS:
         print(f"vgpt ckpt {args.command}: works on local checkpoints only; on object storage use "

@@ -5,35 +5,34 @@
 
 from-reference reads the directory the authors' scripts read (config.json,
 tokenizer files, model.safetensors or model.pt, here or in transformer/) and
-writes one export (OUT, a .safetensors file) that `vgpt train
---train.init_from` and `vgpt predict` load. to-reference writes OUT_DIR in
-their layout (config.json, model.safetensors, tokenizer files), for
+writes one export (OUT, a from_pretrained directory; OUT.safetensors: the
+older single file) that `vgpt train --train.init_from` and `vgpt predict`
+load. to-reference writes OUT_DIR in their layout (config.json, model.safetensors, tokenizer files), for
 `--model_name OUT_DIR --model_ckpt OUT_DIR`. An import exported back is
 bitwise the source. The mapping and what is carried: pretrain/checkpoint/reference.py.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
-from orchestration.cli import reports_bad_input
+from orchestration.cli import reports_bad_input, verb_parser
 from pretrain.checkpoint.reference import export_reference, import_reference
 
 
 @reports_bad_input("convert")
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vgpt convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = verb_parser("convert", __doc__)
     sub = parser.add_subparsers(dest="direction", required=True)
     imp = sub.add_parser("from-reference", help="the authors' checkpoint directory -> an export")
     imp.add_argument("src", help="directory with config.json, tokenizer files, and model.safetensors or model.pt "
                                  "(or transformer/model.*)")
-    imp.add_argument("out", help="the export to write (.safetensors)")
+    imp.add_argument("out", help="the export directory to write (a path ending in .safetensors: the older "
+                                 "single-file export)")
     imp.add_argument("--tokenizer", help="take the tokenizer files from this directory instead of SRC")
     exp = sub.add_parser("to-reference", help="an export -> a directory in the authors' layout")
-    exp.add_argument("export", help="an export (.safetensors)")
+    exp.add_argument("export", help="an export: a directory with config.json (or an older .safetensors file)")
     exp.add_argument("out_dir", help="a new (or empty) directory")
     exp.add_argument("--tokenizer", help="directory with the tokenizer files (and the special-token ids) to use")
     exp.add_argument("--base", help="take config.json, the token table and the tokenizer from this export "

@@ -1,7 +1,7 @@
 """`vgpt launch`: write the launch files for one curriculum stage on one cluster.
 
     vgpt launch --stage 4 --cluster configs/cluster/h100-slurm.yaml --target slurm --out launch/s4
-    vgpt launch --stage 1 --cluster configs/cluster/local-cpu.yaml --target torchrun --out DIR \
+    vgpt launch --stage 1 --cluster configs/cluster/local-cpu.yaml --target torchrun --out DIR
         [--config configs/pretrain.yaml] [--cluster.key=value ...] [--section.key=value ...]
 
 Replaces the reference's hand-edited per-stage bash scripts: the stage's config
@@ -13,21 +13,25 @@ overrides go to the training job (and into the rendered command).
 """
 from __future__ import annotations
 
-import argparse
-
-from orchestration.cli import reports_bad_input
+from jobconfig.job import JobConfig
+from orchestration.cli import CONFIG_HELP, reports_bad_input, verb_parser
+from orchestration.launch.cluster import ClusterConfig
 from orchestration.launch.plan import plan_launch, render
 from orchestration.launch.targets import TARGETS
 
 
 @reports_bad_input("launch")
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vgpt launch", description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", type=int, required=True)
-    parser.add_argument("--cluster", required=True, help="a configs/cluster/*.yaml description")
-    parser.add_argument("--target", required=True, choices=sorted(TARGETS))
+    parser = verb_parser("launch", __doc__, JobConfig, more=((ClusterConfig, "cluster."),))
+    parser.add_argument("--stage", type=int, required=True, help="the curriculum stage to launch (1-based)")
+    parser.add_argument("--cluster", required=True, help="a configs/cluster/*.yaml description; "
+                                                         "--cluster.key=value overrides its keys (listed below)")
+    parser.add_argument("--target", required=True, choices=sorted(TARGETS),
+                        help="; ".join(f"{name}: {TARGETS[name].__doc__.splitlines()[0].rstrip('.')}"
+                                       for name in sorted(TARGETS)))
     parser.add_argument("--out", required=True, help="directory for the rendered files")
-    parser.add_argument("--config", default="configs/pretrain.yaml", help="the curriculum (as seen from workdir)")
+    parser.add_argument("--config", default="configs/pretrain.yaml",
+                        help=f"(default configs/pretrain.yaml, as seen from the cluster's workdir) {CONFIG_HELP}")
     args, rest = parser.parse_known_args(argv)
     cluster_ov = ["--" + a[len("--cluster."):] for a in rest if a.startswith("--cluster.")]
     overrides = [a for a in rest if not a.startswith("--cluster.")]

@@ -3,20 +3,20 @@
 """
 from __future__ import annotations
 
-import argparse
-
 from jobconfig.errors import ConfigError
+from jobconfig.job import JobConfig
 from jobconfig.loader import load_config
 from orchestration import preflight
-from orchestration.cli import reports_bad_input
+from orchestration.cli import reports_bad_input, verb_parser
 from orchestration.precompute.job import run
 
 
 @reports_bad_input("precompute")
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vgpt precompute", description=__doc__.split("\n\n")[0],
-                                     epilog="Other arguments: --precompute.section.key=value overrides.")
-    parser.add_argument("--config", required=True, help="a job YAML with a precompute: section")
+    parser = verb_parser("precompute", __doc__, JobConfig, only=("precompute",))
+    parser.add_argument("--config", required=True, help="a job YAML with a precompute: section (e.g. "
+                                                        "configs/precompute/tiny.yaml); --precompute.section.key="
+                                                        "value arguments override its keys (listed below)")
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides).precompute
     preflight.check_precompute(cfg)  # inputs, output root, VAE, credentials: before Ray starts

@@ -1,6 +1,6 @@
 """`vgpt predict`: continue real videos with a trained export, and score the continuation.
 
-    vgpt predict --checkpoint runs/pretrain/stage4/export/model.safetensors \
+    vgpt predict --checkpoint runs/pretrain/stage4/export
         --video clip.mp4 [more.mp4 s3://bucket/x.mp4 ...] [--context 56] [--generate 48] [--out predictions]
 
 Frames are taken as the training latents were made: the export records the
@@ -19,34 +19,33 @@ and `--predict.i3d_path`, summary.json also holds the FVD of the set.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from jobconfig.errors import ConfigError
+from jobconfig.job import JobConfig
 from jobconfig.loader import load_config
 from orchestration import preflight
-from orchestration.cli import reports_bad_input
+from orchestration.cli import reports_bad_input, verb_parser
 from pretrain.inference.pipeline import predict_videos, resolve_recipe
 
 
 @reports_bad_input("predict")
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vgpt predict", description=__doc__.split("\n\n")[0],
-                                     epilog="Other arguments: --predict.key=value overrides (steps, guidance, "
-                                            "clip_frames, max_frame_window, kv_cache, seed, i3d_path).")
-    parser.add_argument("--checkpoint", required=True, help="an export (model.safetensors)")
+    parser = verb_parser("predict", __doc__, JobConfig, only=("predict", "model"))
+    parser.add_argument("--checkpoint", required=True, help="an export: a directory with config.json, e.g. "
+                                                           "<out_dir>/export (or an older .safetensors file)")
     parser.add_argument("--video", required=True, nargs="+", help="video paths or fsspec URLs")
     # the reference's inference script: 56 clean context frames, two 24-frame clips (predict.clip_frames)
     parser.add_argument("--context", type=int, default=56, help="context frames (default 56, the reference's)")
     parser.add_argument("--generate", type=int, default=48,
                         help="frames to predict (default 48: two clips of predict.clip_frames=24)")
-    parser.add_argument("--out", default="predictions")
+    parser.add_argument("--out", default="predictions", help="output directory (default predictions)")
     parser.add_argument("--start", type=int, default=0, help="first frame of the context (in sampled frames)")
     parser.add_argument("--config", default=None, help="a job YAML: its predict: section, and its model: "
                                                        "section is checked against the export")
-    parser.add_argument("--vae", default=None)
-    parser.add_argument("--frame-interval", type=int, default=None)
-    parser.add_argument("--max-image-size", type=int, default=None)
+    parser.add_argument("--vae", default=None, help="VAE to encode/decode with (default: the export's dataset recipe)")
+    parser.add_argument("--frame-interval", type=int, default=None, help="take every N-th frame (default: the recipe's)")
+    parser.add_argument("--max-image-size", type=int, default=None, help="long side after resize (default: the recipe's)")
     args, overrides = parser.parse_known_args(argv)
     if args.context < 1 or args.generate < 1:
         raise ConfigError(f"--context/--generate: got {args.context}/{args.generate}, expected positive integers")

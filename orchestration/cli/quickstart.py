@@ -3,18 +3,18 @@ one CPU box, from videos to predicted frames (orchestration/quickstart.py).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from orchestration.cli import reports_bad_input
+from orchestration.cli import reports_bad_input, verb_parser
 from orchestration.quickstart import FULL, REDUCED, run
 
 
 @reports_bad_input("quickstart")
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vgpt quickstart", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default="runs/quickstart")
+    parser = verb_parser("quickstart", __doc__)
+    parser.add_argument("--workdir", default="runs/quickstart", help="where everything is written and "
+                                                                    "resumed from (default runs/quickstart)")
     parser.add_argument("--reduced", action="store_true", help="fewer videos and steps (the test suite's mode)")
     parser.add_argument("--nproc", type=int, default=1, help="training processes (torchrun on loopback)")
     args = parser.parse_args(argv)

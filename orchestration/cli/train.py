@@ -16,7 +16,6 @@ group starts, so a bad key in stage 4 fails in the first second.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -26,10 +25,10 @@ from jobconfig.curriculum import plan_stages
 from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
 from orchestration import preflight
-from orchestration.cli import reports_bad_input
+from orchestration.cli import CONFIG_HELP, reports_bad_input, verb_parser
 from orchestration.faults import trainer_hooks
 from parallel.device import destroy_process_group, free_port
-from pretrain.checkpoint.export import export_path
+from pretrain.checkpoint.export import export_exists, export_path
 from pretrain.training.trainer import RESUME_MODES, Trainer, check_layout_fits
 
 
@@ -45,7 +44,7 @@ def run_plan(plan: list[tuple[str, JobConfig]], only_stage: int | None, resume: 
         if only_stage is not None and i != only_stage:
             continue
         export = export_path(cfg.train.out_dir)
-        if chained and only_stage is None and export.is_file() and resume not in ("none", "fresh"):
+        if chained and only_stage is None and export_exists(export) and resume not in ("none", "fresh"):
             exports.append(export)  # finished in an earlier invocation
             continue
         with Trainer(cfg, stage_name=name, hooks=trainer_hooks()) as trainer:
@@ -55,10 +54,10 @@ def run_plan(plan: list[tuple[str, JobConfig]], only_stage: int | None, resume: 
 
 @reports_bad_input("train")
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vgpt train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+    parser = verb_parser("train", __doc__, JobConfig)
+    parser.add_argument("--config", required=True, help=CONFIG_HELP)
     parser.add_argument("--stage", type=int, default=None, help="run only this stage of a curriculum")
-    parser.add_argument("--resume", default="auto", help=RESUME_MODES)
+    parser.add_argument("--resume", default="auto", help=RESUME_MODES.replace("%", "%%"))
     parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (spawns torchrun)")
     parser.add_argument("--max-restarts", type=int, default=0,
                         help="with --nproc: torchrun restarts all workers this often after a failure; "

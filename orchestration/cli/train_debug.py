@@ -7,13 +7,13 @@ its files: `losses.json` (the loss of every step) and `loss.png`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from jobconfig.job import JobConfig
 from jobconfig.loader import CONFIG_ROOT, load_config
-from orchestration.cli import reports_bad_input
+from orchestration.cli import reports_bad_input, verb_parser
 from orchestration.faults import trainer_hooks
 from parallel.device import destroy_process_group
 from pretrain.evaluation.figures import plot_loss_curves
@@ -31,7 +31,7 @@ class _DebugTrainer(Trainer):
 
 @reports_bad_input("train-debug")
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vgpt train-debug", description=__doc__.splitlines()[0])
+    parser = verb_parser("train-debug", __doc__, JobConfig)
     parser.add_argument("--config", default=None, help="job YAML (default: configs/debug.yaml)")
     args, overrides = parser.parse_known_args(argv)
     print("vgpt train-debug is deprecated: it is `vgpt train --config configs/debug.yaml` "

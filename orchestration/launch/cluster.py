@@ -57,7 +57,14 @@ class SlurmConfig:
 
 @dataclass
 class KubernetesConfig:
+    """`--target k8s` (a Kubeflow Trainer v2 TrainJob) and `k8s-pytorchjob` (the legacy PyTorchJob)."""
     namespace: str = "default"
+    # the TrainJob's runtime: a (Cluster)TrainingRuntime with the torch ML policy; Kubeflow Trainer
+    # installs `torch-distributed`. The job overrides its image, command, nodes and resources
+    runtime: str = "torch-distributed"
+    runtime_kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = "ClusterTrainingRuntime"
+    trainer_job: str = "node"        # the runtime's replicated job and container that run the trainer
+    trainer_container: str = "node"
     service_account: str = ""
     shm_size: str = "64Gi"         # /dev/shm for dataloader workers
     cpu: int = 64

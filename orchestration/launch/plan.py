@@ -24,7 +24,7 @@ from orchestration.launch.targets import TARGETS, LaunchSpec
 def plan_launch(stage: int, cluster_path: str, config: str = "configs/pretrain.yaml",
                 overrides: list[str] = (), cluster_overrides: list[str] = ()) -> LaunchSpec:
     """Load the cluster and the stage, derive the layout; raises ConfigError naming the stage."""
-    cluster = load_config(cluster_path, list(cluster_overrides), cls=ClusterConfig)
+    cluster = load_config(cluster_path, list(cluster_overrides), cls=ClusterConfig, flag_prefix="cluster.")
     storage = [f"--data.root={cluster.storage.latents}", f"--train.out_dir={cluster.storage.checkpoints}",
                f"--parallel.device={cluster.accelerator}"]
     name, cfg = plan_stages(config, [*storage, *overrides], stage)[stage - 1]

@@ -6,6 +6,16 @@ torchrun (c10d rendezvous, elastic node range, restart budget) or the DeepSpeed
 launcher. Torchrun sets WORLD_SIZE, so `vgpt train` joins the group instead of
 spawning. Scripts are `set -euo pipefail` bash with every value quoted, and they
 never kill processes they did not start (no pkill/killall, unlike the reference).
+
+The rendezvous follows torchrun's convention: the bash targets take the
+address and port from `MASTER_ADDR` / `MASTER_PORT` when the environment sets
+them, else from the cluster (`rendezvous.host`, or the allocation's first node
+on Slurm; `rendezvous.port`); with no host anywhere torchrun.sh stops asking
+for MASTER_ADDR. A one-node loopback cluster keeps 127.0.0.1 whatever the
+environment says (nothing of a local run listens beyond the host).
+Kubernetes: `k8s` is a Kubeflow Trainer v2 TrainJob on the cluster's torch
+runtime (which sets torchrun's PET_* variables); `k8s-pytorchjob` the legacy
+training-operator PyTorchJob (kubeflow.org/v1).
 """
 from __future__ import annotations
 
@@ -21,7 +31,8 @@ from orchestration.launch.cluster import ClusterConfig
 from orchestration.launch.layout import StageLayout
 from parallel.device import is_loopback
 
-HOST_VAR = "VGPT_RDZV_HOST"
+ADDR_VAR, PORT_VAR = "MASTER_ADDR", "MASTER_PORT"   # torchrun's names
+HEAD_NODE = 'head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"\n'
 ASCEND_ENV = "/usr/local/Ascend/ascend-toolkit/set_env.sh"
 
 
@@ -109,6 +120,20 @@ class LaunchSpec:
         lines += [f"export {k}={shlex.quote(v)}" for k, v in self.env().items()]
         return "\n".join(lines) + "\n"
 
+    def rendezvous_shell(self, default_host: str) -> tuple[str, Raw]:
+        """Bash lines that set MASTER_ADDR/MASTER_PORT (the environment's, else the cluster's; an empty
+        `default_host` makes MASTER_ADDR required) and the `--rdzv-endpoint=` word that uses them."""
+        c = self.cluster
+        port = f'{PORT_VAR}="${{{PORT_VAR}:-{c.rendezvous.port}}}"'
+        if self.local:  # loopback by design: an inherited MASTER_ADDR must not move the store off the host
+            addr = f"{ADDR_VAR}={shlex.quote(c.rendezvous.host)}"
+        elif default_host:
+            addr = f'{ADDR_VAR}="${{{ADDR_VAR}:-{default_host}}}"'
+        else:
+            addr = f': "${{{ADDR_VAR}:?set {ADDR_VAR} to the address of the first node (and {PORT_VAR} if not ' \
+                   f'{c.rendezvous.port})}}"'
+        return f"{addr}\n{port}\n", Raw(f'--rdzv-endpoint="${{{ADDR_VAR}}}:${{{PORT_VAR}}}"')
+
     def python_run(self, loopback: bool = False) -> list[str]:
         # Local runs: torchrun whose store listens on loopback only (torch's own listens on [::]).
         if loopback and self.local:
@@ -119,14 +144,15 @@ class LaunchSpec:
 def render_torchrun(spec: LaunchSpec) -> dict[str, str]:
     """`torchrun.sh` to run on every node (c10d assigns node ranks) + `launch.json`."""
     host = spec.cluster.rendezvous.host
-    word = Raw(f'"${{{HOST_VAR}}}:{spec.cluster.rendezvous.port}"') if not host else None
-    args = spec.torchrun_args(host or f"${{{HOST_VAR}}}")
-    shell_args = [Raw(f"--rdzv-endpoint={word}") if word and a.startswith("--rdzv-endpoint=") else a for a in args]
-    check = "" if host else f': "${{{HOST_VAR}:?set {HOST_VAR} to the address of the first node}}"\n'
-    script = ("#!/usr/bin/env bash\n" + spec.header("torchrun on every node") + spec.preamble() + check
+    args = spec.torchrun_args(host or f"${{{ADDR_VAR}}}")
+    rdzv, endpoint = spec.rendezvous_shell(host)
+    shell_args = [endpoint if a.startswith("--rdzv-endpoint=") else a for a in args]
+    script = ("#!/usr/bin/env bash\n" + spec.header("torchrun on every node") + spec.preamble() + rdzv
               + "exec " + sh_join([*spec.python_run(loopback=True), *shell_args]) + "\n")
+    # the argv with the cluster's rendezvous; torchrun.sh puts $MASTER_ADDR:$MASTER_PORT in its place when set
     meta = {"stage": spec.stage, "layout": spec.layout.__dict__, "launcher": spec.python_run(loopback=True)[1:],
-            "torchrun_argv": args, "env": spec.env()}
+            "torchrun_argv": args, "env": spec.env(),
+            "rendezvous": {ADDR_VAR: host or None, PORT_VAR: spec.cluster.rendezvous.port}}
     return {"torchrun.sh": script, "launch.json": json.dumps(redact(meta), indent=2) + "\n"}
 
 
@@ -138,8 +164,11 @@ def render_deepspeed(spec: LaunchSpec) -> dict[str, str]:
     argv = ["--hostfile", "hostfile", "--num_nodes", str(c.nodes), "--num_gpus", str(c.devices_per_node),
             "--master_addr", master, "--master_port", str(c.rendezvous.port), "--module",
             *spec.train_args()[1:]]
+    rdzv, _ = spec.rendezvous_shell(master)
+    shell_argv = [Raw(f'"${{{ADDR_VAR}}}"') if a == master and argv[i - 1] == "--master_addr" else
+                  Raw(f'"${{{PORT_VAR}}}"') if argv[i - 1] == "--master_port" else a for i, a in enumerate(argv)]
     script = ("#!/usr/bin/env bash\n" + spec.header("DeepSpeed launcher (pdsh/ssh to the hostfile)")
-              + spec.preamble() + "exec " + sh_join(["deepspeed", *argv]) + "\n")
+              + spec.preamble() + rdzv + "exec " + sh_join(["deepspeed", *shell_argv]) + "\n")
     return {"hostfile": "".join(f"{h} slots={c.devices_per_node}\n" for h in hosts),
             ".deepspeed_env": "".join(f"{k}={v}\n" for k, v in spec.env().items()),
             "deepspeed.sh": script, "deepspeed.json": json.dumps({"deepspeed_argv": argv}, indent=2) + "\n"}
@@ -161,45 +190,84 @@ def render_slurm(spec: LaunchSpec) -> dict[str, str]:
     srun = ["srun", f"--nodes={c.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     if s.container_image and c.image:
         srun += [f"--container-image={c.image}", f"--container-workdir={c.workdir}"]
-    args = spec.torchrun_args("${head_node}", nnodes=str(c.nodes))
-    args = [Raw(f'--rdzv-endpoint="${{head_node}}:{c.rendezvous.port}"') if a.startswith("--rdzv-endpoint=")
-            else a for a in args]
+    rdzv, endpoint = spec.rendezvous_shell(c.rendezvous.host or "${head_node}")
+    args = [endpoint if a.startswith("--rdzv-endpoint=") else a
+            for a in spec.torchrun_args(f"${{{ADDR_VAR}}}", nnodes=str(c.nodes))]
     script = ("#!/usr/bin/env bash\n" + "".join(f"#SBATCH {d}\n" for d in directives)
               + spec.header("Slurm batch script") + spec.preamble()
-              + 'head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"\n'
+              + (HEAD_NODE if "${head_node}" in rdzv else "") + rdzv
               + sh_join([*srun, *spec.python_run(), *args]) + "\n")
     return {"sbatch.sh": script}
 
 
-def render_k8s(spec: LaunchSpec) -> dict[str, str]:
-    """A Kubeflow PyTorchJob (kubeflow.org/v1) with an elastic policy over Worker replicas."""
+def _k8s_resources(spec: LaunchSpec) -> dict:
+    c, k = spec.cluster, spec.cluster.kubernetes
+    devices = {"cuda": {"nvidia.com/gpu": c.devices_per_node},
+               "npu": {"huawei.com/Ascend910": c.devices_per_node},
+               "cpu": {}}[c.accelerator]
+    limits = {**devices, "cpu": k.cpu, "memory": k.memory}
+    return {"limits": dict(limits), "requests": dict(limits)}
+
+
+def _k8s_metadata(spec: LaunchSpec) -> dict:
+    return {"name": spec.job_name, "namespace": spec.cluster.kubernetes.namespace,
+            "labels": {"app": "vgpt", "vgpt/stage": str(spec.stage)}}
+
+
+SHM_VOLUME, SHM_PATH = "dshm", "/dev/shm"
+
+
+def render_trainjob(spec: LaunchSpec) -> dict[str, str]:
+    """A Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1) on the cluster's torch runtime."""
+    c, k = spec.cluster, spec.cluster.kubernetes
+    # The torch runtime injects PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and
+    # PET_MASTER_PORT, which torchrun reads for the flags left out here. The trainer API has no working
+    # directory: `sh -c 'cd "$0" && exec "$@"' WORKDIR ARGV...` enters it and runs ARGV unchanged.
+    command = ["sh", "-c", 'cd "$0" && exec "$@"', c.workdir, *spec.python_run(),
+               f"--max-restarts={c.elastic.max_restarts}", *spec.train_args()]
+    pod = {"volumes": [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}}],
+           "containers": [{"name": k.trainer_container, "volumeMounts": [{"name": SHM_VOLUME,
+                                                                           "mountPath": SHM_PATH}]}]}
+    if k.service_account:
+        pod["serviceAccountName"] = k.service_account
+    patch = {"manager": "vgpt.launch", "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [
+        {"name": k.trainer_job, "template": {"spec": {"template": {"spec": pod}}}}]}}}}
+    job = {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "metadata": _k8s_metadata(spec),
+           "spec": {"runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": k.runtime_kind, "name": k.runtime},
+                    "trainer": {"image": c.image or "vgpt:latest", "command": command, "numNodes": c.nodes,
+                                "numProcPerNode": c.devices_per_node, "resourcesPerNode": _k8s_resources(spec),
+                                "env": [{"name": n, "value": v} for n, v in spec.env().items()]},
+                    "runtimePatches": [patch]}}
+    lo, hi = c.node_range
+    note = (f"# elastic range {lo}..{hi} not applied: TrainJob runs a fixed {c.nodes} nodes (its torch runtime has "
+            "no elastic policy yet; --target k8s-pytorchjob has one)\n" if (lo, hi) != (c.nodes, c.nodes) else "")
+    return {"trainjob.yaml": spec.header(f"Kubeflow Trainer v2 TrainJob on {k.runtime_kind} {k.runtime!r}") + note
+            + yaml.safe_dump(job, sort_keys=False)}
+
+
+def render_pytorchjob(spec: LaunchSpec) -> dict[str, str]:
+    """A legacy Kubeflow PyTorchJob (kubeflow.org/v1) with an elastic policy over Worker replicas."""
     c, k = spec.cluster, spec.cluster.kubernetes
     lo, hi = c.node_range
     host = f"{spec.job_name}-worker-0"
-    resources = {"cuda": {"nvidia.com/gpu": c.devices_per_node},
-                 "npu": {"huawei.com/Ascend910": c.devices_per_node},
-                 "cpu": {}}[c.accelerator]
-    limits = {**resources, "cpu": k.cpu, "memory": k.memory}
     command = spec.python_run() + spec.torchrun_args(host)
     container = {"name": "pytorch", "image": c.image or "vgpt:latest", "imagePullPolicy": "IfNotPresent",
                  "workingDir": c.workdir, "command": command,
                  "env": [{"name": n, "value": v} for n, v in spec.env().items()],
-                 "resources": {"limits": dict(limits), "requests": dict(limits)},
-                 "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}
+                 "resources": _k8s_resources(spec),
+                 "volumeMounts": [{"name": SHM_VOLUME, "mountPath": SHM_PATH}]}
     pod_spec = {"containers": [container],
-                "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}}]}
+                "volumes": [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}}]}
     if k.service_account:
         pod_spec["serviceAccountName"] = k.service_account
-    job = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-           "metadata": {"name": spec.job_name, "namespace": k.namespace,
-                        "labels": {"app": "vgpt", "vgpt/stage": str(spec.stage)}},
+    job = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": _k8s_metadata(spec),
            "spec": {"elasticPolicy": {"rdzvBackend": "c10d", "rdzvHost": host, "rdzvPort": c.rendezvous.port,
                                       "rdzvId": f"{c.rendezvous.id}-stage{spec.stage}", "minReplicas": lo,
                                       "maxReplicas": hi, "maxRestarts": c.elastic.max_restarts},
                     "nprocPerNode": str(c.devices_per_node),
                     "pytorchReplicaSpecs": {"Worker": {"replicas": c.nodes, "restartPolicy": "OnFailure",
                                                        "template": {"spec": pod_spec}}}}}
-    text = spec.header("Kubeflow PyTorchJob") + yaml.safe_dump(job, sort_keys=False)
+    text = spec.header("Kubeflow PyTorchJob (legacy kubeflow.org/v1)") + yaml.safe_dump(job, sort_keys=False)
     return {"pytorchjob.yaml": text}
 
 
@@ -221,4 +289,4 @@ def render_ray(spec: LaunchSpec) -> dict[str, str]:
 
 
 TARGETS = {"torchrun": render_torchrun, "deepspeed": render_deepspeed, "slurm": render_slurm,
-           "k8s": render_k8s, "ray": render_ray}
+           "k8s": render_trainjob, "k8s-pytorchjob": render_pytorchjob, "ray": render_ray}

@@ -36,15 +36,29 @@ class SizeSpec:
 
 @dataclass
 class GridConfig:
+    """Sizes x (budgets | compute_levels) x lrs x batch_sizes. `budgets` gives every size the same
+    training samples; `compute_levels` (FLOPs, counted as the runner counts them) gives every size
+    the steps that reach each level: IsoFLOP lines (orchestration/sweep/plan.py). Exactly one of the two."""
     sizes: list[SizeSpec] = field(default_factory=list)
     budgets: list[int] = field(default_factory=list)  # training samples (rows) per trial
+    compute_levels: list[float] = field(default_factory=list)  # training FLOPs per trial (IsoFLOP grid)
+    min_steps: int = 4  # compute_levels: a (level, size) pair below this many steps is dropped
     lrs: list[float] = field(default_factory=lambda: [1e-3])
     batch_sizes: list[int] = field(default_factory=lambda: [4])  # the lr x batch sub-grid, per size
 
     def validate(self) -> None:
-        for name in ("sizes", "budgets", "lrs", "batch_sizes"):
+        for name in ("sizes", "lrs", "batch_sizes"):
             if not getattr(self, name):
                 raise ConfigError(f"{name}: the grid needs at least one entry")
+        if bool(self.budgets) == bool(self.compute_levels):
+            raise ConfigError("budgets, compute_levels: give exactly one (samples per trial, or FLOPs per "
+                              "trial for IsoFLOP lines)")
+        if any(c <= 0 for c in self.compute_levels):
+            raise ConfigError(f"compute_levels: got {self.compute_levels}, expected positive FLOPs")
+        if len(set(self.compute_levels)) != len(self.compute_levels):
+            raise ConfigError(f"compute_levels: got {self.compute_levels}, expected distinct levels")
+        if self.min_steps < 1:
+            raise ConfigError(f"min_steps: got {self.min_steps}, expected a positive integer")
         names = [s.name for s in self.sizes]
         if len(set(names)) != len(names):
             raise ConfigError(f"sizes: names must be unique, got {names}")
@@ -82,10 +96,20 @@ class ResourceConfig:
 
 @dataclass
 class FitConfig:
+    """The fit and its trust checks (orchestration/sweep/identifiability.py)."""
     bootstrap: int = 100
     seed: int = 0
     level: float = 0.95
     compute_budgets: list[float] = field(default_factory=lambda: [1e18, 1e20, 1e22])
+    min_points: int = 8  # (N, D) points below which the 5-parameter law is not identifiable
+    min_distinct: int = 3  # distinct model sizes, and distinct data budgets, the law needs
+    bound_tol: float = 0.01  # a parameter within this fraction of its box width of a bound is "at the bound"
+
+    def validate(self) -> None:
+        if not 0 < self.level < 1:
+            raise ConfigError(f"level: got {self.level}, expected a probability in (0, 1)")
+        if self.bootstrap < 0:
+            raise ConfigError(f"bootstrap: got {self.bootstrap}, expected >= 0")
 
 
 @dataclass

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize
@@ -91,11 +90,11 @@ def _grid_scores(grid: np.ndarray, logN, logD, logL, w, delta) -> np.ndarray:
     return (w * val).sum(axis=1)
 
 
-def _fit_theta(logN, logD, logL, w, starts: np.ndarray, delta: float) -> tuple[np.ndarray, float]:
+def _fit_theta(logN, logD, logL, w, starts: np.ndarray, delta: float, maxiter: int = 400) -> tuple[np.ndarray, float]:
     best, best_val = None, np.inf
     for s in starts:
         res = minimize(_objective, s, args=(logN, logD, logL, w, delta), jac=True, method="L-BFGS-B", bounds=BOUNDS,
-                       options={"maxiter": 1000, "ftol": 1e-13, "gtol": 1e-10})
+                       options={"maxiter": maxiter, "ftol": 1e-13, "gtol": 1e-10})
         if np.all(np.isfinite(res.x)) and res.fun < best_val:
             best, best_val = res.x, res.fun
     return best, best_val
@@ -112,27 +111,40 @@ def fit_law(N, D, L, delta: float = HUBER_DELTA, n_starts: int = 4, extra_starts
     return LawFit.from_theta(th, val)
 
 
+def fit_many(logN, logD, logL, W: np.ndarray, start: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
+    """Fits of the same points under B weightings (rows of W: bootstrap counts, leave-one-out masks),
+    each warm-started from `start` (a resample moves the optimum only a little). Thetas [B, 5]
+    (NaN rows where a fit failed). One joint L-BFGS over the B separable problems was tried and is
+    slower: the shared curvature memory needs far more iterations."""
+    W = np.atleast_2d(np.asarray(W, np.float64))
+    out = np.full((len(W), 5), np.nan)
+    for i, w in enumerate(W):
+        th, _ = _fit_theta(logN, logD, logL, w, np.asarray(start, np.float64)[None], delta, maxiter=200)
+        if th is not None:
+            out[i] = th
+    return out
+
+
 def bootstrap(N, D, L, n_boot: int = 200, seed: int = 0, level: float = 0.95, delta: float = HUBER_DELTA,
               progress=None) -> dict:
-    """Point fit plus percentile bootstrap intervals for E, A, B, alpha, beta (resampling points)."""
+    """Point fit plus percentile bootstrap intervals for E, A, B, alpha, beta (resampling points).
+    `samples` holds the resamples' parameters, `thetas` the same in the fit's log space."""
     N, D, L = (np.asarray(x, np.float64) for x in (N, D, L))
     point = fit_law(N, D, L, delta)
     rng = np.random.default_rng(seed)
     logN, logD, logL = np.log(N), np.log(D), np.log(L)
-    samples = []
-    for i in range(n_boot):
-        w = np.bincount(rng.integers(0, len(N), len(N)), minlength=len(N)).astype(np.float64)
-        # warm start from the full-data fit: a resample moves the optimum only a little
-        th, _ = _fit_theta(logN, logD, logL, w, point.theta()[None], delta)
-        if th is not None:
-            f = LawFit.from_theta(th)
-            samples.append([getattr(f, p) for p in PARAMS])
+    W = np.stack([np.bincount(rng.integers(0, len(N), len(N)), minlength=len(N)) for _ in range(n_boot)]) \
+        .astype(np.float64).reshape(n_boot, len(N))
+    thetas = np.empty((0, 5))
+    for lo in range(0, n_boot, 10):
+        thetas = np.concatenate([thetas, fit_many(logN, logD, logL, W[lo:lo + 10], point.theta(), delta)])
         if progress:
-            progress(i + 1, n_boot)
-    samples = np.array(samples).reshape(-1, len(PARAMS))
+            progress(len(thetas), n_boot)
+    thetas = thetas[np.all(np.isfinite(thetas), axis=1)]
+    samples = np.array([[getattr(LawFit.from_theta(t), p) for p in PARAMS] for t in thetas]).reshape(-1, len(PARAMS))
     q = (1 - level) / 2
     lo, hi = np.quantile(samples, [q, 1 - q], axis=0) if len(samples) else np.full((2, len(PARAMS)), np.nan)
-    return {"fit": point, "samples": samples, "level": level,
+    return {"fit": point, "samples": samples, "thetas": thetas, "level": level,
             "ci": {p: (float(lo[i]), float(hi[i])) for i, p in enumerate(PARAMS)}}
 
 
@@ -181,95 +193,3 @@ def isoflop_minima(curves: dict, levels: int = 5) -> list[dict]:
                     "N_opt": float(np.exp(vertex)) if ok else None,
                     "L_min": float(np.polyval([k2, k1, k0], vertex)) if ok else None})
     return out
-
-
-# ---------------------------------------------------------------- plots and report
-def write_plots(out_dir: Path, trials: list[dict], boot: dict, iso: list[dict]) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fit: LawFit = boot["fit"]
-    sizes = sorted({t["N"] for t in trials})
-    colours = {n: plt.cm.viridis(i / max(1, len(sizes) - 1)) for i, n in enumerate(sizes)}
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for t in trials:
-        c = colours[t["N"]]
-        if t.get("curve"):
-            ax.plot([p["flops"] for p in t["curve"]], [p["loss"] for p in t["curve"]], color=c, alpha=0.4, lw=1)
-        ax.scatter([t["flops"]], [t["eval_loss"]], color=c, zorder=3)
-    for n in sizes:
-        ax.plot([], [], color=colours[n], label=f"N={n:.3g}")
-    ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="loss (lines: train, dots: held-out)",
-           title="Loss vs compute per model size")
-    ax.legend(fontsize=7)
-    paths.append(_save(fig, out_dir / "loss_vs_compute.png"))
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, lv in enumerate(iso):
-        c = plt.cm.plasma(i / max(1, len(iso) - 1))
-        ax.scatter(lv["N"], lv["L"], color=c, label=f"C={lv['C']:.3g}")
-        xs = np.linspace(np.log(min(lv["N"])), np.log(max(lv["N"])), 50)
-        ax.plot(np.exp(xs), np.polyval(lv["parabola"], xs), color=c, lw=1)
-        if lv["N_opt"]:
-            ax.scatter([lv["N_opt"]], [lv["L_min"]], color=c, marker="*", s=120, edgecolor="k")
-    ax.set(xscale="log", xlabel="parameters N", ylabel="loss (train curve at C)", title="IsoFLOP curves")
-    if iso:
-        ax.legend(fontsize=7)
-    paths.append(_save(fig, out_dir / "isoflop.png"))
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    cs = np.array([t["flops"] for t in trials])
-    grid = np.geomspace(cs.min() / 3, cs.max() * 30, 60)
-    n_opt, d_opt = fit.compute_optimal(grid)
-    ax.plot(grid, fit.predict(n_opt, d_opt), "k-", label="fitted compute-optimal frontier")
-    ax.scatter(cs, [t["eval_loss"] for t in trials], c=[colours[t["N"]] for t in trials], label="trials")
-    ax.set(xscale="log", yscale="log", xlabel="FLOPs (C = 6ND for the frontier)", ylabel="held-out loss",
-           title="Fitted frontier")
-    ax.legend(fontsize=7)
-    paths.append(_save(fig, out_dir / "frontier.png"))
-    return paths
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    return path
-
-
-def write_report(path: Path, trials: list[dict], boot: dict, optima: list[dict], iso: list[dict],
-                 plots: list[Path]) -> Path:
-    fit: LawFit = boot["fit"]
-    pct = int(round(boot["level"] * 100))
-    lines = ["# Scaling-law fit", "",
-             f"{len(trials)} trials; L(N, D) = E + A/N^alpha + B/D^beta, Huber (delta={HUBER_DELTA}) on log "
-             f"residuals, L-BFGS from a grid of starts; {len(boot['samples'])} bootstrap resamples.", "",
-             f"| parameter | estimate | {pct}% interval |", "|---|---|---|"]
-    for p in PARAMS:
-        lo, hi = boot["ci"][p]
-        lines.append(f"| {p} | {getattr(fit, p):.4g} | [{lo:.4g}, {hi:.4g}] |")
-    lines += ["", "## Compute-optimal allocation (C = 6ND)", "",
-              f"| C (FLOPs) | N_opt | N {pct}% | D_opt (tokens) | D {pct}% |", "|---|---|---|---|---|"]
-    for o in optima:
-        lines.append(f"| {o['C']:.3g} | {o['N_opt']:.3g} | [{o['N_ci'][0]:.3g}, {o['N_ci'][1]:.3g}] | "
-                     f"{o['D_opt']:.3g} | [{o['D_ci'][0]:.3g}, {o['D_ci'][1]:.3g}] |")
-    lines += ["", "## IsoFLOP minima (parabola in log N over the train-loss curves)", ""]
-    if not iso:
-        lines.append("Too few sizes share a compute level (needs 3).")
-    for lv in iso:
-        where = f"N_opt = {lv['N_opt']:.3g}, L = {lv['L_min']:.4g}" if lv["N_opt"] else \
-            "no interior minimum (the optimum lies outside the sampled sizes)"
-        lines.append(f"- C = {lv['C']:.3g}: {where}")
-    lines += ["", "## Trials", "", "| key | size | N | D | FLOPs | lr | batch | held-out loss |",
-              "|---|---|---|---|---|---|---|---|"]
-    for t in sorted(trials, key=lambda t: (t["N"], t["D"])):
-        lines.append(f"| {t['key']} | {t['size']} | {t['N']:.3g} | {t['D']:.3g} | {t['flops']:.3g} | {t['lr']:.3g} "
-                     f"| {t['batch_size']} | {t['eval_loss']:.5f} |")
-    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    path.write_text("\n".join(lines) + "\n")
-    return path

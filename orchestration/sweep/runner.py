@@ -11,9 +11,11 @@ failed trials are listed in failures.jsonl and retried by the next run.
 With no `resources.address`, a local Ray is started on loopback and shut
 down at the end.
 
-fit: read the results, fit L(N, D) with bootstrap intervals, IsoFLOP minima
-and compute-optimal N, D (orchestration/sweep/fit.py); writes `<sweep_dir>/fit/`
-(report.md, fit.json, PNG plots).
+fit: read the results and analyse them (orchestration/sweep/analysis.py: L(N, D)
+with bootstrap intervals, identifiability, IsoFLOP minima and power laws,
+the extrapolation check, optimal lr and batch laws, and compute-optimal N, D
+only when the law is identifiable); writes `<sweep_dir>/fit/` (report.md,
+fit.json, PNG plots).
 
 Sweep dirs may be local or s3:// (fsspec); trial scratch dirs are local.
 Fault injection for tests: orchestration/faults.py (`exit_after_records`).
@@ -31,8 +33,10 @@ from pathlib import Path
 import fsspec
 
 from orchestration.faults import exit_after_records
-from orchestration.sweep import fit as sf
+from orchestration.sweep.analysis import analyse
 from orchestration.sweep.config import SweepConfig
+from orchestration.sweep.lr_batch import best_per_point  # noqa: F401 - kept importable from here
+from orchestration.sweep.report import write_outputs
 from orchestration.sweep.trial import plan, run_trial
 
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
@@ -153,20 +157,6 @@ def run_sweep(cfg: SweepConfig) -> int:
     return 1 if failed else 0
 
 
-def best_per_point(results: list[dict]) -> list[dict]:
-    """The lr x batch sub-grid: per (N, D budget) keep the trial with the lowest held-out loss."""
-    best: dict = {}
-    for r in results:
-        k = (r["size"], r["budget"])
-        if k not in best or r["eval_loss"] < best[k]["eval_loss"]:
-            best[k] = r
-    return list(best.values())
-
-
-def _smooth(xs: list[float], window: int = 3) -> list[float]:
-    return [sum(xs[max(0, i - window + 1): i + 1]) / len(xs[max(0, i - window + 1): i + 1]) for i in range(len(xs))]
-
-
 def fit_sweep(cfg: SweepConfig) -> int:
     store = ResultsStore(cfg.out_dir)
     results = store.read()
@@ -174,30 +164,28 @@ def fit_sweep(cfg: SweepConfig) -> int:
         print(f"vgpt sweep fit: no results in {store.url}/results.jsonl; run `vgpt sweep run` first",
               file=sys.stderr)
         return 2
-    pts = best_per_point(results)
-    curves = {}
-    for r in sorted(pts, key=lambda r: r["D"]):  # longest run per size
-        curves[float(r["N"])] = ([p["flops"] for p in r["curve"]], _smooth([p["loss"] for p in r["curve"]]))
 
     def progress(i, n):
-        if i % max(1, n // 5) == 0 or i == n:
+        if i % max(1, n // 5) < 10 or i == n:
             print(f"[sweep fit] bootstrap {i}/{n}", flush=True)
 
-    boot = sf.bootstrap([r["N"] for r in pts], [r["D"] for r in pts], [r["eval_loss"] for r in pts],
-                        n_boot=cfg.fit.bootstrap, seed=cfg.fit.seed, level=cfg.fit.level, progress=progress)
-    optima = [sf.compute_optimal_ci(boot, c) for c in cfg.fit.compute_budgets]
-    iso = sf.isoflop_minima(curves)
+    a = analyse(results, cfg.fit, progress=progress)
     out = Path(store.root) / "fit" if store.local else Path(tempfile.mkdtemp(prefix="vgpt-fit-"))
-    plots = sf.write_plots(out, pts, boot, iso)
-    report = sf.write_report(out / "report.md", pts, boot, optima, iso, plots)
-    f = boot["fit"]
-    (out / "fit.json").write_text(json.dumps({
-        "params": {p: getattr(f, p) for p in sf.PARAMS}, "ci": boot["ci"], "level": boot["level"],
-        "compute_optimal": optima, "isoflop": iso, "points": len(pts)}, indent=1))
+    report = write_outputs(out, a)
     if not store.local:
         store.fs.put(str(out), f"{store.root}/fit", recursive=True)
-    print(f"[sweep fit] E={f.E:.4g} A={f.A:.4g} B={f.B:.4g} alpha={f.alpha:.3g} beta={f.beta:.3g}; "
+    p = a["params"]
+    print(f"[sweep fit] E={p['E']:.4g} A={p['A']:.4g} B={p['B']:.4g} alpha={p['alpha']:.3g} beta={p['beta']:.3g}; "
           f"report: {store.url}/fit/{report.name}", flush=True)
-    for o in optima:
+    if not a["identifiable"]:
+        print("[sweep fit] NOT IDENTIFIABLE, no compute-optimal recommendation: "
+              + "; ".join(a["not_identifiable_because"]), flush=True)
+    for o in a["compute_optimal"]:
         print(f"[sweep fit] C={o['C']:.3g}: N_opt={o['N_opt']:.3g} D_opt={o['D_opt']:.3g}", flush=True)
+    ex = a["extrapolation"]
+    if not ex.get("skipped"):
+        print(f"[sweep fit] extrapolation to C={ex['held_out_level']:.3g}: mean |error| {ex['mean_abs_rel_err']:.2%}",
+              flush=True)
+    for d in a["agreement"]["disagreements"]:
+        print(f"[sweep fit] parametric vs IsoFLOP: {d}", flush=True)
     return 0

@@ -26,9 +26,11 @@ as DeepSpeed 0.19 writes them:
             which every parameter, in 'param_shapes' order (from the matching
             model_states file), owns ceil(numel / dp) elements on every rank
 
-DeepSpeed's .pt files are pickles holding DeepSpeed objects (weights_only
-cannot read them), so `read_checkpoint` verifies the directory against our
-manifest (sha256) before unpickling anything, unless the caller just did.
+These .pt files are what checkpoints of earlier versions hold (this version
+writes sharded.py's safetensors format). They are pickles, read only with
+`torch.load(weights_only=True)` and an allow-list of the three DeepSpeed types
+they carry (`load_legacy`): a pickled payload is refused, never run. The
+directory is verified against our manifest first, unless the caller just did.
 
 Writing: `HashingCheckpointEngine` (installed on a live engine by `install`)
 is DeepSpeed's own torch checkpoint engine with every file saved through an
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,9 +69,30 @@ class FullState:
     source: dict[str, Any] = field(default_factory=dict)  # zero_stage, tp, dp, bf16 of the writer
 
 
+def legacy_globals() -> list:
+    """The only non-tensor objects DeepSpeed 0.16-0.19 pickles into its checkpoint files; everything else
+    in them is tensors, containers and numbers, which `weights_only` loads without running any code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_legacy(path: str | Path, map_location="cpu", mmap: bool = True):
+    """One of DeepSpeed's .pt files, read with `torch.load(weights_only=True)` and the allow-list above:
+    a file carrying any other object (a pickled payload) is refused, not run."""
+    try:
+        with torch.serialization.safe_globals(legacy_globals()):
+            # mmap: tensors are paged in when sliced, not all at once (zip format only)
+            return torch.load(str(path), map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused: it holds objects other than tensors and DeepSpeed's known "
+                              f"types ({str(e).splitlines()[0][:200]})") from None
+
+
 def _load(path: Path) -> dict:
-    # mmap: tensors are paged in when sliced, not all at once
-    return torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+    return load_legacy(path)
 
 
 def _get(d: dict, key: str, where: Path):
@@ -246,8 +270,8 @@ def read_checkpoint(ckpt: str | Path, with_optimizer: bool = True, tp_plan: dict
             raise ConsolidateError(f"{f}: ds_config says ZeRO stage {stage}, but the files are not ZeRO-3 files")
         if tp == 0:
             first = {"meta": meta, "stage": stage, "dp": dp, "bf16": bool(ds_cfg.get("bf16", {}).get("enabled"))}
-    weights = _merge_tp([r[0] for r in per_tp], tp_plan, ckpt)
-    moments = {k: _merge_tp([r[1][k] for r in per_tp], tp_plan, ckpt) for k in per_tp[0][1]}
+    weights = merge_tensor_parallel([r[0] for r in per_tp], tp_plan, ckpt)
+    moments = {k: merge_tensor_parallel([r[1][k] for r in per_tp], tp_plan, ckpt) for k in per_tp[0][1]}
     meta, info = first["meta"], per_tp[0][2]
     optimizer = {**info, "lr_scheduler": meta.get("lr_scheduler"),
                  **{k: meta.get(k) for k in ("global_steps", "global_samples", "skipped_steps")}}
@@ -255,7 +279,7 @@ def read_checkpoint(ckpt: str | Path, with_optimizer: bool = True, tp_plan: dict
     return FullState(weights, moments, optimizer, source)
 
 
-def _merge_tp(shards: list[dict[str, torch.Tensor]], plan: dict[str, str] | None, ckpt: Path) -> dict:
+def merge_tensor_parallel(shards: list[dict[str, torch.Tensor]], plan: dict[str, str] | None, ckpt: Path) -> dict:
     """Undo tensor parallelism: sharded parameters are concatenated by their plan style,
     replicated ones (norms, embedders, the head) are taken from TP rank 0."""
     if len(shards) == 1:
@@ -298,9 +322,11 @@ class HashingCheckpointEngine:
         come (e.g. the Adam state) stay copy-on-write mappings of the file, so a pruned checkpoint's
         disk space is released when the process ends, not at the prune."""
         try:
-            return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
-        except RuntimeError:  # not the zip format (mmap needs it): the engine's own way
-            return self.inner.load(path, map_location=map_location)
+            return load_legacy(path, map_location=map_location)
+        except RuntimeError as e:  # not the zip format (mmap needs it)
+            if isinstance(e, CheckpointError):
+                raise
+            return load_legacy(path, map_location=map_location, mmap=False)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

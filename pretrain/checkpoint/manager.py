@@ -2,22 +2,34 @@
 
 Layout under the run's checkpoint root:
 
-    step_00000020/            DeepSpeed engine state (model, optimizer, scheduler; ZeRO shards)
-    step_00000020/trainer_state.json   stage, step, consumed samples, loader state, config
-    step_00000020/rng.safetensors      torch CPU RNG state (no pickle)
-    step_00000020/manifest.json        size + sha256 (per 64 MiB block) of every file above, written last
+    step_00000020/rank-RRRRR.safetensors  each rank's ZeRO partition: fp32 masters, Adam moments (sharded.py)
+    step_00000020/model-tpTT.safetensors  the module of each tensor-parallel rank
+    step_00000020/engine.json             Adam step, hyper-parameters, LR scheduler, engine counters
+    step_00000020/trainer_state.json      stage, step, consumed samples, loader state, config, layout
+    step_00000020/rng.safetensors         torch CPU RNG state
+    step_00000020/manifest.json           size + CRC-32 per 64 MiB block of every file above, and the
+                                          manifest's own sha256; written last: the commit
     latest                     the tag of the newest complete checkpoint, moved after the manifest
 
-A checkpoint is complete when its manifest exists and every file matches it.
-The engine's own `latest` file is not written (we move ours last), so a save
-killed half-way never becomes the one `--resume auto` picks. Loading refuses a
-checkpoint with a missing or corrupt file, names it, and falls back to the
-next older complete one, loudly. Each rank hashes and fsyncs the shards it
-writes while writing them, and ranks split the re-hashing before a resume
-(integrity.py), so integrity costs little next to the write and read themselves.
+Nothing in a checkpoint this version writes is a pickle, and no reader of one
+calls torch.load or pickle. Checkpoints of earlier versions (DeepSpeed's .pt
+files, layout format "deepspeed") still load, through torch.load with
+weights_only=True and an allow-list of DeepSpeed's three types
+(deepspeed_files.py).
+
+A save stalls training only while each rank copies its state into host memory
+(`sharded.capture`); with `background=True` a thread then writes the files
+(checksummed while written, fsynced), gathers the ranks' manifest entries on
+a gloo group of its own, and on rank 0 writes the manifest and moves
+`latest`. At most one save is in flight (the next save, `wait()` and the end
+of training wait for it). A checkpoint is complete when its manifest exists
+and every file matches it, so a save killed at any point never becomes the
+one `--resume auto` picks. Loading refuses a checkpoint with a missing or
+corrupt file, names it, and falls back to the next older complete one,
+loudly; ranks split the re-hashing before a resume (integrity.py).
 
 Every checkpoint records the parallel layout that wrote it (`layout` in
-trainer_state.json). DeepSpeed loads its own files only into the same tensor-
+trainer_state.json). A checkpoint loads natively only into the same tensor-
 parallel size, ZeRO data-parallel size (dp x sp), ZeRO stage and precision;
 when any of these differs, `load` says so loudly, converts the checkpoint on
 rank 0 into the layout-independent portable form (portable.py) and loads
@@ -36,13 +48,15 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from jobconfig.loader import from_dict
 from jobconfig.model import ModelConfig
-from pretrain.checkpoint.deepspeed_files import install, read_checkpoint
+from pretrain.checkpoint.deepspeed_files import install
 from pretrain.checkpoint.integrity import MANIFEST, CheckpointError, atomic_write, write_manifest
 from pretrain.checkpoint.portable import load_portable, write_portable
+from pretrain.checkpoint.safetensors_stream import write_safetensors
+from pretrain.checkpoint.sharded import HostBuffers, capture, is_sharded, load_sharded, read_full_state, write_captured
 from pretrain.checkpoint.storage import LATEST, RNG_FILE, TRAINER_STATE, CheckpointStore, tag_for, verify_checkpoint
 
 
@@ -52,7 +66,9 @@ def write_latest(root: Path, tag: str) -> None:
 
 
 # ---------------------------------------------------------------- layouts
-NATIVE = "deepspeed"  # layout["format"] of checkpoints DeepSpeed wrote
+NATIVE = "deepspeed"  # layout["format"] of checkpoints in DeepSpeed's .pt files (earlier versions)
+SHARDED = "sharded"  # ours (sharded.py): each rank's partition in safetensors; layout-bound like NATIVE
+LEGACY_PT = NATIVE
 PORTABLE = "portable"
 
 
@@ -98,7 +114,7 @@ def make_portable(src: Path, dst: Path, layout: dict[str, Any] | None = None, ve
     else:
         # a TP checkpoint records how its shards merge; the target layout's plan is the same model's
         tp_plan = saved.get("tp_plan") or (layout or {}).get("tp_plan")
-        full = read_checkpoint(src, with_optimizer=True, tp_plan=tp_plan, verified=verified)
+        full = read_full_state(src, with_optimizer=True, tp_plan=tp_plan, verified=verified)
         write_portable(full, tmp, from_dict(ModelConfig, state["config"]["model"], "model"))
         shutil.copy2(src / RNG_FILE, tmp / RNG_FILE)
     source = saved.get("source", saved) if saved.get("format") == PORTABLE else saved
@@ -117,63 +133,131 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_gather(obj) -> list:
+def _all_gather(obj, group=None) -> list:
     rank, world = _world()
     if world == 1:
         return [obj]
     out: list = [None] * world
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
 class CheckpointManager:
     def __init__(self, root: str | Path, rank: int = 0, keep_last: int = 3, keep_every: int = 0,
-                 before_commit: Callable[[int], None] | None = None):
+                 before_commit: Callable[[int], None] | None = None, write_format: str = SHARDED):
         """`before_commit(step)`: called on rank 0 once a save's files are on disk and its manifest
-        is not yet written (fault injection, orchestration/faults.py)."""
+        is not yet written (fault injection, orchestration/faults.py). `write_format`: SHARDED (ours,
+        no pickle) or LEGACY_PT (DeepSpeed's own .pt files: only to compare with, and to test reading
+        checkpoints of earlier versions)."""
+        if write_format not in (SHARDED, LEGACY_PT):
+            raise ValueError(f"write_format: {write_format!r}, expected {SHARDED!r} or {LEGACY_PT!r}")
         self.root = Path(root)
         self.store = CheckpointStore(self.root)
         self.before_commit = before_commit
         self.rank = rank
         self.keep_last, self.keep_every = keep_last, keep_every
+        self.write_format = write_format
+        self.on_write: Callable[[int], None] | None = None  # after each write of a save (fault injection)
         self._pruner = None  # the thread deleting pruned checkpoints, if any
+        self._saving: threading.Thread | None = None  # the background save in flight, if any
+        self._save_error: BaseException | None = None
+        self._buffers = HostBuffers()
+        # the background commit gathers the ranks' manifest entries on a group of its own, so that it
+        # never interleaves with the training loop's collectives on the default group
+        world = _world()[1]
+        self._group = dist.new_group(backend="gloo") if world > 1 else None
 
     # ------------------------------------------------------------ save
-    def save(self, engine, step: int, trainer_state: dict[str, Any], barrier=None) -> Path:
-        """Collective: every rank calls it. Rank 0 writes the manifest and moves `latest`."""
+    def save(self, engine, step: int, trainer_state: dict[str, Any], barrier=None, model=None,
+             tp_rank: int = 0, background: bool = False) -> Path:
+        """Collective: every rank calls it. Rank 0 writes the manifest and moves `latest`, last.
+
+        The training loop waits only for the copy of this rank's state into host memory; with
+        `background` the files are then written, checksummed, fsynced and committed by a thread
+        while training goes on. At most one save is in flight: a save first waits for the previous
+        one (and raises its error), as does `wait()`, which the end of training calls."""
+        self.wait()
         tag = tag_for(step)
         ckpt = self.root / tag
-        if self.rank == 0 and ckpt.exists():
-            shutil.rmtree(ckpt)  # an incomplete leftover of a killed save of this same step
+        if self.rank == 0:
+            if ckpt.exists():
+                shutil.rmtree(ckpt)  # an incomplete leftover of a killed save of this same step
+            ckpt.mkdir(parents=True)
         if barrier:
             barrier()
+        state = {**trainer_state, "step": step}
+        state["layout"] = {**state.get("layout", {}), "format": self.write_format}
+        if self.write_format == LEGACY_PT:
+            self._commit(ckpt, step, state, torch.get_rng_state(), self._write_legacy(engine, ckpt))
+            return ckpt
+        captured = capture(engine, model, state["layout"], self.rank, tp_rank, self._buffers)
+        if torch.cuda.is_available() and any(t.is_pinned() for t in self._buffers.buffers.values()):
+            torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+        rng = torch.get_rng_state()
+
+        def job():
+            self._commit(ckpt, step, state, rng, lambda: write_captured(captured, ckpt, on_write=self.on_write))
+        if not background:
+            job()
+            return ckpt
+
+        def run():
+            try:
+                job()
+            except BaseException as e:  # noqa: BLE001 - raised in the training thread by wait()
+                self._save_error = e
+        # not a daemon: the interpreter waits for it at exit rather than leaving a save half-written
+        self._saving = threading.Thread(target=run, name=f"ckpt-save-{tag}")
+        self._saving.start()
+        return ckpt
+
+    def _write_legacy(self, engine, ckpt: Path) -> Callable[[], dict[str, dict]]:
         hashing = install(engine)  # this rank's shards: hashed while written, fsynced
         if hashing:
             hashing.written.clear()
-        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        engine.save_checkpoint(str(self.root), tag=ckpt.name, save_latest=False)
         mine = {}
         for path, info in (hashing.written if hashing else {}).items():
             if Path(path).resolve().parent == ckpt.resolve():
                 mine[Path(path).name] = info
+        return lambda: mine
+
+    def _commit(self, ckpt: Path, step: int, state: dict[str, Any], rng: torch.Tensor,
+                write: Callable[[], dict[str, dict]]) -> None:
+        """Write this rank's files, then on rank 0 (once every rank's files are on disk) the manifest
+        and `latest`. Runs in the save thread for a background save."""
+        mine = write()
         if self.rank == 0:
-            save_file({"cpu": torch.get_rng_state()}, str(ckpt / RNG_FILE))
-            atomic_write(ckpt / TRAINER_STATE, json.dumps({**trainer_state, "step": step}, indent=1))
-        # every rank's shards are on disk before the manifest vouches for them: the gather is the barrier
-        if _world()[1] > 1:
-            known = {k: v for entries in _all_gather(mine) for k, v in entries.items()}
-        else:
-            known = mine
-            if barrier:
-                barrier()
+            mine[RNG_FILE] = write_safetensors(ckpt / RNG_FILE, {"cpu": rng}, on_write=self.on_write)
+            atomic_write(ckpt / TRAINER_STATE, json.dumps(state, indent=1))
+        # every rank's files are on disk before the manifest vouches for them: the gather is the barrier
+        known = {k: v for entries in _all_gather(mine, self._group) for k, v in entries.items()}
         if self.rank == 0:
             if self.before_commit:
                 self.before_commit(step)
             write_manifest(ckpt, step, known)
-            write_latest(self.root, tag)
-            self.prune(background=True)
-        if barrier:
-            barrier()
-        return ckpt
+            write_latest(self.root, ckpt.name)
+            self.prune(background=threading.current_thread() is threading.main_thread())
+        _all_gather(None, self._group)  # no rank runs ahead of the commit
+
+    def wait(self) -> None:
+        """Until the save in flight is committed (raising its error) and pruned checkpoints are deleted."""
+        if self._saving is not None:
+            self._saving.join()
+            self._saving = None
+        if self._save_error is not None:
+            error, self._save_error = self._save_error, None
+            raise CheckpointError(f"background checkpoint save failed: {type(error).__name__}: {error}") from error
+        self._wait_pruner()
+
+    def close(self) -> None:
+        """Wait for the save in flight; release the commit group."""
+        try:
+            self.wait()
+        finally:
+            if self._group is not None and dist.is_initialized():
+                dist.destroy_process_group(self._group)
+            self._group = None
 
     # ------------------------------------------------------------ find / load
     def tags(self) -> list[str]:
@@ -216,7 +300,9 @@ class CheckpointManager:
             log(f"loading portable checkpoint {ckpt} (source {describe(saved.get('source', {}))}) "
                 f"into {describe(layout or {})}")
             load_portable(engine, model, ckpt, tp_rank, tp_size)
-        elif not diff:
+        elif not diff and is_sharded(ckpt):
+            load_sharded(engine, model, ckpt, self.rank, tp_rank)
+        elif not diff:  # DeepSpeed's .pt files of an earlier version (weights_only loads, allow-listed globals)
             install(engine)  # mmap loads (deepspeed_files.HashingCheckpointEngine.load)
             load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
@@ -265,7 +351,7 @@ class CheckpointManager:
         if self.keep_every:
             keep |= {t for t in complete if int(t.split("_")[1]) % self.keep_every == 0}
         removed = [t for t in complete if t not in keep]
-        self.wait()
+        self._wait_pruner()
         for t in removed:
             trash = self.root / f".trash-{t}"
             shutil.rmtree(trash, ignore_errors=True)  # a leftover of an earlier process
@@ -278,7 +364,7 @@ class CheckpointManager:
             self._empty_trash()
         return removed
 
-    def wait(self) -> None:
+    def _wait_pruner(self) -> None:
         """Until the background deletion of pruned checkpoints has finished."""
         if self._pruner is not None:
             self._pruner.join()

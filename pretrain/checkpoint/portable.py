@@ -62,15 +62,15 @@ def is_portable(ckpt: Path) -> bool:
     return (Path(ckpt) / OPTIMIZER).is_file()
 
 
-def _jsonable(v: Any, key: str):
+def jsonable(v: Any, key: str):
     if isinstance(v, (str, int, float, bool)) or v is None:
         return v
     if torch.is_tensor(v) and v.numel() == 1:
         return v.item()
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x, key) for x in v]
+        return [jsonable(x, key) for x in v]
     if isinstance(v, dict):
-        return {str(k): _jsonable(x, f"{key}.{k}") for k, x in v.items()}
+        return {str(k): jsonable(x, f"{key}.{k}") for k, x in v.items()}
     raise PortableError(f"optimizer state {key}: a {type(v).__name__} cannot be stored in {OPTIMIZER}")
 
 
@@ -83,7 +83,7 @@ def write_portable(full: FullState, ckpt: Path, model_cfg) -> None:
         if kind not in full.moments:
             raise PortableError(f"{ckpt}: no {kind} to write (the source was read without optimizer state)")
         save_file({k: v.contiguous() for k, v in full.moments[kind].items()}, str(ckpt / f"{kind}.safetensors"))
-    meta = {"format": FORMAT, "optimizer": _jsonable(full.optimizer, "optimizer"), "source": full.source}
+    meta = {"format": FORMAT, "optimizer": jsonable(full.optimizer, "optimizer"), "source": full.source}
     (ckpt / OPTIMIZER).write_text(json.dumps(meta, indent=1))
 
 
@@ -111,12 +111,14 @@ def _step_value(base, step: float):
     return torch.tensor(float(step)) if type(base).__module__.startswith("torch.optim") else int(step)
 
 
-def _prepare_state(opt, step: float) -> Any:
-    """Create the (lazy) Adam state of every master with `step`; returns the inner optimizer."""
+def prepare_optimizer_state(opt, step: float | None) -> Any:
+    """Create the (lazy) Adam state of every master, with `step` (None: keep a step already there, else
+    0), and link DeepSpeed's fragment views to it; returns the inner optimizer."""
     base = getattr(opt, "optimizer", opt)
     for m in _masters(opt):
         st = base.state[m]
-        st["step"] = _step_value(base, step)
+        if step is not None or "step" not in st:
+            st["step"] = _step_value(base, step or 0.0)
         for k in MOMENTS:
             if k not in st:
                 st[k] = torch.zeros_like(m)
@@ -127,7 +129,7 @@ def _prepare_state(opt, step: float) -> Any:
     return base
 
 
-def _fp16_master(opt, p) -> torch.Tensor | None:
+def fp16_master(opt, p) -> torch.Tensor | None:
     for lp_group, hp_group in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", [])):
         for lp, hp in zip(lp_group, hp_group):
             if lp is p:
@@ -150,7 +152,7 @@ def _set_parameter(opt, base, p: torch.nn.Parameter, w: torch.Tensor, moments: d
         for k, v in moments.items():
             safe_set_full_optimizer_state(p, v, k)
         return
-    master = _fp16_master(opt, p) if hasattr(opt, "fp32_groups") else p
+    master = fp16_master(opt, p) if hasattr(opt, "fp32_groups") else p
     if master is None:
         raise PortableError(f"no fp32 master found for a parameter of shape {tuple(p.shape)} in "
                             f"{type(opt).__name__}")
@@ -173,7 +175,7 @@ def load_portable(engine, model: torch.nn.Module, ckpt: Path, tp_rank: int = 0, 
         raise PortableError(f"{ckpt / OPTIMIZER}: format {meta.get('format')!r}, expected {FORMAT!r}")
     info = meta["optimizer"]
     opt = engine.optimizer
-    base = _prepare_state(opt, info["step"])
+    base = prepare_optimizer_state(opt, info["step"])
     styles = {f"{n}.{pn}": m.tp_style for n, m in tensor_parallel_modules(model).items()
               for pn, _ in m.named_parameters(recurse=False)}
     files = {"weights": ckpt / WEIGHTS, **{k: ckpt / f"{k}.safetensors" for k in MOMENTS}}
@@ -197,6 +199,12 @@ def load_portable(engine, model: torch.nn.Module, ckpt: Path, tp_rank: int = 0, 
         for name, buf in model.named_buffers():
             if name in fw.keys():
                 buf.copy_(fw.get_tensor(name).to(buf.dtype))
+    restore_engine_info(engine, base, info)
+    return meta
+
+
+def restore_engine_info(engine, base, info: dict[str, Any]) -> None:
+    """Param-group hyper-parameters, LR scheduler state and engine counters of a checkpoint's JSON."""
     for group in base.param_groups:  # hyper-parameters the schedule moves (lr, initial_lr, ...)
         for k, v in info.get("hyper", {}).items():
             if k in group and k != "params":
@@ -206,4 +214,3 @@ def load_portable(engine, model: torch.nn.Module, ckpt: Path, tp_rank: int = 0, 
     for k in ("global_steps", "global_samples", "skipped_steps"):
         if info.get(k) is not None:
             setattr(engine, k, int(info[k]))
-    return meta

@@ -10,9 +10,10 @@ inference script's `--model_ckpt ckpt/transformer`).
 What our model does not hold is carried in the export, so that an import
 exported back is bitwise the source: the whole token table (we keep three of
 its rows, `special_tokens`; the rest is text vocabulary) as the extra tensor
-CARRIED_EMBED, which `load_export` ignores; and under the header key
-`reference`: config.json and the tokenizer files (binary ones in base64), the
-special-token ids, each source tensor's dtype, the source's safetensors header.
+CARRIED_EMBED, which `load_export` ignores; and under the provenance key
+`reference` (in the export's config.json, or the older single file's header):
+config.json and the tokenizer files (binary ones in base64), the special-token
+ids, each source tensor's dtype, the source's safetensors header.
 The export is in the source's dtype when its stored tensors share one, else
 float32 (exact for bf16 and fp16). `pos_embed` is recomputed, not stored;
 import checks the file's. float64 sin/cos may differ by an ulp between libm
@@ -33,7 +34,13 @@ from safetensors.torch import save_file
 from jobconfig.errors import ConfigError
 from jobconfig.loader import CONFIG_ROOT, from_dict, model_presets
 from jobconfig.model import ModelConfig
-from pretrain.checkpoint.export import check_export_shape, read_export_metadata, save_export
+from pretrain.checkpoint.export import (
+    ExportTensors,
+    check_export_shape,
+    export_exists,
+    read_export_metadata,
+    save_export,
+)
 from pretrain.model.videogpt import SPECIAL_TOKENS, VideoGPT, sincos_2d_table
 
 FORMAT = "videogpt-reference-1"
@@ -346,7 +353,7 @@ def follow_init_from(export: Path, meta: dict, hops: int = 16) -> tuple[Path, di
     from the previous stage's export, the first from an import) that carries reference data."""
     path = export
     for _ in range(hops):
-        if meta.get("reference") or not meta.get("init_from") or not Path(meta["init_from"]).is_file():
+        if meta.get("reference") or not meta.get("init_from") or not export_exists(meta["init_from"]):
             break
         path = Path(meta["init_from"])
         meta = read_export_metadata(path)
@@ -397,16 +404,16 @@ def export_reference(export: str | Path, out_dir: str | Path, tokenizer: str | P
             "--base when the exports' init_from chain leads to it on this machine)")
 
     ours = model_tensors(cfg)
-    with safe_open(str(export), framework="pt") as f:
+    with ExportTensors(export) as f:
         names = set(f.keys())
-        check_tensors({k: tuple(f.get_slice(k).get_shape()) for k in ours if k in names}, ours, export)
-        sd = {k: f.get_tensor(k) for k in ours}
+        check_tensors({k: f.shape(k) for k in ours if k in names}, ours, export)
+        sd = {k: f.get(k) for k in ours}
     table = None
     if ref:
-        with safe_open(str(carrier), framework="pt") as f:
+        with ExportTensors(carrier) as f:
             if CARRIED_EMBED not in set(f.keys()):
                 raise ConfigError(f"{carrier}: lacks tensor {CARRIED_EMBED} (its header says it was imported)")
-            table = f.get_tensor(CARRIED_EMBED).clone()
+            table = f.get(CARRIED_EMBED).clone()
     weights_dtype = dtype or sd["special_tokens"].dtype
 
     if "config.json" in carried:

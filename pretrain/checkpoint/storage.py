@@ -14,7 +14,9 @@ checkpoint downloaded for export is verified without a second read.
 
 Credentials come only from the environment, through the storage library's own
 chain (for S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance
-roles); nothing here accepts or prints them. The endpoint of an S3-compatible
+roles); nothing here accepts or prints them. Throttling (503 SlowDown) costs time,
+not the run: requests and whole file reads are retried with backoff, counted
+and logged (data/object_store.py). The endpoint of an S3-compatible
 store comes from `endpoint_url`, else AWS_ENDPOINT_URL_S3, else
 AWS_ENDPOINT_URL. Listings are never cached: a checkpoint committed since the
 last call must show.
@@ -30,8 +32,18 @@ from typing import Callable
 
 import fsspec
 
+from data.object_store import open_fs, retrying
 from jobconfig.errors import ConfigError
-from pretrain.checkpoint.integrity import BLOCK, MANIFEST, BlockHasher, CheckpointError, check_file, matches
+from pretrain.checkpoint.integrity import (
+    BLOCK,
+    MANIFEST,
+    BlockHasher,
+    CheckpointError,
+    block_kind,
+    check_file,
+    manifest_problem,
+    matches,
+)
 
 TRAINER_STATE = "trainer_state.json"
 RNG_FILE = "rng.safetensors"
@@ -66,9 +78,8 @@ class CheckpointStore:
         url = str(root)
         self.remote = is_remote(url)
         self.protocol = url.split("://", 1)[0] if self.remote else "file"
-        if self.remote:
-            self.fs, path = fsspec.core.url_to_fs(url, **storage_options(url, endpoint_url))
-            self.root = path.rstrip("/")
+        if self.remote:  # throttling is retried with backoff, counted and logged (data/object_store.py)
+            self.fs, self.root = open_fs(url, storage_options(url, endpoint_url))
         else:
             self.fs, self.root = fsspec.filesystem("file"), str(Path(url.removeprefix("file://")))
 
@@ -136,6 +147,8 @@ class CheckpointStore:
             return None, [f"{self.url(tag, MANIFEST)}: unreadable ({e})"]
         if manifest is None:
             return None, [f"{self.url(tag, MANIFEST)}: missing (save did not finish)"]
+        if problem := manifest_problem(manifest, self.url(tag, MANIFEST)):
+            return None, [problem]
         return manifest, []
 
     def verify(self, tag: str, full: bool = True, share: tuple[int, int] = (0, 1)) -> list[str]:
@@ -145,9 +158,14 @@ class CheckpointStore:
         if manifest is None:
             return problems
         for i, (rel, info) in enumerate(manifest["files"].items()):
-            if i % share[1] == share[0] and (problem := self._check(tag, rel, info, full)):
+            if i % share[1] == share[0] and (problem := self._retrying(lambda: self._check(tag, rel, info, full),
+                                                                      tag, rel)):
                 problems.append(problem)
         return problems
+
+    def _retrying(self, fn, *parts: str):
+        """An object-store read retried whole past a throttling burst (a local one runs once)."""
+        return retrying(fn, self.url(*parts)) if self.remote else fn()
 
     def _check(self, tag: str, rel: str, info: dict, full: bool = True, sink=None) -> str | None:
         """One file against its manifest entry (streamed into `sink` if given); a problem line, or None."""
@@ -162,15 +180,16 @@ class CheckpointStore:
             return f"{url}: {size} bytes, manifest says {info['bytes']}"
         if not full:
             return None
-        blocks = BlockHasher(info.get("block_bytes", BLOCK))
+        kind = block_kind(info)
+        blocks = BlockHasher(info.get("block_bytes", BLOCK), kind) if kind else None
         whole = hashlib.sha256()  # manifests written before block hashes
         with self.fs.open(self._path(tag, rel), "rb", block_size=CHUNK) as f:
             for chunk in iter(lambda: f.read(CHUNK), b""):
-                (blocks if "sha256_blocks" in info else whole).update(chunk)
+                (blocks or whole).update(chunk)
                 if sink is not None:
                     sink.write(chunk)
-        digest = blocks.digest() if "sha256_blocks" in info else whole.hexdigest()
-        return None if matches(info, digest) else f"{url}: sha256 mismatch"
+        digest = blocks.digest() if blocks else whole.hexdigest()
+        return None if matches(info, digest) else f"{url}: checksum mismatch"
 
     def newest_complete(self, full: bool = True, problems: Callable[[str], list[str]] | None = None) -> str | None:
         """Tag of the newest checkpoint that verifies; warns about every newer one it had to skip.
@@ -233,9 +252,12 @@ class CheckpointStore:
                 problems.append(f"{self.url(tag, MANIFEST)}: file name {rel!r} points outside the checkpoint")
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "wb") as sink:
-                if problem := self._check(tag, rel, info, sink=sink):
-                    problems.append(problem)
+
+            def copy_one(rel=rel, info=info, target=target):
+                with open(target, "wb") as sink:  # a retry starts the file afresh
+                    return self._check(tag, rel, info, sink=sink)
+            if problem := self._retrying(copy_one, tag, rel):
+                problems.append(problem)
         (dest / MANIFEST).write_text(json.dumps(manifest))
         return problems
 

@@ -49,8 +49,9 @@ def allowed_attention_pairs(clips_row, patches: int) -> int:
     return total
 
 
-def train_flops(cfg, n_params: int, tokens: int | float, attention_pairs: int | float) -> float:
+def train_flops(cfg, n_params: int, tokens, attention_pairs):
     """FLOPs of training on `tokens` tokens whose attention allows `attention_pairs` pairs
-    (forward + backward; see the module docstring). `cfg`: the ModelConfig."""
+    (forward + backward; see the module docstring). `cfg`: the ModelConfig. Numbers, or numpy arrays
+    of per-row counts (the sweep planner)."""
     return 6.0 * n_params * tokens + ATTENTION_FLOPS_PER_PAIR_PER_HIDDEN * cfg.num_layers * cfg.hidden_size * \
-        float(attention_pairs)
+        (attention_pairs * 1.0)

@@ -24,6 +24,7 @@ wraps it for forward/backward/step; nothing unwraps `.module`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import warnings
@@ -40,6 +41,7 @@ from data.sources import make_source
 from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
 from jobconfig.secrets import redact
+from parallel import logs
 from parallel.device import DistInfo, init_process_group, select_device
 from parallel.dims import ParallelDims, build_process_groups, destroy_process_groups
 from parallel.engine import build_engine, gather_full_state_dict
@@ -47,10 +49,13 @@ from pretrain.checkpoint.export import export_path, load_export, save_export, we
 from pretrain.checkpoint.integrity import CheckpointError, atomic_write
 from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.model.videogpt import build_model
+from pretrain.training.metric_sinks import MetricSinks
 from pretrain.training.metrics import PEAK_FLOPS, allowed_attention_pairs, train_flops
 from pretrain.training.objective import next_clip_loss, row_seed
 from pretrain.training.optimizer import build_optimizer, build_scheduler
 from pretrain.training.parallelize import TP_PLAN, parallelize
+
+log = logging.getLogger(__name__)
 
 RESUME_MODES = "auto (newest checkpoint that verifies) | none (fresh, into an out_dir without checkpoints) | " \
                "fresh (fresh; an earlier run's checkpoints and metrics are moved aside first) | a checkpoint path"
@@ -77,6 +82,7 @@ class Trainer:
         pc = cfg.parallel
         self.device = select_device(pc.device).activate()  # sets DS_ACCELERATOR before deepspeed imports
         self.dist: DistInfo = init_process_group(self.device)
+        logs.setup(rank=self.dist.rank)
         self.dims = ParallelDims.from_config(pc, self.dist.world_size, cfg.model)
         self.groups = build_process_groups(self.dims) if self.dims.tp * self.dims.sp > 1 else None
         self.dp_rank = self.groups.dp_rank if self.groups else self.dist.rank
@@ -105,7 +111,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []  # flushed records, one per step
         self._pending: list[dict[str, Any]] = []  # steps trained but not yet read back (device tensors)
         self._window_start = time.perf_counter()
-        self._tb = None
+        self.sinks = MetricSinks(self.out, self.stage_name, cfg.train, redact(asdict(cfg)))
 
     def _record_init(self, path: str) -> None:
         """Which weights this stage starts from, for the run's provenance (and the chaining test)."""
@@ -126,7 +132,7 @@ class Trainer:
     def parallel_layout(self) -> dict[str, Any]:
         """The parallel layout of this run, as checkpoints record it (pretrain/checkpoint/manager.py)."""
         pc = self.cfg.parallel
-        out = {"format": "deepspeed", "world_size": self.dist.world_size, "dp": self.dims.dp, "tp": self.dims.tp,
+        out = {"world_size": self.dist.world_size, "dp": self.dims.dp, "tp": self.dims.tp,
                "sp": self.dims.sp, "zero_stage": pc.zero_stage, "precision": pc.precision}
         if self.dims.tp > 1:
             out["tp_plan"] = TP_PLAN  # how offline tools merge the TP shards
@@ -319,12 +325,12 @@ class Trainer:
             if self._flush_due(start_step, checkpoint):
                 self._record(self._flush(), start_step, start_time)
             if checkpoint:
-                self.ckpt.save(self.engine, self.step, self.trainer_state(), self._barrier)
-                self._window_start = time.perf_counter()  # the save is not training time
+                self._save(background=self.async_checkpoint)
+                self._window_start = time.perf_counter()  # the save's stall is not training time
             if self.hooks.after_step:
                 self.hooks.after_step(self)
         if not resumed or self.step > start_step:  # else we resumed from this very step's checkpoint
-            self.ckpt.save(self.engine, self.step, self.trainer_state(), self._barrier)
+            self._save(background=self.async_checkpoint)  # committed in the background while we export
         export = export_path(self.out)
         full = gather_full_state_dict(self.model, self.cfg.parallel.zero_stage == 3, self.dist.rank,
                                       self.groups.tp_group if self.cfg.parallel.tensor_parallel > 1 else None)
@@ -334,14 +340,24 @@ class Trainer:
             save_export(full, export, self.cfg.model, extra={"stage": self.stage_name, "step": self.step,
                                                              "init_from": self.cfg.train.init_from,
                                                              **self._data_recipe()})
+        self.ckpt.wait()  # the last checkpoint is committed before the stage counts as done
         self._barrier()
-        if self._tb:
-            self._tb.close()
+        self.sinks.close()
         return export
+
+    @property
+    def async_checkpoint(self) -> bool:
+        configured = self.cfg.train.async_checkpoint
+        return self.device.type != "cpu" if configured is None else configured
+
+    def _save(self, background: bool) -> None:
+        self.ckpt.save(self.engine, self.step, self.trainer_state(), self._barrier, model=self.model,
+                       tp_rank=self.groups.tp_rank if self.groups else 0, background=background)
 
     def close(self) -> None:
         """Release this stage's tensor/sequence-parallel groups (megatron keeps them in globals), so
         the next stage of a curriculum can build its own; the default process group stays."""
+        self.ckpt.close()
         if self.groups is not None:
             destroy_process_groups()
             self.groups = None
@@ -363,8 +379,7 @@ class Trainer:
 
     # ------------------------------------------------------------ logging
     def _log_line(self, text: str) -> None:
-        if self.dist.rank == 0:
-            print(text, flush=True)
+        log.info(text)  # rank 0 only, unless VGPT_LOG_RANKS=all (parallel/logs.py)
 
     def _record(self, records: list[dict], start_step: int, start_time: float) -> None:
         """Log flushed records: throughput and MFU are the window's (since the last flush), timed
@@ -389,24 +404,13 @@ class Trainer:
         self.history.extend(records)
         if self.dist.rank != 0:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / "metrics.jsonl", "a") as f:
-            for m in records:
-                f.write(json.dumps({"stage": self.stage_name, **m}) + "\n")
-        if tc.tensorboard:
-            if self._tb is None:
-                from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(self.out / "tensorboard"))
-            for m in records:
-                for k in ("loss", "tokens_per_s", "samples_per_s", "step_time", "grad_norm", "lr", "mfu"):
-                    if k in m:
-                        self._tb.add_scalar(f"{self.stage_name}/{k}", m[k], m["step"])
+        self.sinks.write(records)
         for m in records:
             if m["step"] % tc.log_every == 0 or m["step"] == tc.steps or m["step"] == start_step + 1:
                 done = m["step"] - start_step
                 eta = (tc.steps - m["step"]) * (now - start_time) / done
                 mfu = f"  MFU {m['mfu'] * 100:.1f}%" if "mfu" in m else ""
-                print(self.progress_line(m, mfu, eta), flush=True)
+                log.info(self.progress_line(m, mfu, eta))
 
     def progress_line(self, m: dict, mfu: str, eta: float) -> str:
         return (f"[{self.stage_name}] step {m['step']:6d}/{self.cfg.train.steps}  loss {m['loss']:.4f}  "

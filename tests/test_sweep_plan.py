@@ -1,0 +1,82 @@
+"""IsoFLOP grids (issue 20, acceptance 3): the planner's trials lie on their compute levels within
+one step, counted as the runner counts FLOPs, with at least three sizes per level."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data.batch import patches_per_frame, sequence_length
+from data.sources import SyntheticSource
+from jobconfig.job import JobConfig
+from jobconfig.loader import from_dict, load_config
+from orchestration.cli.sweep import main as sweep_main
+from orchestration.sweep.config import SweepConfig
+from orchestration.sweep.plan import count_params
+from orchestration.sweep.trial import plan
+from pretrain.training.metrics import allowed_attention_pairs, train_flops
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = str(REPO / "configs/sweep/example.yaml")
+CLUSTER = str(REPO / "configs/sweep/cluster.yaml")
+
+
+def runner_flops(job: JobConfig, n_params: int) -> float:
+    """FLOPs of the job's steps as trial.run_trial sums them (the trainer's metrics, train_flops)."""
+    src = SyntheticSource(job, 0, 1)
+    patches = patches_per_frame((job.synthetic.latent_height, job.synthetic.latent_width), job.model.patch_size)
+    total = 0.0
+    for step in range(job.train.steps):
+        batch, _ = src.batch(step)
+        tokens = sum(sequence_length(row, patches) for row in batch.clips)
+        pairs = sum(allowed_attention_pairs(row, patches) for row in batch.clips)
+        total += train_flops(job.model, n_params, tokens, pairs)
+    return total
+
+
+def test_planned_trials_lie_on_their_levels_with_three_sizes_each():
+    cfg = load_config(EXAMPLE, [], cls=SweepConfig)
+    trials = plan(cfg)
+    levels = cfg.grid.compute_levels
+    assert {t["level"] for t in trials} == set(levels)
+    for c in levels:
+        here = [t for t in trials if t["level"] == c]
+        assert len({t["size"] for t in here}) >= 3
+        assert len(here) <= len({t["size"] for t in here}) * len(cfg.grid.lrs) * len(cfg.grid.batch_sizes)
+    for t in trials:
+        assert abs(t["planned_flops"] - t["level"]) <= 0.5 * t["step_flops"] + 1e-6 * t["level"], t
+        assert t["job"]["train"]["steps"] >= cfg.grid.min_steps
+        assert t["budget"] == t["job"]["train"]["steps"] * t["batch_size"]
+    # the planner counts as the runner does: replay the trainer's batches for a few trials
+    for t in (trials[0], trials[len(trials) // 2], trials[-1]):
+        job = from_dict(JobConfig, t["job"])
+        assert runner_flops(job, count_params(job.model)) == pytest.approx(t["planned_flops"], rel=1e-9)
+
+
+def test_cluster_example_plans_three_sizes_per_level():
+    cfg = load_config(CLUSTER, [], cls=SweepConfig)
+    trials = plan(cfg)
+    for c in cfg.grid.compute_levels:
+        here = [t for t in trials if t["level"] == c]
+        assert len({t["size"] for t in here}) >= 3
+        for t in here:
+            assert abs(t["planned_flops"] - c) <= t["step_flops"] + 1e-3 * c
+
+
+def test_a_level_too_small_for_three_sizes_fails_before_any_trial(tmp_path, capsys):
+    rc = sweep_main(["run", "--config", EXAMPLE, f"--out_dir={tmp_path / 's'}", "--grid.compute_levels=[2.0e7]"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "an IsoFLOP line needs at least 3" in err and "min_steps" in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_budgets_and_levels_are_exclusive(tmp_path, capsys):
+    rc = sweep_main(["plan", "--config", EXAMPLE, "--grid.budgets=[20, 40]"])
+    assert rc == 2 and "give exactly one" in capsys.readouterr().err
+
+
+def test_plan_prints_the_grid(capsys):
+    assert sweep_main(["plan", "--config", EXAMPLE]) == 0
+    out = capsys.readouterr().out
+    assert "3 compute levels" in out and "5 sizes (h4, h8, h16, h32, h64)" in out and "step)" in out
