@@ -185,12 +185,13 @@ class CheckpointManager:
             ckpt.mkdir(parents=True)
         if barrier:
             barrier()
-        state = {**trainer_state, "step": step}
-        state["layout"] = {**state.get("layout", {}), "format": self.write_format}
+        layout = {**trainer_state.get("layout", {}), "format": self.write_format}
+        # serialised now: the loader and the trainer go on changing what their state dicts refer to
+        state = json.dumps({**trainer_state, "step": step, "layout": layout}, indent=1)
         if self.write_format == LEGACY_PT:
             self._commit(ckpt, step, state, torch.get_rng_state(), self._write_legacy(engine, ckpt))
             return ckpt
-        captured = capture(engine, model, state["layout"], self.rank, tp_rank, self._buffers)
+        captured = capture(engine, model, layout, self.rank, tp_rank, self._buffers)
         if torch.cuda.is_available() and any(t.is_pinned() for t in self._buffers.buffers.values()):
             torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
         rng = torch.get_rng_state()
@@ -222,14 +223,14 @@ class CheckpointManager:
                 mine[Path(path).name] = info
         return lambda: mine
 
-    def _commit(self, ckpt: Path, step: int, state: dict[str, Any], rng: torch.Tensor,
+    def _commit(self, ckpt: Path, step: int, state: str, rng: torch.Tensor,
                 write: Callable[[], dict[str, dict]]) -> None:
         """Write this rank's files, then on rank 0 (once every rank's files are on disk) the manifest
         and `latest`. Runs in the save thread for a background save."""
         mine = write()
         if self.rank == 0:
             mine[RNG_FILE] = write_safetensors(ckpt / RNG_FILE, {"cpu": rng}, on_write=self.on_write)
-            atomic_write(ckpt / TRAINER_STATE, json.dumps(state, indent=1))
+            atomic_write(ckpt / TRAINER_STATE, state)
         # every rank's files are on disk before the manifest vouches for them: the gather is the barrier
         known = {k: v for entries in _all_gather(mine, self._group) for k, v in entries.items()}
         if self.rank == 0:

@@ -4,8 +4,10 @@ Each step: this rank's rows of the global batch (a pure function of the step,
 so resume and world-size changes are exact), per-row noise seeds from the
 global sample index, the next-clip loss through the DeepSpeed engine, logs
 (loss, tokens/s, samples/s, step time, grad norm, LR, MFU on GPU) to the
-console and TensorBoard, checkpoints through the one CheckpointManager, and at
-the end a consolidated safetensors export that the next stage starts from.
+console (parallel/logs.py) and to metrics.jsonl, TensorBoard and W&B
+(metric_sinks.py), checkpoints through the one CheckpointManager (in the
+background with `train.async_checkpoint`), and at the end the export directory
+(`from_pretrained`) that the next stage starts from.
 
 A step never waits for the device: its loss and grad norm stay device
 tensors, its token, attention-pair and sample counts and its sample rows are
