@@ -47,7 +47,7 @@ from pretrain.checkpoint.integrity import CheckpointError
 from pretrain.checkpoint.manager import PORTABLE, CheckpointManager, describe, layout_of, make_portable, write_latest
 from pretrain.checkpoint.portable import read_weights
 from pretrain.checkpoint.sharded import read_full_state
-from pretrain.checkpoint.storage import TRAINER_STATE, CheckpointStore, tag_for, verify_checkpoint
+from pretrain.checkpoint.storage import CheckpointStore, read_trainer_state, tag_for, verify_checkpoint
 from pretrain.training.parallelize import TP_PLAN
 
 HEADER = f"{'tag':16s} {'stage':8s} {'step':>7s} {'samples':>9s} {'layout':16s} {'size MB':>9s}  state"
@@ -115,14 +115,9 @@ def cmd_verify(store: CheckpointStore, args) -> int:
     return 1 if any(problems for _, problems in results) else 0
 
 
-def _state(ckpt: Path) -> dict:
-    f = ckpt / TRAINER_STATE
-    return json.loads(f.read_text()) if f.is_file() else {}
-
-
 def consolidated_weights(ckpt: Path, verified: bool = False) -> dict[str, torch.Tensor]:
     """Full-size fp32 weights of a local checkpoint: native (any ZeRO stage, TP, DP) or portable."""
-    layout = layout_of(_state(ckpt))
+    layout = layout_of(read_trainer_state(ckpt))
     if layout.get("format") == PORTABLE:
         if not verified and (problems := verify_checkpoint(ckpt)):
             raise SystemExit(f"vgpt ckpt: {ckpt} is broken:\n  " + "\n  ".join(problems))
@@ -134,7 +129,7 @@ def consolidated_weights(ckpt: Path, verified: bool = False) -> dict[str, torch.
 
 def cmd_inspect(store: CheckpointStore, args) -> int:
     ckpt = store.local_dir(_pick(store, args))
-    st = _state(ckpt)
+    st = read_trainer_state(ckpt)
     cfg = st.get("config", {})
     print(f"checkpoint {ckpt}")
     print(f"stage {st.get('stage')}  step {st.get('step')}  consumed samples {st.get('consumed_samples')}  "
@@ -156,7 +151,7 @@ def cmd_export(store: CheckpointStore, args) -> int:
         fetch = (lambda t: store.fetch(t, Path(tmp) / t)) if store.remote else None
         tag = _pick(store, args, problems=fetch)
         ckpt = Path(tmp) / tag if store.remote else store.local_dir(tag)
-        st = _state(ckpt)
+        st = read_trainer_state(ckpt)
         model_cfg = from_dict(ModelConfig, st["config"]["model"], "model")
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         out = save_export(consolidated_weights(ckpt, verified=True), args.out, model_cfg, dtype=dtype,
@@ -169,7 +164,7 @@ def cmd_export(store: CheckpointStore, args) -> int:
 
 def cmd_reshard(store: CheckpointStore, args) -> int:
     src = store.local_dir(_pick(store, args))
-    st = _state(src)
+    st = read_trainer_state(src)
     dims = ParallelDims(args.dp * args.tp * args.sp, args.tp, args.sp)
     dims.check_model(from_dict(ModelConfig, st["config"]["model"], "model"))
     dst_root = Path(args.out)

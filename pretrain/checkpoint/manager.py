@@ -57,7 +57,15 @@ from pretrain.checkpoint.integrity import MANIFEST, CheckpointError, atomic_writ
 from pretrain.checkpoint.portable import load_portable, write_portable
 from pretrain.checkpoint.safetensors_stream import write_safetensors
 from pretrain.checkpoint.sharded import HostBuffers, capture, is_sharded, load_sharded, read_full_state, write_captured
-from pretrain.checkpoint.storage import LATEST, RNG_FILE, TRAINER_STATE, CheckpointStore, tag_for, verify_checkpoint
+from pretrain.checkpoint.storage import (
+    LATEST,
+    RNG_FILE,
+    TRAINER_STATE,
+    CheckpointStore,
+    read_trainer_state,
+    tag_for,
+    verify_checkpoint,
+)
 
 
 def write_latest(root: Path, tag: str) -> None:
@@ -101,7 +109,7 @@ def layout_change(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 def make_portable(src: Path, dst: Path, layout: dict[str, Any] | None = None, verified: bool = False) -> Path:
     """Convert checkpoint `src` (any layout) into a portable checkpoint directory `dst`, with its
     own trainer state (layout marked portable, `layout` recorded as the intended target) and manifest."""
-    state = json.loads((src / TRAINER_STATE).read_text())
+    state = _trainer_state(src)
     saved = layout_of(state)
     tmp = dst.with_name(f".{dst.name}.tmp")  # not a `step_*` name: never listed as a checkpoint
     shutil.rmtree(tmp, ignore_errors=True)
@@ -125,6 +133,13 @@ def make_portable(src: Path, dst: Path, layout: dict[str, Any] | None = None, ve
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
     return dst
+
+
+def _trainer_state(ckpt: Path) -> dict[str, Any]:
+    state = read_trainer_state(ckpt)
+    if not state:
+        raise CheckpointError(f"{ckpt / TRAINER_STATE}: missing or empty (not a checkpoint this trainer wrote)")
+    return state
 
 
 def _world() -> tuple[int, int]:
@@ -294,7 +309,7 @@ class CheckpointManager:
         wraps), a checkpoint from another layout is converted and re-partitioned
         instead of failing inside DeepSpeed.
         """
-        state = json.loads((ckpt / TRAINER_STATE).read_text())
+        state = _trainer_state(ckpt)
         saved = layout_of(state)
         diff = layout_change(saved, layout) if layout is not None else []
         if saved.get("format") == PORTABLE:

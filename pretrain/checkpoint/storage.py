@@ -262,6 +262,12 @@ class CheckpointStore:
         return problems
 
 
+def read_trainer_state(ckpt: str | Path) -> dict:
+    """The trainer state a local checkpoint directory records ({} when it holds none)."""
+    ckpt = Path(ckpt)
+    return CheckpointStore(ckpt.parent).trainer_state(ckpt.name)
+
+
 def verify_checkpoint(ckpt: str | Path, full: bool = True, share: tuple[int, int] = (0, 1)) -> list[str]:
     """`CheckpointStore.verify` for one local checkpoint directory."""
     ckpt = Path(ckpt)
