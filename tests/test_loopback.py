@@ -104,6 +104,19 @@ def test_single_process_group_listens_on_nothing_public():
     assert all(is_loopback(a) for a in r.stdout.split()), r.stdout
 
 
+def run_watching_sockets(cmd: list[str], env: dict) -> tuple[int, str, set[str]]:
+    """Run `cmd` from the repo, polling the listening sockets of its whole process tree until it ends
+    (10 minutes at most): (exit code, output, every address seen listening)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: set[str] = set()
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        seen.update(listening(descendants(proc.pid)))
+        time.sleep(0.1)
+    out = proc.communicate(timeout=60)[0] if proc.poll() is not None else (proc.kill() or "timed out")
+    return proc.returncode, out, seen
+
+
 def test_local_torchrun_run_listens_on_loopback_only(tmp_path):
     """A tiny 2-process training run under the loopback torchrun (what `vgpt train --nproc 2` spawns):
     poll every listening socket of the whole process tree while it runs."""
@@ -114,14 +127,8 @@ def test_local_torchrun_run_listens_on_loopback_only(tmp_path):
            "--model.attention=blockwise"]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.pop("GLOO_SOCKET_IFNAME", None)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen: set[str] = set()
-    deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline:
-        seen.update(listening(descendants(proc.pid)))
-        time.sleep(0.1)
-    out = proc.communicate(timeout=60)[0] if proc.poll() is not None else (proc.kill() or "timed out")
-    assert proc.returncode == 0, out[-3000:]
+    returncode, out, seen = run_watching_sockets(cmd, env)
+    assert returncode == 0, out[-3000:]
     assert seen, "expected the rendezvous store to be seen listening"
     assert all(is_loopback(a) for a in seen), sorted(seen)
 
@@ -149,13 +156,6 @@ def test_rendered_single_node_torchrun_binds_loopback_only(tmp_path):
     assert meta["env"].get("GLOO_SOCKET_IFNAME") == "lo"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("GLOO_SOCKET_IFNAME", None)
-    proc = subprocess.Popen(["bash", str(tmp_path / "launch" / "torchrun.sh")], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen: set[str] = set()
-    deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline:
-        seen.update(listening(descendants(proc.pid)))
-        time.sleep(0.1)
-    log = proc.communicate(timeout=60)[0] if proc.poll() is not None else (proc.kill() or "timed out")
-    assert proc.returncode == 0, log[-3000:]
+    returncode, log, seen = run_watching_sockets(["bash", str(tmp_path / "launch" / "torchrun.sh")], env)
+    assert returncode == 0, log[-3000:]
     assert seen and all(is_loopback(a) for a in seen), sorted(seen)

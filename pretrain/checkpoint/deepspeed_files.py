@@ -91,10 +91,6 @@ def load_legacy(path: str | Path, map_location="cpu", mmap: bool = True):
                               f"types ({str(e).splitlines()[0][:200]})") from None
 
 
-def _load(path: Path) -> dict:
-    return load_legacy(path)
-
-
 def _get(d: dict, key: str, where: Path):
     if not isinstance(d, dict) or key not in d:
         raise ConsolidateError(f"{where}: no {key!r} entry (expected a DeepSpeed 0.19 checkpoint file)")
@@ -180,7 +176,7 @@ def _rank_zero12(ckpt: Path, meta: dict, where: Path, tp: int, dp: int, with_opt
     info: dict = {}
     for d in range(dp):
         f = _optim_file(ckpt, d, tp)
-        osd = _get(_load(f), "optimizer_state_dict", f)
+        osd = _get(load_legacy(f), "optimizer_state_dict", f)
         fp32 = _get(osd, "single_partition_of_fp32_groups", f)
         base = _get(osd, "base_optimizer_state", f)
         states = base["state"] if isinstance(base, dict) else base  # rigid: torch state_dict; elastic: list
@@ -219,7 +215,7 @@ def _rank_zero3(ckpt: Path, meta: dict, where: Path, tp: int, dp: int, with_opti
     info: dict = {}
     for d in range(dp):
         f = _optim_file(ckpt, d, tp)
-        osd = _get(_load(f), "optimizer_state_dict", f)
+        osd = _get(load_legacy(f), "optimizer_state_dict", f)
         flats["fp32"].append(torch.cat(list(_get(osd, "fp32_flat_groups", f))))
         inner = _get(osd, "optimizer_state_dict", f)
         sub_groups = [inner["state"][i] for i in sorted(inner["state"])]
@@ -256,7 +252,7 @@ def read_checkpoint(ckpt: str | Path, with_optimizer: bool = True, tp_plan: dict
     per_tp = []
     first: dict = {}
     for tp, f in sorted(files.items()):
-        meta = _load(f)
+        meta = load_legacy(f)
         ds_cfg = _get(meta, "ds_config", f)
         stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
         dp = int(_get(meta, "dp_world_size", f))
@@ -323,9 +319,9 @@ class HashingCheckpointEngine:
         disk space is released when the process ends, not at the prune."""
         try:
             return load_legacy(path, map_location=map_location)
-        except RuntimeError as e:  # not the zip format (mmap needs it)
-            if isinstance(e, CheckpointError):
-                raise
+        except CheckpointError:  # refused: nothing else to try
+            raise
+        except RuntimeError:  # not the zip format (mmap needs it)
             return load_legacy(path, map_location=map_location, mmap=False)
 
     def __getattr__(self, name):

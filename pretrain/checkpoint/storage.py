@@ -60,8 +60,9 @@ def is_remote(root: str | Path) -> bool:
     return "://" in root and not root.startswith("file://")
 
 
-def storage_options(url: str, endpoint_url: str | None = None) -> dict:
-    """fsspec options for `url`: endpoint and no listing cache; never credentials."""
+def store_options(url: str, endpoint_url: str | None = None) -> dict:
+    """What a checkpoint store adds to `url`'s fsspec options: the endpoint and no listing cache (never
+    credentials); data/object_store.py adds the retries."""
     if not url.startswith(("s3://", "s3a://")):
         return {}
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -79,7 +80,7 @@ class CheckpointStore:
         self.remote = is_remote(url)
         self.protocol = url.split("://", 1)[0] if self.remote else "file"
         if self.remote:  # throttling is retried with backoff, counted and logged (data/object_store.py)
-            self.fs, self.root = open_fs(url, storage_options(url, endpoint_url))
+            self.fs, self.root = open_fs(url, store_options(url, endpoint_url))
         else:
             self.fs, self.root = fsspec.filesystem("file"), str(Path(url.removeprefix("file://")))
 
