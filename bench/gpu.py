@@ -43,15 +43,16 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.batch import Batch, patches_per_frame  # noqa: E402
+from data.batch import Batch, patches_per_frame, sequence_length  # noqa: E402
 from data.stage import random_partition  # noqa: E402
 from data.vae import tiny_vae_kwargs  # noqa: E402
 from jobconfig.loader import load_config  # noqa: E402
 from pretrain.model.attention import ClipMeta, blockwise_attention, dense_attention, flex_attention  # noqa: E402
 from pretrain.model.sequence import build_sequence  # noqa: E402
 from pretrain.model.videogpt import build_model  # noqa: E402
-from pretrain.training.metrics import PEAK_FLOPS, allowed_attention_pairs, train_flops  # noqa: E402
+from pretrain.training.metrics import allowed_attention_pairs, peak_flops, train_flops  # noqa: E402
 from pretrain.training.objective import next_clip_loss, row_seed  # noqa: E402
+from pretrain.training.optimizer import adamw_kwargs  # noqa: E402
 from pretrain.training.parallelize import apply_activation_checkpointing, apply_compile  # noqa: E402
 
 # the SDXL VAE's architecture (its config.json), as bench/train_step.py
@@ -105,13 +106,6 @@ def peak_gb(device: torch.device) -> float:
 
 def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def stage_clips(frames: int) -> list[list[list[int]]]:
@@ -178,7 +172,7 @@ def bench_model(p: dict, device: torch.device, tiny: bool, compile: bool) -> dic
         apply_compile(model)
     n_params = sum(t.numel() for t in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1,
-                            fused=device.type == "cuda")
+                            **adamw_kwargs(device.type))
     peak = peak_flops(device)
     out = {"preset": p["preset"], "params": n_params, "dtype": str(dtype).split(".")[-1],
            "activation_checkpointing": True, "compile": compile, "attention": p["attention"],
@@ -190,7 +184,7 @@ def bench_model(p: dict, device: torch.device, tiny: bool, compile: bool) -> dic
         clips = stage_clips(frames)
         latents = torch.randn(1, frames, cfg.model.latent_channels, *p["latent_hw"], generator=g).to(device)
         batch = Batch(latents, clips)
-        tokens = build_sequence(clips, P, max_tokens=10**7).seq_len
+        tokens = sequence_length(clips[0], P)
         pairs = allowed_attention_pairs(clips[0], P)
         losses = []
 

@@ -10,14 +10,7 @@ from pathlib import Path
 
 from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
-from jobconfig.loader import CONFIG_ROOT, build, parse_overrides, read_yaml
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+from jobconfig.loader import CONFIG_ROOT, build, deep_merge, parse_overrides, read_yaml
 
 
 def _resolve(path: str, relative_to: Path) -> Path:
@@ -58,6 +51,6 @@ def _stages(path: Path, raw: dict, pairs: list) -> list[tuple[str, JobConfig]]:
         except ConfigError as e:
             raise ConfigError(f"{e} (stage {i}: {stage_file})") from None
         # errors name the stage's file, or the command-line override the bad value came from
-        cfg = build(JobConfig, _merge(shared, stage_raw), pairs, f"stage {i}: {stage_file}")
+        cfg = build(JobConfig, deep_merge(shared, stage_raw), pairs, f"stage {i}: {stage_file}")
         plan.append((f"stage{i}", cfg))
     return plan

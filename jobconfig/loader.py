@@ -154,6 +154,14 @@ def _expand_model_preset(raw: dict) -> dict:
     return {**raw, "model": {**base, **model}}
 
 
+def deep_merge(base: dict, override: dict) -> dict:
+    """`override` deep-merged over `base` (new dicts; mappings merge, anything else replaces)."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _set_path(raw: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = raw
@@ -220,10 +228,6 @@ def read_yaml(path: str | Path) -> dict:
     if bad:
         raise ConfigError(f"{path}: config key {bad[0]!r} is not a string")
     return raw
-
-
-def load_raw(path: str | Path | None, overrides: list[tuple[str, Any]] = ()) -> dict:
-    return resolve_raw(read_yaml(path) if path is not None else {}, overrides)
 
 
 # ---------------------------------------------------------------- provenance

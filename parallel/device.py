@@ -173,24 +173,17 @@ def loopback_store(addr: str, port: int, world_size: int, is_master: bool, timeo
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(max(128, world_size or 0))
+        bound_port = sock.getsockname()[1]  # the port asked for, or the one chosen for port 0
         fd = sock.detach()   # the store owns the descriptor from here on
     except BaseException:
         sock.close()
         raise
     try:
-        return dist.TCPStore(host, sock_port(fd), world_size, True, timeout, multi_tenant=multi_tenant,
+        return dist.TCPStore(host, bound_port, world_size, True, timeout, multi_tenant=multi_tenant,
                              master_listen_fd=fd)
     except BaseException:
         os.close(fd)
         raise
-
-
-def sock_port(fd: int) -> int:
-    s = socket.socket(fileno=os.dup(fd))
-    try:
-        return s.getsockname()[1]
-    finally:
-        s.close()
 
 
 def _bind_loopback_if_local(spec: DeviceSpec) -> None:

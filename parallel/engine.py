@@ -27,20 +27,13 @@ from typing import Callable
 import torch
 from packaging.requirements import Requirement
 
+from jobconfig.loader import deep_merge
 from jobconfig.parallel import ParallelConfig
 from jobconfig.train import TrainConfig
 from parallel.tensor_parallel import gather_tensor_parallel_state_dict
 
 # devices whose collective backend (NCCL, HCCL) runs asynchronously, so communication can overlap compute
 OVERLAP_DEVICES = ("cuda", "npu")
-
-
-def merge(base: dict, override: dict) -> dict:
-    """`override` deep-merged over `base` (new dicts; mappings merge, anything else replaces)."""
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def deepspeed_config(pc: ParallelConfig, tc: TrainConfig, dp_size: int, micro_batch: int | None = None,
@@ -69,7 +62,7 @@ def deepspeed_config(pc: ParallelConfig, tc: TrainConfig, dp_size: int, micro_ba
         # ZeRO-Offload needs DeepSpeed's own CPU Adam; it is AdamW with the same hyper-parameters
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": tc.lr, "betas": list(tc.betas), "eps": tc.eps,
                                                          "weight_decay": tc.weight_decay}}
-    return merge(cfg, pc.deepspeed)
+    return deep_merge(cfg, pc.deepspeed)
 
 
 PACKAGE = "videogpt-pretrain"

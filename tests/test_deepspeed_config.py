@@ -18,8 +18,9 @@ import torch.distributed as dist
 from parallel_harness import run_ranks
 
 from jobconfig.errors import ConfigError
+from jobconfig.loader import deep_merge as merge
 from jobconfig.loader import load_config
-from parallel.engine import build_engine, deepspeed_config, merge
+from parallel.engine import build_engine, deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,10 +17,20 @@ Both count useful work only: a kernel that also computes masked-out pairs
 """
 from __future__ import annotations
 
+import torch
+
 # peak dense bf16 FLOP/s per device, for MFU
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "910B": 313e12}
 
-ATTENTION_FLOPS_PER_PAIR_PER_HIDDEN = 12  # (QK^T + AV) x 2 FLOPs x (forward 1 + backward 2)
+ATTENTION_FLOPS_PER_PAIR_PER_HIDDEN = 12
+
+
+def peak_flops(device) -> float | None:
+    """Peak dense bf16 FLOP/s of one `device` (a torch.device), or None when it is not one we know."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)  # (QK^T + AV) x 2 FLOPs x (forward 1 + backward 2)
 
 
 def allowed_attention_pairs(clips_row, patches: int) -> int:

@@ -52,7 +52,7 @@ from pretrain.checkpoint.integrity import CheckpointError, atomic_write
 from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.model.videogpt import build_model
 from pretrain.training.metric_sinks import MetricSinks
-from pretrain.training.metrics import PEAK_FLOPS, allowed_attention_pairs, train_flops
+from pretrain.training.metrics import allowed_attention_pairs, peak_flops, train_flops
 from pretrain.training.objective import next_clip_loss, row_seed
 from pretrain.training.optimizer import build_optimizer, build_scheduler
 from pretrain.training.parallelize import TP_PLAN, parallelize
@@ -114,6 +114,7 @@ class Trainer:
         self._pending: list[dict[str, Any]] = []  # steps trained but not yet read back (device tensors)
         self._window_start = time.perf_counter()
         self.sinks = MetricSinks(self.out, self.stage_name, cfg.train, redact(asdict(cfg)))
+        self.peak_flops = peak_flops(self.device.device)  # per device, for MFU (None: unknown device)
 
     def _record_init(self, path: str) -> None:
         """Which weights this stage starts from, for the run's provenance (and the chaining test)."""
@@ -277,9 +278,13 @@ class Trainer:
                 "attention_pairs": pairs, "grad_norm": self.engine.get_global_grad_norm(), "lr": lr,
                 "sample_rows": step_rows, "skipped": skipped}
 
-    def _flush_due(self, start_step: int, checkpoint: bool) -> bool:
+    def _log_due(self, step: int, start_step: int) -> bool:
+        """Steps the console shows: every `train.log_every`-th, the run's first and its last."""
         tc = self.cfg.train
-        return checkpoint or self.step % tc.log_every == 0 or self.step == tc.steps or self.step == start_step + 1
+        return step % tc.log_every == 0 or step == tc.steps or step == start_step + 1
+
+    def _flush_due(self, start_step: int, checkpoint: bool) -> bool:
+        return checkpoint or self._log_due(self.step, start_step)
 
     def _flush(self) -> list[dict[str, Any]]:
         """The pending steps' records with every value a host number, summed over the data-parallel
@@ -395,8 +400,7 @@ class Trainer:
         tokens = sum(m["tokens"] for m in records)
         samples = sum(m["samples"] for m in records)
         flops = sum(train_flops(self.cfg.model, self.n_params, m["tokens"], m["attention_pairs"]) for m in records)
-        name = torch.cuda.get_device_name(self.device.device) if self.device.type == "cuda" else self.device.type
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        peak = self.peak_flops
         for m in records:
             m["step_time"] = elapsed / len(records)
             m["tokens_per_s"] = tokens / elapsed
@@ -408,7 +412,7 @@ class Trainer:
             return
         self.sinks.write(records)
         for m in records:
-            if m["step"] % tc.log_every == 0 or m["step"] == tc.steps or m["step"] == start_step + 1:
+            if self._log_due(m["step"], start_step):
                 done = m["step"] - start_step
                 eta = (tc.steps - m["step"]) * (now - start_time) / done
                 mfu = f"  MFU {m['mfu'] * 100:.1f}%" if "mfu" in m else ""
