@@ -143,7 +143,7 @@ class DatasetMeta:
         """Flat sample index of each shard's first sample (shards in index order)."""
         return np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """Changes when any shard is added, removed or rewritten: a resumed run must see the same data."""
         blob = json.dumps([self.names, self.sizes, self.sha256]).encode()
@@ -195,7 +195,7 @@ def epoch_order(sizes: tuple[int, ...], seed: int, epoch: int, num_streams: int,
     return out_sh, out_ix
 
 
-@dataclass(frozen=True, eq=False)  # hashed by identity: one object per loader, a key of bucket_streams' cache
+@dataclass(frozen=True, eq=False)  # compared by identity: `code` is an array
 class Buckets:
     """Every sample's bucket: `code` per flat sample index (data.order.DatasetMeta.offsets + index in
     shard) is a bucket number >= 0, or < 0 for a known skip (data/buckets.py says which reason)."""
@@ -203,20 +203,20 @@ class Buckets:
     names: tuple[str, ...]
     batch: tuple[int, ...]   # per-rank batch size of each bucket
 
-    @property
+    @cached_property  # `code` never changes; these are read at every schedule and loader state
     def sizes(self) -> tuple[int, ...]:
         return tuple(np.bincount(self.code[self.code >= 0], minlength=len(self.names)).tolist())
 
-    @property
+    @cached_property
     def num_known_skips(self) -> int:
         return int((self.code < 0).sum())
 
-    @property
+    @cached_property
     def flat(self) -> bool:
         """One bucket, nothing known to skip: the bucket stream is the epoch order itself."""
         return len(self.names) == 1 and not self.num_known_skips
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """Changes when the bucket streams would (shapes, or which samples the stage can use)."""
         return hashlib.sha256(self.code.astype(np.int32).tobytes() + json.dumps(self.names).encode()).hexdigest()[:16]
@@ -236,7 +236,6 @@ def _pieces(pos: np.ndarray, num_streams: int, rotate: int) -> np.ndarray:
     return major[starts[(m % S + rotate) % S] + m // S]
 
 
-@lru_cache(maxsize=3)
 def bucket_streams(sizes: tuple[int, ...], buckets: Buckets, seed: int, epoch: int, num_streams: int,
                    shuffle_buffer: int) -> tuple[np.ndarray, ...]:
     """Epoch positions p of each bucket's stream in this epoch, then of the known skips' stream."""

@@ -146,9 +146,6 @@ class ShardSource:
         return item
 
     def close(self) -> None:
-        if self._pool is not None:
-            for v in self._queue:
-                if v.future is not None:
-                    v.future.cancel()
+        if self._pool is not None:  # queued visits have no future yet; shutdown cancels unstarted fetches
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

@@ -36,7 +36,7 @@ class InputsConfig:
             raise ConfigError(f"dir/glob/list_file: got {given or 'none'}, expected exactly one of them")
         if not self.extensions:
             raise ConfigError("extensions: got an empty list, expected file extensions such as ['mp4']")
-        _check_no_secrets(self.storage_options, "storage_options")
+        check_no_credentials(self.storage_options, "storage_options")
 
 
 @dataclass
@@ -54,7 +54,7 @@ class OutputConfig:
             raise ConfigError(f"videos_per_shard: got {self.videos_per_shard}, expected a positive integer")
         if not self.shard_name or not self.shard_name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"shard_name: got {self.shard_name!r}, expected letters, digits, '_' or '-'")
-        _check_no_secrets(self.storage_options, "storage_options")
+        check_no_credentials(self.storage_options, "storage_options")
 
 
 @dataclass
@@ -170,9 +170,3 @@ class PrecomputeConfig:
         if not self.video.segment_overlap:
             d["video"].pop("segment_overlap")
         return d
-
-
-def _check_no_secrets(options: dict, where: str) -> None:
-    # Configs are logged and committed to git: credentials belong in the environment, at any depth
-    # (a secret under client_kwargs or config_kwargs leaks just the same as a flat one).
-    check_no_credentials(options, where)

@@ -61,9 +61,6 @@ class NodeSlots:
     def release(self, node: str) -> None:
         self.in_flight[node] -= 1
 
-    def busy(self) -> int:
-        return sum(self.in_flight.values())
-
     def count(self, kind: str, node: str | None) -> None:
         if node:
             table = self.decoded if kind == "decode" else self.encoded
