@@ -26,16 +26,12 @@ from data.shard_format import LATENTS_MEMBER, META_MEMBER, ShardFormatError, get
 from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
 from pretrain.checkpoint.export import CONFIG_NAME, export_path, read_export_metadata
-from pretrain.checkpoint.storage import verify_checkpoint
+from pretrain.checkpoint.storage import is_remote, verify_checkpoint
 
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE",
           "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
 ASSUME_S3 = "VGPT_ASSUME_S3_CREDENTIALS"  # =1: credentials come from elsewhere (an EC2 instance role)
 MAX_SHARDS_SCANNED = 16  # the "is any video long enough" scan reads at most this many shards
-
-
-def is_remote(path: str) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
 
 
 def local_path(path: str) -> Path:

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from jobconfig.secrets import redact
 from orchestration.launch.cluster import ClusterConfig
 from orchestration.launch.layout import StageLayout
 from parallel.device import is_loopback
@@ -153,7 +152,7 @@ def render_torchrun(spec: LaunchSpec) -> dict[str, str]:
     meta = {"stage": spec.stage, "layout": spec.layout.__dict__, "launcher": spec.python_run(loopback=True)[1:],
             "torchrun_argv": args, "env": spec.env(),
             "rendezvous": {ADDR_VAR: host or None, PORT_VAR: spec.cluster.rendezvous.port}}
-    return {"torchrun.sh": script, "launch.json": json.dumps(redact(meta), indent=2) + "\n"}
+    return {"torchrun.sh": script, "launch.json": json.dumps(meta, indent=2) + "\n"}  # render() redacts every file
 
 
 def render_deepspeed(spec: LaunchSpec) -> dict[str, str]:

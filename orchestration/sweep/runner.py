@@ -35,7 +35,6 @@ import fsspec
 from orchestration.faults import exit_after_records
 from orchestration.sweep.analysis import analyse
 from orchestration.sweep.config import SweepConfig
-from orchestration.sweep.lr_batch import best_per_point  # noqa: F401 - kept importable from here
 from orchestration.sweep.report import write_outputs
 from orchestration.sweep.trial import plan, run_trial
 
