@@ -133,8 +133,9 @@ def bootstrap(N, D, L, n_boot: int = 200, seed: int = 0, level: float = 0.95, de
     point = fit_law(N, D, L, delta)
     rng = np.random.default_rng(seed)
     logN, logD, logL = np.log(N), np.log(D), np.log(L)
-    W = np.stack([np.bincount(rng.integers(0, len(N), len(N)), minlength=len(N)) for _ in range(n_boot)]) \
-        .astype(np.float64).reshape(n_boot, len(N))
+    # np.array, not np.stack: fit.bootstrap=0 (no intervals) gives an empty [0, n] matrix
+    W = np.array([np.bincount(rng.integers(0, len(N), len(N)), minlength=len(N)) for _ in range(n_boot)],
+                 dtype=np.float64).reshape(n_boot, len(N))
     thetas = np.empty((0, 5))
     for lo in range(0, n_boot, 10):
         thetas = np.concatenate([thetas, fit_many(logN, logD, logL, W[lo:lo + 10], point.theta(), delta)])
