@@ -22,7 +22,8 @@ import sys
 import time
 
 
-def stage4_clips(frames: int, seed: int):
+def random_clips(frames: int, seed: int) -> list[list[list[int]]]:
+    """One row of `frames` frames cut into random clips (the sampler's `random` clip policy)."""
     from data.stage import random_partition
 
     return [[list(random_partition(frames, random.Random(seed)))]]
@@ -40,7 +41,7 @@ def measure(backend: str, args) -> dict:
     from pretrain.model.sequence import build_sequence
 
     torch.manual_seed(0)
-    seq = build_sequence(stage4_clips(args.frames, args.seed), 220, max_tokens=2_000_000)
+    seq = build_sequence(random_clips(args.frames, args.seed), 220, max_tokens=2_000_000)
     meta = ClipMeta.of(seq)
     L = seq.seq_len
     q, k, v = (torch.randn(1, args.heads, L, args.head_dim, requires_grad=True) for _ in range(3))

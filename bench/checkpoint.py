@@ -124,7 +124,7 @@ def main() -> int:
         def load(paths: list[Path]) -> float:
             drop_cache(paths)
             t = time.perf_counter()
-            found = mgr.newest_complete(full_verify=True)
+            found = mgr.root / mgr.store.choose(full=True).required()
             mgr.load(engine, found, model=trainer.model, layout=trainer.parallel_layout())
             return time.perf_counter() - t
 
@@ -152,7 +152,7 @@ def main() -> int:
             times["stall"].append(save(background=True))
             settle()
             times["save"].append(save())
-            ckpt = mgr.newest_complete(full_verify=False)
+            ckpt = mgr.root / mgr.store.choose(full=False).required()
             paths = files_of(ckpt)
             shutil.rmtree(base / "raw", ignore_errors=True)
             settle()

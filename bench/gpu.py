@@ -30,8 +30,8 @@ no CPU peak): tests/test_bench_gpu.py runs it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import random
 import resource
 import sys
 import time
@@ -43,9 +43,9 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.attention import random_clips  # noqa: E402
+from bench.train_step import random_vae, timed  # noqa: E402
 from data.batch import Batch, patches_per_frame, sequence_length  # noqa: E402
-from data.stage import random_partition  # noqa: E402
-from data.vae import tiny_vae_kwargs  # noqa: E402
 from jobconfig.loader import load_config  # noqa: E402
 from pretrain.model.attention import ClipMeta, blockwise_attention, dense_attention, flex_attention  # noqa: E402
 from pretrain.model.sequence import build_sequence  # noqa: E402
@@ -54,11 +54,6 @@ from pretrain.training.metrics import allowed_attention_pairs, peak_flops, train
 from pretrain.training.objective import next_clip_loss, row_seed  # noqa: E402
 from pretrain.training.optimizer import adamw_kwargs  # noqa: E402
 from pretrain.training.parallelize import apply_activation_checkpointing, apply_compile  # noqa: E402
-
-# the SDXL VAE's architecture (its config.json), as bench/train_step.py
-SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025, sample_size=1024)
 
 # full run: the real sizes; --tiny: the same code on CPU-sized inputs
 FULL = dict(latent_hw=(22, 40), frames={"stage2": 48, "stage4": 80}, heads=32, head_dim=96, preset="phi3-mini",
@@ -70,25 +65,10 @@ TINY = dict(latent_hw=(4, 8), frames={"stage2": 6, "stage4": 10}, heads=2, head_
 LAYOUT_SEED = 0  # the same stage-4 partition in (a) and (b): flex compiled for it once serves both
 
 
-class Clock:
-    """Wall time of a region with the device drained at both ends."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def mean_seconds(self, fn, warmup: int, steps: int) -> float:
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        self.sync()
-        return (time.perf_counter() - t0) / steps
+def sync(device: torch.device) -> None:
+    """Drain the device's queued kernels, so that a wall-clock reading covers them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def reset_peak(device: torch.device) -> None:
@@ -108,13 +88,9 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def stage_clips(frames: int) -> list[list[list[int]]]:
-    return [[list(random_partition(frames, random.Random(LAYOUT_SEED)))]]
-
-
 # ---------------------------------------------------------------- (a) attention
 def bench_attention(p: dict, device: torch.device, tiny: bool) -> dict:
-    clips = stage_clips(p["frames"]["stage4"])
+    clips = random_clips(p["frames"]["stage4"], LAYOUT_SEED)
     P = patches_per_frame(p["latent_hw"], 2)
     seq = build_sequence(clips, P, max_tokens=10**7, device=device)
     meta = ClipMeta.of(seq)
@@ -134,7 +110,6 @@ def bench_attention(p: dict, device: torch.device, tiny: bool) -> dict:
            "dense": lambda: dense_attention(q, k, v, meta, max_tokens=10**9)}
     out = {"tokens": L, "clips": len(clips[0][0]), "heads": H, "head_dim": D, "dtype": str(dtype).split(".")[-1],
            "allowed_pairs": pairs, "density": pairs / L**2, "backends": {}}
-    clock = Clock(device)
     for name, fn in fns.items():
         backward = name != "flex" or flex_backward
 
@@ -146,7 +121,7 @@ def bench_attention(p: dict, device: torch.device, tiny: bool) -> dict:
         graphs = graphs_compiled()
         reset_peak(device)
         try:
-            seconds = clock.mean_seconds(step, p["attn_warmup"], p["attn_steps"])
+            seconds = timed(step, p["attn_steps"], p["attn_warmup"], functools.partial(sync, device))
         except Exception as e:  # e.g. the dense mask out of memory: keep the other backends' figures
             if tiny:
                 raise
@@ -177,11 +152,10 @@ def bench_model(p: dict, device: torch.device, tiny: bool, compile: bool) -> dic
     out = {"preset": p["preset"], "params": n_params, "dtype": str(dtype).split(".")[-1],
            "activation_checkpointing": True, "compile": compile, "attention": p["attention"],
            "peak_flops": peak, "stages": {}}
-    clock = Clock(device)
     g = torch.Generator().manual_seed(0)
     P = patches_per_frame(p["latent_hw"], cfg.model.patch_size)
     for stage, frames in p["frames"].items():
-        clips = stage_clips(frames)
+        clips = random_clips(frames, LAYOUT_SEED)
         latents = torch.randn(1, frames, cfg.model.latent_channels, *p["latent_hw"], generator=g).to(device)
         batch = Batch(latents, clips)
         tokens = sequence_length(clips[0], P)
@@ -199,9 +173,9 @@ def bench_model(p: dict, device: torch.device, tiny: bool, compile: bool) -> dic
         reset_peak(device)
         t0 = time.perf_counter()
         step()  # the first step compiles: timed on its own
-        clock.sync()
+        sync(device)
         first = time.perf_counter() - t0
-        seconds = clock.mean_seconds(step, p["warmup"] - 1, p["steps"])
+        seconds = timed(step, p["steps"], p["warmup"] - 1, functools.partial(sync, device))
         flops = train_flops(cfg.model, n_params, tokens, pairs)
         out["stages"][stage] = {
             "frames": frames, "clips": len(clips[0][0]), "tokens": tokens, "step_s": seconds,
@@ -213,12 +187,9 @@ def bench_model(p: dict, device: torch.device, tiny: bool, compile: bool) -> dic
 
 # ---------------------------------------------------------------- (c) VAE encode
 def bench_vae(p: dict, device: torch.device, tiny: bool) -> dict:
-    from diffusers import AutoencoderKL  # optional heavy dependency (the precompute extra)
-
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    vae = AutoencoderKL(**(SDXL_VAE if p["vae"] == "sdxl" else tiny_vae_kwargs()))
-    vae = vae.to(device, dtype).eval().requires_grad_(False)
+    vae = random_vae(p["vae"]).to(device, dtype)
     H, W = p["vae_hw"]
     frames = torch.rand(p["vae_batch"], 3, H, W, device=device, dtype=dtype) * 2 - 1
 
@@ -227,7 +198,7 @@ def bench_vae(p: dict, device: torch.device, tiny: bool) -> dict:
         vae.encode(frames).latent_dist.mean
 
     reset_peak(device)
-    seconds = Clock(device).mean_seconds(encode, 1, p["vae_steps"])
+    seconds = timed(encode, p["vae_steps"], 1, functools.partial(sync, device))
     return {"architecture": p["vae"], "height": H, "width": W, "batch": p["vae_batch"],
             "dtype": str(dtype).split(".")[-1], "seconds_per_batch": seconds,
             "frames_per_s": p["vae_batch"] / seconds, "peak_gb": peak_gb(device)}

@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.train_step import random_vae  # noqa: E402
 from data.synthetic.videos import pattern_frames, write_video  # noqa: E402
 from jobconfig.precompute import (
     InputsConfig,
@@ -47,13 +48,8 @@ SIZES = [(256, 144), (224, 128), (192, 144), (160, 128)]
 
 
 def sdxl_shape_vae(directory: Path) -> Path:
-    from diffusers import AutoencoderKL
-
     if not (directory / "config.json").exists():
-        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                            norm_num_groups=32, sample_size=1024, scaling_factor=0.13025)
-        vae.save_pretrained(directory)
+        random_vae("sdxl").save_pretrained(directory)
     return directory
 
 

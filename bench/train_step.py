@@ -7,7 +7,8 @@ reference  the authors' scripts: encode every frame with the VAE inside the
 
 Both run forward + backward + AdamW on the same model (default: sweep size s1,
 width 128, 4 layers) over 48 frames with a random clip partition. Prints the
-ratio of step times measured in this one run (goal >= 2x on CPU).
+ratio of step times measured in this one run (goal >= 2x on CPU). Its VAE
+(`random_vae`) and timer (`timed`) serve bench/gpu.py and bench/precompute.py too.
 
     python bench/train_step.py [--preset s1] [--frames 48] [--size 128] [--steps 3] [--vae sdxl|tiny]
 """
@@ -30,16 +31,30 @@ from jobconfig.loader import load_config  # noqa: E402
 from pretrain.model.videogpt import build_model  # noqa: E402
 from pretrain.training.objective import next_clip_loss, row_seed  # noqa: E402
 
+# the SDXL VAE's architecture (its config.json)
 SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025, sample_size=1024)
 
 
-def timed(fn, steps: int) -> float:
-    fn()  # warm-up
+def random_vae(architecture: str):
+    """A frozen AutoencoderKL with random weights (the cost is the architecture's): "sdxl" or "tiny"."""
+    from diffusers import AutoencoderKL  # optional heavy dependency (the precompute extra)
+
+    kwargs = SDXL_VAE if architecture == "sdxl" else tiny_vae_kwargs()
+    return AutoencoderKL(**kwargs).eval().requires_grad_(False)
+
+
+def timed(fn, steps: int, warmup: int = 1, sync=lambda: None) -> float:
+    """Mean seconds of `fn` over `steps` calls after `warmup` calls; `sync` drains the device at both
+    ends of the timed region (CUDA kernels run asynchronously: bench/gpu.py)."""
+    for _ in range(warmup):
+        fn()
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         fn()
+    sync()
     return (time.perf_counter() - t0) / steps
 
 
@@ -51,10 +66,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--vae", choices=["sdxl", "tiny"], default="sdxl")
     args = p.parse_args()
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(0)
-    vae = AutoencoderKL(**(SDXL_VAE if args.vae == "sdxl" else tiny_vae_kwargs())).eval().requires_grad_(False)
+    vae = random_vae(args.vae)
     frames = torch.rand(1, args.frames, 3, args.size, args.size) * 2 - 1
     with torch.no_grad():
         latents = vae.encode(frames[0]).latent_dist.sample()[None] * vae.config.scaling_factor

@@ -20,14 +20,16 @@ stream exactly from where it stopped (same samples, same frames and clips).
 The state is counted in the main process from the steps *handed out*, so
 samples prefetched by workers but not consumed are served again after resume.
 
-Early filtering: with the frame counts and shapes index.json records, a video
-too short for the stage (or whose shortest draw exceeds max_tokens) is a
-*known skip*: it takes no batch slot, is reported (counted by reason, like
-every skip) by the step at whose pace the skip stream has reached it, and is
-never read; a shard of nothing else is never fetched. A drawn clip partition
-over max_tokens is known from the recorded frame count too, so it is skipped
-unread, in its slot. An older index without those records gives one bucket
-and finds every skip at read time, as before.
+Early filtering (data/buckets.py decides, this module only reads): with the
+shapes index.json records per sample, a video too short for the stage (or
+whose shortest draw exceeds max_tokens) is a *known skip*: it takes no batch
+slot, is reported (counted by reason, like every skip) by the step at whose
+pace the skip stream has reached it, and is never read; a shard of nothing
+else is never fetched. A sample some draw of whose shape could exceed
+max_tokens is planned (frames, interval, clips) before its shard is fetched,
+so a drawn clip partition over max_tokens is skipped unread, in its slot; any
+other is planned once decoded: every sample is planned once. An older index
+without shapes gives one bucket and finds every skip at read time.
 
 Every item yields exactly one record on exactly one rank, a sample or a
 counted skip (too many tokens, corrupt shard or undecodable sample under
@@ -65,27 +67,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.batch import patches_per_frame
 from data.batching import LatentBatch, SampleRecord, collate, copy_serial, numpy_view
-from data.buckets import SKIP_CODES, build_buckets, token_range
-from data.order import (
-    Buckets,
-    DatasetMeta,
-    Schedule,
-    Window,
-    bucket_streams,
-    epoch_order,
-    reader_items,
-    resolve_num_streams,
-)
-from data.shard_format import ShardFormatError, decode_sample, get_fs, read_index
+from data.buckets import SKIP_BAD_SAMPLE, SKIP_CODES, SKIP_CORRUPT, Buckets, build_buckets, plan_or_skip, token_range
+from data.order import Schedule, Window, bucket_streams, epoch_order, reader_items, resolve_num_streams
+from data.shard_format import DatasetMeta, ShardFormatError, decode_sample, get_fs, read_index
 from data.shards import CorruptShardError, ShardSource
-from data.stage import SKIP_SHORT, SKIP_TOKENS, plan_sample, sample_rng, sample_tokens
+from data.stage import SamplePlan
 from jobconfig.data import DataConfig
 from jobconfig.errors import ConfigError
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2
-SKIP_CORRUPT = "corrupt_shard"
-SKIP_BAD_SAMPLE = "corrupt_sample"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -180,67 +171,52 @@ class _Readers(IterableDataset):
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
         """(shard, index in shard) per epoch position, and the bucket streams, of one epoch."""
         if epoch not in self._orders:
-            cfg, sizes = self.cfg, self.meta.sizes
+            cfg, sizes, bk = self.cfg, self.meta.sizes, self.buckets
             args = (cfg.seed, epoch, self.num_streams, cfg.shuffle_buffer)
             self._orders = {e: v for e, v in self._orders.items() if e >= epoch - 1}
-            self._orders[epoch] = (*epoch_order(sizes, *args), bucket_streams(sizes, self.buckets, *args))
+            self._orders[epoch] = (*epoch_order(sizes, *args), bucket_streams(sizes, bk.code, len(bk.names), *args))
         return self._orders[epoch]
 
     def _window_records(self, source: ShardSource, window: Window, worker: int,
                         workers: int) -> Iterator[SampleRecord]:
         """This worker's records of a window, by step (samples in slot order, then known skips).
-        Its shard needs are handed to `source` first, so fetching runs ahead of decoding."""
+        Each sample is planned once: before any read when some draw of its recorded shape could exceed
+        max_tokens (a planned skip is never read), else once decoded. The shard needs are handed to
+        `source` first, so fetching runs ahead of decoding."""
         meta, sched, N, nb = self.meta, self.schedule, self.meta.num_samples, len(self.schedule.sizes)
         steps, bks, items, skips = reader_items(window, sched.batch, sched.world_size, self.rank, worker, workers)
-        plan = []  # (step, epoch, p, shard, idx, known skip reason or None)
+        # (step, epoch, p, shard, idx, outcome): a SamplePlan, a skip reason, or None: planned once
+        # decoded (the plans of a whole window are not held at once)
+        stage, todo = self.cfg.stage, []
         for step, b, i in zip(steps.tolist(), bks.tolist(), items.tolist()):
             epoch, m = divmod(i, sched.sizes[b])
             sh, ix, streams = self._epoch(epoch)
             p = int(streams[b][m])
-            plan.append((step, epoch, p, int(sh[p]), int(ix[p]), None))
+            shard, idx = int(sh[p]), int(ix[p])
+            outcome = None
+            if meta.shapes is not None:
+                T, _, h, w = meta.shapes[int(meta.offsets[shard]) + idx].tolist()
+                if token_range(stage, (h, w))[1] > stage.max_tokens:  # only its draw says if it fits: plan now
+                    outcome = plan_or_skip(stage, self.cfg.seed, epoch, p, T, (h, w))
+            todo.append((step, epoch, p, shard, idx, outcome))
         for step, k in zip(skips[0].tolist(), skips[1].tolist()):
             epoch, m = divmod(k, sched.num_skips)
             sh, ix, streams = self._epoch(epoch)
             p = int(streams[nb][m])
             shard, idx = int(sh[p]), int(ix[p])
-            plan.append((step, epoch, p, shard, idx, SKIP_CODES[int(self.buckets.code[meta.offsets[shard] + idx])]))
-        plan.sort(key=lambda x: x[0])  # stable: a step's samples stay in slot order, before its skips
-        needs = [((epoch, shard), idx) for step, epoch, p, shard, idx, known in plan
-                 if known is None and self._needs_read(epoch, p, shard, idx)]
-        source.extend(needs)
-        for step, epoch, p, shard, idx, known in plan:
-            rec = SampleRecord(epoch * N + p, epoch, p, meta.names[shard], step=step, skip=known)
-            if rec.skip is None and meta.frames is not None:  # the plan needs only the recorded frame count
-                v = int(meta.offsets[shard]) + idx
-                rec.skip = self._plan(rec, int(meta.frames[v]), tuple(meta.shapes[v, 2:].tolist()))
+            todo.append((step, epoch, p, shard, idx, SKIP_CODES[int(self.buckets.code[meta.offsets[shard] + idx])]))
+        todo.sort(key=lambda x: x[0])  # stable: a step's samples stay in slot order, before its skips
+        source.extend(((epoch, shard), idx) for _, epoch, _, shard, idx, outcome in todo
+                      if not isinstance(outcome, str))
+        for step, epoch, p, shard, idx, outcome in todo:
+            rec = SampleRecord(epoch * N + p, epoch, p, meta.names[shard], step=step,
+                               skip=outcome if isinstance(outcome, str) else None)
             if rec.skip is None:
-                self._read(rec, source.take((epoch, shard), idx), shard, idx)
+                self._read(rec, outcome, source.take((epoch, shard), idx), shard, idx)
             yield rec
 
-    def _needs_read(self, epoch: int, p: int, shard: int, idx: int) -> bool:
-        """False when the recorded frame count and shape already say the draw is too many tokens."""
-        if self.meta.frames is None:
-            return True
-        v = int(self.meta.offsets[shard]) + idx
-        hw = tuple(self.meta.shapes[v, 2:].tolist())
-        if token_range(self.cfg.stage, hw)[1] <= self.cfg.stage.max_tokens:
-            return True  # no draw can exceed the limit
-        rec = SampleRecord(0, epoch, p, "")
-        return self._plan(rec, int(self.meta.frames[v]), hw) is None
-
-    def _plan(self, rec: SampleRecord, frames: int, hw: tuple[int, int]) -> str | None:
-        """Frames, interval and clips of the sample from (seed, epoch, position); a skip reason or None."""
-        stage = self.cfg.stage
-        plan = plan_sample(stage, frames, sample_rng(self.cfg.seed, rec.epoch, rec.position))
-        if plan is None:
-            return SKIP_SHORT
-        rec.patches = patches_per_frame(hw, stage.patch_size)
-        if sample_tokens(stage, plan.clips, hw) > stage.max_tokens:
-            return SKIP_TOKENS
-        rec.frame_indices, rec.interval, rec.clips = plan.frame_indices, plan.interval, plan.clips
-        return None
-
-    def _read(self, rec: SampleRecord, got, shard: int, idx: int) -> None:
+    def _read(self, rec: SampleRecord, plan: SamplePlan | None, got, shard: int, idx: int) -> None:
+        """Decode the sample and cut its planned frames, or set why it is skipped."""
         cfg = self.cfg
         if isinstance(got, CorruptShardError):
             if cfg.corrupt_shards == "fail":
@@ -263,10 +239,14 @@ class _Readers(IterableDataset):
             log.warning("skipping an undecodable sample (data.corrupt_shards=skip): %s", e)
             rec.skip = SKIP_BAD_SAMPLE
             return
-        if self.meta.frames is None:  # an older index: the plan needs the decoded frame count
-            rec.skip = self._plan(rec, latents.shape[0], tuple(latents.shape[-2:]))
-            if rec.skip is not None:
+        hw = tuple(latents.shape[-2:])
+        if plan is None:  # the decoded shape is the recorded one (checked above), or none was recorded
+            plan = plan_or_skip(cfg.stage, cfg.seed, rec.epoch, rec.position, latents.shape[0], hw)
+            if isinstance(plan, str):
+                rec.skip = plan
                 return
+        rec.frame_indices, rec.interval, rec.clips = plan.frame_indices, plan.interval, plan.clips
+        rec.patches = patches_per_frame(hw, cfg.stage.patch_size)
         # evenly spaced frames: a strided view in the stored dtype; a worker moves it as is (bf16 is
         # half the bytes of fp32) and collate converts while copying it into the batch
         f = rec.frame_indices
@@ -283,11 +263,9 @@ class LatentLoader:
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank: got {rank}, expected 0 <= rank < world_size={world_size}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        fs, root = get_fs(cfg.root, cfg.storage_options)
-        index = read_index(fs, root)
         where = f"{cfg.root}/index.json"
-        self.meta = DatasetMeta.from_index(index, where=where)
-        self.buckets = build_buckets(self.meta, cfg, index.get("latent_shape"), where=where)
+        self.meta = DatasetMeta.from_index(read_index(*get_fs(cfg.root, cfg.storage_options)), where=where)
+        self.buckets = build_buckets(self.meta, cfg, where=where)
         self.num_streams = resolve_num_streams(cfg.num_streams, len(self.meta.names))
         self.cursors: tuple[int, ...] = (0,) * len(self.buckets.names)
         self.skips_reported = 0                  # known skips reported (the skip stream's cursor)
@@ -356,12 +334,11 @@ class LatentLoader:
         else:
             records = iter(dataset)
         dtype, parts, W = _DTYPES[cfg.dtype], max(1, cfg.num_workers), self.world_size
-        cursors = list(self.cursors)
         for window in schedule.windows():
             expect = reader_items(window, schedule.batch, W, self.rank, 0, 1)
             counts = np.bincount(expect[0] - window.first_step, minlength=len(window)) \
                 + np.bincount(expect[3][0] - window.first_step, minlength=len(window))
-            for t, (b, start) in enumerate(zip(window.bucket.tolist(), window.start.tolist())):
+            for t in range(len(window)):
                 buf = []
                 for _ in range(parts):
                     chunk = next(records, None)
@@ -383,7 +360,6 @@ class LatentLoader:
                 self.corrupt_shards.update(r.shard for r in buf if r.skip == SKIP_CORRUPT)
                 self.stats["steps"] += 1
                 self.stats["samples"] += len(buf) - len(batch.skipped)
-                cursors[b] = schedule.normalize(b, start + schedule.global_batch[b])
-                self.cursors = tuple(cursors)  # before yielding: state_dict() now includes this step
-                self.skips_reported = int(window.skips_hi[t])
+                # before yielding: state_dict() now includes this step
+                self.cursors, self.skips_reported = schedule.advance(self.cursors, window, t)
                 yield batch

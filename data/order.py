@@ -1,9 +1,9 @@
-"""The global sample order and who reads what: pure functions of metadata.
+"""The global sample order and who reads what: pure arithmetic on metadata.
 
-Everything here is computed from index.json alone (shard names, sample counts,
-hashes, and where recorded each sample's frame count and latents shape), never
-from data, rank or worker state, so every process of every run derives the
-same answers.
+Everything here is computed from the shards' sample counts (index.json, read
+by data/shard_format.py) and each sample's bucket code (data/buckets.py),
+never from data, rank or worker state, so every process of every run derives
+the same answers. Nothing here reads a file.
 
 **Epoch order** (`epoch_order`): a pure function of (seed, epoch) over the
 dataset's shards:
@@ -22,7 +22,7 @@ dataset's shards:
      the end of the epoch). A sample is named by (epoch, p); its per-sample
      randomness and its global index epoch * N + p derive from that name.
 
-**Buckets** (`Buckets`, built by data/buckets.py): every sample is in one
+**Buckets** (data/buckets.py, given here as each sample's bucket code): every sample is in one
 shape bucket (same latent h x w, so a batch of one bucket has one shape), or
 is known unusable for the stage from its recorded frame count (a *known
 skip*, reported without reading it). Bucket b's *stream* lists its n_b
@@ -42,11 +42,11 @@ epochs at the same pace, so batches of the shapes are mixed in proportion.
 The known skips are reported at the same pace: step t reports those of
 progress in [F_{t-1}, F_t), F_t being the progress of the next step. Progress
 is an integer, (epoch << 32) + floor(2^32 * offset / n_b), so every process
-sorts identically. The state is one cursor per bucket (items consumed); the
-bucket streams do not depend on world size, batch sizes or workers, so a
+sorts identically. The state is one cursor per bucket (items consumed, moved
+past a step by `Schedule.advance`) plus the count of known skips reported;
+the bucket streams do not depend on world size, batch sizes or workers, so a
 resume on any layout continues every bucket exactly where it stopped (only
-how the buckets interleave over steps depends on G), plus the count of known
-skips reported.
+how the buckets interleave over steps depends on G).
 
 **Ranks and workers**: rank r takes the items i = r (mod W) of each step
 (any G_b consecutive items hold batch_b of each class), and DataLoader worker
@@ -79,10 +79,8 @@ every shard.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterator, Literal
 
 import numpy as np
@@ -91,63 +89,6 @@ from jobconfig.errors import ConfigError
 
 PROGRESS_BITS = 32
 _FRAC = (1 << PROGRESS_BITS) - 1
-
-
-@dataclass(frozen=True)
-class DatasetMeta:
-    """What the order needs from index.json. `frames` / `shapes`: per sample (flat index: `offsets`
-    of its shard + its index in the shard), the recorded frame count and latents shape [T, C, h, w];
-    None when index.json predates them."""
-    names: tuple[str, ...]
-    sizes: tuple[int, ...]
-    sha256: tuple[str, ...]
-    num_bytes: tuple[int, ...]
-    frames: np.ndarray | None = field(default=None, compare=False)  # [num_samples] by flat index
-    shapes: np.ndarray | None = field(default=None, compare=False)  # [num_samples, 4] by flat index
-
-    @classmethod
-    def from_index(cls, index: dict, where: str = "index.json") -> "DatasetMeta":
-        try:
-            shards = [s for s in index["shards"] if int(s["num_samples"]) > 0]
-            meta = cls(tuple(s["name"] for s in shards), tuple(int(s["num_samples"]) for s in shards),
-                       tuple(s["sha256"] for s in shards), tuple(int(s["bytes"]) for s in shards))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"{where}: shard list lacks {e} (expected name, num_samples, sha256, bytes)") from None
-        if not meta.names:
-            raise ConfigError(f"{where}: the dataset has no samples")
-        if all("sample_shapes" in s and "sample_frames" in s for s in shards):  # else: an older index
-            frames, shapes = [], []
-            for s in shards:
-                n = int(s["num_samples"])
-                try:
-                    f = np.asarray(s["sample_frames"], dtype=np.int64)
-                    sh = np.asarray(s["sample_shapes"], dtype=np.int64)
-                    ok = f.shape == (n,) and sh.shape == (n, 4)
-                except (TypeError, ValueError):
-                    ok = False
-                if not ok:
-                    raise ConfigError(f"{where}: shard {s['name']}: sample_frames / sample_shapes must list one frame "
-                                      f"count and one [T, C, h, w] per sample ({n} samples)")
-                frames.append(f)
-                shapes.append(sh)
-            meta = cls(meta.names, meta.sizes, meta.sha256, meta.num_bytes, np.concatenate(frames),
-                       np.concatenate(shapes))
-        return meta
-
-    @property
-    def num_samples(self) -> int:
-        return sum(self.sizes)
-
-    @cached_property
-    def offsets(self) -> np.ndarray:
-        """Flat sample index of each shard's first sample (shards in index order)."""
-        return np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
-
-    @cached_property
-    def fingerprint(self) -> str:
-        """Changes when any shard is added, removed or rewritten: a resumed run must see the same data."""
-        blob = json.dumps([self.names, self.sizes, self.sha256]).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def resolve_num_streams(configured: int, num_shards: int) -> int:
@@ -195,33 +136,6 @@ def epoch_order(sizes: tuple[int, ...], seed: int, epoch: int, num_streams: int,
     return out_sh, out_ix
 
 
-@dataclass(frozen=True, eq=False)  # compared by identity: `code` is an array
-class Buckets:
-    """Every sample's bucket: `code` per flat sample index (data.order.DatasetMeta.offsets + index in
-    shard) is a bucket number >= 0, or < 0 for a known skip (data/buckets.py says which reason)."""
-    code: np.ndarray
-    names: tuple[str, ...]
-    batch: tuple[int, ...]   # per-rank batch size of each bucket
-
-    @cached_property  # `code` never changes; these are read at every schedule and loader state
-    def sizes(self) -> tuple[int, ...]:
-        return tuple(np.bincount(self.code[self.code >= 0], minlength=len(self.names)).tolist())
-
-    @cached_property
-    def num_known_skips(self) -> int:
-        return int((self.code < 0).sum())
-
-    @cached_property
-    def flat(self) -> bool:
-        """One bucket, nothing known to skip: the bucket stream is the epoch order itself."""
-        return len(self.names) == 1 and not self.num_known_skips
-
-    @cached_property
-    def fingerprint(self) -> str:
-        """Changes when the bucket streams would (shapes, or which samples the stage can use)."""
-        return hashlib.sha256(self.code.astype(np.int32).tobytes() + json.dumps(self.names).encode()).hexdigest()[:16]
-
-
 def _pieces(pos: np.ndarray, num_streams: int, rotate: int) -> np.ndarray:
     """Epoch positions of a bucket reordered like the epoch order itself: stream-major (stream 0's in
     order, then stream 1's, ...), cut into S equal pieces, interleaved round-robin from piece `rotate`
@@ -236,16 +150,18 @@ def _pieces(pos: np.ndarray, num_streams: int, rotate: int) -> np.ndarray:
     return major[starts[(m % S + rotate) % S] + m // S]
 
 
-def bucket_streams(sizes: tuple[int, ...], buckets: Buckets, seed: int, epoch: int, num_streams: int,
-                   shuffle_buffer: int) -> tuple[np.ndarray, ...]:
-    """Epoch positions p of each bucket's stream in this epoch, then of the known skips' stream."""
+def bucket_streams(sizes: tuple[int, ...], code: np.ndarray, num_buckets: int, seed: int, epoch: int,
+                   num_streams: int, shuffle_buffer: int) -> tuple[np.ndarray, ...]:
+    """Epoch positions p of each bucket's stream in this epoch, then of the known skips' stream.
+    `code`: each sample's bucket (< 0: a known skip) by flat index (shards in index order)."""
     sh, ix = epoch_order(sizes, seed, epoch, num_streams, shuffle_buffer)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    code = buckets.code[offsets[sh] + ix]
+    flat = num_buckets == 1 and bool((code >= 0).all())
+    code = code[offsets[sh] + ix]
     out = []
-    for b in range(len(buckets.names) + 1):
-        pos = np.flatnonzero(code == b if b < len(buckets.names) else code < 0).astype(np.int64)
-        rotate = 0 if buckets.flat else (epoch * len(pos)) % num_streams
+    for b in range(num_buckets + 1):
+        pos = np.flatnonzero(code == b if b < num_buckets else code < 0).astype(np.int64)
+        rotate = 0 if flat else (epoch * len(pos)) % num_streams
         out.append(_pieces(pos, num_streams, rotate))
     return tuple(out)
 
@@ -370,19 +286,12 @@ class Schedule:
             done += len(starts)
             e += 1
 
-    def cursors_after(self, steps: int) -> tuple[tuple[int, ...], int]:
-        """Per-bucket cursors and known skips reported after `steps` global steps from the start."""
-        cur, reported = list(self.start), self.skips_start
-        if steps <= 0:
-            return tuple(cur), reported
-        for w in self.windows():
-            take = min(steps - w.first_step, len(w))
-            for b, s in zip(w.bucket[:take].tolist(), w.start[:take].tolist()):
-                cur[b] = self.normalize(b, s + self.global_batch[b])
-            reported = int(w.skips_hi[take - 1])
-            if w.first_step + take >= steps:
-                break
-        return tuple(cur), reported
+    def advance(self, cursors: tuple[int, ...], w: Window, t: int) -> tuple[tuple[int, ...], int]:
+        """The cursors, and the count of known skips reported, once step t of window w is served."""
+        b = int(w.bucket[t])
+        cur = list(cursors)
+        cur[b] = self.normalize(b, int(w.start[t]) + self.global_batch[b])
+        return tuple(cur), int(w.skips_hi[t])
 
 
 def reader_items(w: Window, batch: tuple[int, ...], world: int, rank: int, worker: int,

@@ -3,14 +3,17 @@ by the precompute farm (writer) and the streaming loader (reader).
 
     <root>/shards/<name>-NNNNNN.tar    WebDataset: <key>.latents.safetensors, <key>.meta.json
     <root>/shards/<name>-NNNNNN.json   manifest, written only after the tar is complete (the commit)
-    <root>/index.json                  committed shards (with each sample's frame count and latents shape),
-                                       counts, latent shape/dtype, VAE identity, config hash
+    <root>/index.json                  committed shards (with each sample's latents shape [T, C, h, w]),
+                                       counts, latent dtype, VAE identity, config hash
     <root>/errors/<key>.json           one record per rejected input, with its reason
 
 `root` is anything fsspec understands: `/path`, `file:///path`, `s3://bucket/prefix`.
 Tars are built in memory with a fixed mtime so that the same inputs give
 byte-identical shards, hashed, uploaded in one PUT, and only then is the
 manifest written: a reader that sees a manifest sees a complete tar.
+
+`DatasetMeta` is index.json as every reader uses it (the loader, the trainer's
+data source, the preflight): read once per process, never re-parsed.
 """
 from __future__ import annotations
 
@@ -19,15 +22,18 @@ import io
 import json
 import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterable, Iterator
 
 import fsspec
+import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from data.object_store import open_fs
+from jobconfig.errors import ConfigError
 
 FORMAT_VERSION = 1
 LATENTS_MEMBER = "latents.safetensors"
@@ -94,40 +100,40 @@ def build_tar(samples: Iterable[tuple[str, dict[str, bytes]]]) -> bytes:
 
 
 def iter_tar(data: bytes | io.BufferedIOBase, where: str = "") -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Tar bytes (or a stream) -> (key, members) in order; truncation raises ShardFormatError."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        yield from _group_members(_members_of_bytes(data, where))
-        return
-    yield from _group_members(_members_of_stream(data, where))
-
-
-def _members_of_stream(fileobj, where: str) -> Iterator[tuple[str, bytes]]:
-    try:
-        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-            for info in tar:
-                if info.isfile():
-                    f = tar.extractfile(info)
-                    yield info.name, (f.read() if f is not None else b"")
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise ShardFormatError(f"{where}: corrupt or truncated tar: {e}") from None
+    """Tar bytes (or a binary file, read whole: a shard is only ever used whole) -> (key, members) in
+    order. Any truncation raises ShardFormatError, wherever the cut falls."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            data = data.read()
+        except OSError as e:
+            raise ShardFormatError(f"{where}: cannot read the tar: {e}") from None
+    yield from _group_members(_members_of_bytes(data, where))
 
 
 def _members_of_bytes(data: bytes | bytearray | memoryview, where: str) -> Iterator[tuple[str, bytes]]:
-    """Whole shard in memory: read only the headers, slice the payloads (several times
-    faster than streaming every byte through tarfile)."""
+    """Read only the headers, slice the payloads (several times faster than streaming every byte
+    through tarfile). tarfile takes a cut at (or inside) a header after the first for the end of the
+    archive, so the end is checked here: the end-of-archive marker (two zero blocks) and zero padding
+    to a whole record, as tarfile (build_tar) and GNU tar write it."""
     view = memoryview(data)
     try:
         infos = tarfile.open(fileobj=io.BytesIO(data), mode="r:").getmembers()
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardFormatError(f"{where}: corrupt or truncated tar: {e}") from None
+    end = 0
     for info in infos:
-        if not info.isfile():
-            continue
         end = info.offset_data + info.size
         if end > len(view):
             raise ShardFormatError(f"{where}: corrupt or truncated tar: member {info.name!r} ends at byte "
                                    f"{end} but the file has {len(view)}")
-        yield info.name, bytes(view[info.offset_data:end])
+        end = -(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    tail = view[end:]
+    if len(tail) < 2 * tarfile.BLOCKSIZE or len(view) % tarfile.RECORDSIZE or bytes(tail).count(0) != len(tail):
+        raise ShardFormatError(f"{where}: corrupt or truncated tar: {len(view)} bytes, no end-of-archive marker "
+                               f"and record padding after the last member (ends at byte {end})")
+    for info in infos:
+        if info.isfile():
+            yield info.name, bytes(view[info.offset_data:info.offset_data + info.size])
 
 
 def _group_members(members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -153,10 +159,9 @@ class ShardManifest:
     bytes: int
     sha256: str
     format_version: int = FORMAT_VERSION
-    # Per sample, aligned with `keys`: stored frames and the latents' shape [T, C, h, w]. They let the
-    # loader skip samples a stage cannot use, and group samples by shape, without opening the tar.
-    # None in manifests written before they were recorded.
-    sample_frames: list[int] | None = None
+    # Per sample, aligned with `keys`: the latents' shape [T, C, h, w] (T: its stored frames). It lets
+    # the loader skip samples a stage cannot use, and group samples by shape, without opening the tar.
+    # None in manifests written before it was recorded.
     sample_shapes: list[list[int]] | None = None
 
     def to_json(self) -> str:
@@ -165,7 +170,9 @@ class ShardManifest:
     @classmethod
     def from_json(cls, text: str, where: str = "") -> "ShardManifest":
         try:
-            return cls(**json.loads(text))
+            fields = json.loads(text)
+            fields.pop("sample_frames", None)  # manifests of before sample_shapes[:, 0] was the only copy
+            return cls(**fields)
         except Exception as e:
             raise ShardFormatError(f"{where}: bad manifest: {e}") from None
 
@@ -179,9 +186,7 @@ def commit_shard(fs: fsspec.AbstractFileSystem, root: str, stem: str, tar_bytes:
     if shapes is not None and len(shapes) != len(keys):
         raise ShardFormatError(f"{stem}: {len(shapes)} sample shapes for {len(keys)} keys")
     manifest = ShardManifest(stem, list(keys), len(keys), int(num_frames), len(tar_bytes),
-                             hashlib.sha256(tar_bytes).hexdigest(),
-                             sample_frames=[s[0] for s in shapes] if shapes is not None else None,
-                             sample_shapes=shapes)
+                             hashlib.sha256(tar_bytes).hexdigest(), sample_shapes=shapes)
     fs.makedirs(f"{root}/shards", exist_ok=True)
     fs.pipe_file(f"{root}/shards/{stem}.tar", tar_bytes)
     fs.pipe_file(f"{root}/shards/{stem}.json", manifest.to_json().encode())
@@ -206,8 +211,7 @@ def write_index(fs: fsspec.AbstractFileSystem, root: str, manifests: dict[str, S
     """index.json: committed shards in name order plus dataset-wide facts (latent shape, dtype, VAE, config hash)."""
     shards = [{"name": m.name, "num_samples": m.num_samples, "num_frames": m.num_frames,
                "bytes": m.bytes, "sha256": m.sha256,
-               **({"sample_frames": m.sample_frames, "sample_shapes": m.sample_shapes}
-                  if m.sample_shapes is not None else {})}
+               **({"sample_shapes": m.sample_shapes} if m.sample_shapes is not None else {})}
               for m in sorted(manifests.values(), key=lambda m: m.name)]
     index = {"format_version": FORMAT_VERSION, "num_shards": len(shards),
              "num_samples": sum(s["num_samples"] for s in shards),
@@ -228,6 +232,66 @@ def read_index(fs: fsspec.AbstractFileSystem, root: str) -> dict:
     if index.get("format_version") != FORMAT_VERSION:
         raise ShardFormatError(f"{path}: format_version {index.get('format_version')!r}, expected {FORMAT_VERSION}")
     return index
+
+
+@dataclass(frozen=True)
+class DatasetMeta:
+    """What readers need from index.json. `shapes`: per sample (flat index: `offsets` of its shard + its
+    index in the shard) the recorded latents shape [T, C, h, w]; None when index.json predates it.
+    `latent_shape`: the dataset-wide [C, h, w] some writers record (data/synthetic), else None."""
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    sha256: tuple[str, ...]
+    num_bytes: tuple[int, ...]
+    shapes: np.ndarray | None = field(default=None, compare=False)  # [num_samples, 4] by flat index
+    latent_shape: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_index(cls, index: dict, where: str = "index.json") -> "DatasetMeta":
+        try:
+            shards = [s for s in index["shards"] if int(s["num_samples"]) > 0]
+            names, sizes = tuple(s["name"] for s in shards), tuple(int(s["num_samples"]) for s in shards)
+            sha, nbytes = tuple(s["sha256"] for s in shards), tuple(int(s["bytes"]) for s in shards)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: shard list lacks {e} (expected name, num_samples, sha256, bytes)") from None
+        if not names:
+            raise ConfigError(f"{where}: the dataset has no samples")
+        shapes = None
+        if all("sample_shapes" in s for s in shards):  # else: an older index
+            shapes = []
+            for s, n in zip(shards, sizes):
+                try:
+                    sh = np.asarray(s["sample_shapes"], dtype=np.int64)
+                except (TypeError, ValueError):
+                    sh = None
+                if sh is None or sh.shape != (n, 4):
+                    raise ConfigError(f"{where}: shard {s['name']}: sample_shapes must list one [T, C, h, w] per "
+                                      f"sample ({n} samples)")
+                shapes.append(sh)
+            shapes = np.concatenate(shapes)
+        recorded = index.get("latent_shape")
+        latent_shape = tuple(int(x) for x in recorded) if isinstance(recorded, list) and len(recorded) >= 2 else None
+        return cls(names, sizes, sha, nbytes, shapes, latent_shape)
+
+    @property
+    def frames(self) -> np.ndarray | None:
+        """Stored frames of every sample (by flat index), or None when index.json predates shapes."""
+        return None if self.shapes is None else self.shapes[:, 0]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.sizes)
+
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        """Flat sample index of each shard's first sample (shards in index order)."""
+        return np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Changes when any shard is added, removed or rewritten: a resumed run must see the same data."""
+        blob = json.dumps([self.names, self.sizes, self.sha256]).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def write_error(fs: fsspec.AbstractFileSystem, root: str, key: str, source: str, reason: str) -> None:

@@ -32,8 +32,7 @@ from typing import Iterable
 import fsspec
 
 from data.object_store import retrying
-from data.order import DatasetMeta
-from data.shard_format import ShardFormatError, iter_tar
+from data.shard_format import DatasetMeta, ShardFormatError, iter_tar
 
 
 class CorruptShardError(ShardFormatError):

@@ -11,7 +11,7 @@ asks for F frames at a frame interval d, split into clips:
 
 A video that cannot give F frames, or whose sample exceeds `max_tokens`
 (data.batch.sequence_length), is not an error: it is skipped with a
-reason and counted by the loader. All draws come from the RNG the caller
+reason (data/buckets.py, `plan_or_skip`) and counted by the loader. All draws come from the RNG the caller
 passes, seeded by (seed, epoch, global position): never from worker or rank
 state, so the same position gives the same sample in every parallel layout.
 """
@@ -23,9 +23,6 @@ from dataclasses import dataclass
 
 from data.batch import patches_per_frame, sequence_length
 from jobconfig.data import StageSamplingConfig
-
-SKIP_SHORT = "too_short"
-SKIP_TOKENS = "too_many_tokens"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Video -> model-ready frames: decode (PyAV), sample, resize, crop, normalise.
 
 Any container/codec FFmpeg reads works; the file is opened through fsspec so
-inputs can be local or on object storage. Geometry follows METHOD.md (and the
+inputs can be local or on object storage (a remote input is read from the store
+once per decode, however many passes the decode makes over it). Geometry follows METHOD.md (and the
 reference's `crop_arr`): resize so the long side is at most `max_image_size`
 (bicubic, aspect kept, sides rounded), then center-crop both sides down to
 multiples of 16, putting the odd pixel at the end. Rejection rules (too few
@@ -23,17 +24,22 @@ which gives the same frames, only slower.
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import BinaryIO, Callable, ContextManager, Iterator, Optional
 
 import av
 import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
+from fsspec.implementations.local import LocalFileSystem
 
 from data.shard_format import get_fs
 from jobconfig.precompute import VideoConfig
+
+_SPOOL_BYTES = 256 << 20  # a remote input is held in memory up to this size, in a local temp file past it
 
 
 class VideoRejected(Exception):
@@ -181,7 +187,10 @@ class _Source:
 
 
 @contextmanager
-def _open(uri: str, cfg: VideoConfig, storage_options: dict | None, threads: int) -> Iterator[_Source]:
+def _fetched(uri: str, storage_options: dict | None) -> Iterator[Callable[[], ContextManager[BinaryIO]]]:
+    """An opener of the input that every pass of a decode (probe, seeks, decode from the start) uses,
+    so a remote input is read from its store once: it is copied into a spooled temporary file (memory
+    up to _SPOOL_BYTES, local disk past it) that each pass rewinds. A local file is opened as is."""
     fs, path = get_fs(uri, storage_options)
     try:
         size = fs.size(path)
@@ -189,7 +198,24 @@ def _open(uri: str, cfg: VideoConfig, storage_options: dict | None, threads: int
         raise VideoRejected("file not found") from None
     if not size:
         raise VideoRejected("empty file (0 bytes)")
-    with fs.open(path, "rb") as f:
+    if isinstance(fs, LocalFileSystem):
+        yield lambda: fs.open(path, "rb")
+        return
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as spool:
+        with fs.open(path, "rb") as f:
+            shutil.copyfileobj(f, spool, 8 << 20)
+
+        @contextmanager
+        def rewound() -> Iterator[BinaryIO]:
+            spool.seek(0)
+            yield spool
+
+        yield rewound
+
+
+@contextmanager
+def _open(opener: Callable[[], ContextManager[BinaryIO]], cfg: VideoConfig, threads: int) -> Iterator[_Source]:
+    with opener() as f:
         try:
             container = av.open(f, mode="r")
         except (av.error.FFmpegError, ValueError, EOFError) as e:
@@ -276,21 +302,22 @@ def decode_segment(uri: str, cfg: VideoConfig, storage_options: dict | None = No
     """Read `uri` (any fsspec URL) and return the sampled, resized, cropped uint8 frames of one segment
     (`segment_bounds`). Segment 0 probes the file; give its `.table` to the other segments' calls."""
     frames, decoded = None, 0
-    with _open(uri, cfg, storage_options, threads) as src:
-        table = table or _probe(src, cfg)
-        if table is not None and table.pts is not None:
+    with _fetched(uri, storage_options) as opener:
+        with _open(opener, cfg, threads) as src:
+            table = table or _probe(src, cfg)
+            if table is not None and table.pts is not None:
+                _check_count(table, segment, cfg)
+                start, end = segment_bounds(len(table.kept), cfg)[segment]
+                try:
+                    frames = _decode_seeking(src, table, table.kept[start:end])
+                except (_Mismatch, av.error.FFmpegError, EOFError):
+                    frames = None  # the packets misled us: decode from the start below
+            facts, decoded = src, src.decoded
+        if frames is None:
+            with _open(opener, cfg, threads) as src:
+                table, frames = _decode_pass(src, cfg, segment)
+                decoded += src.decoded
             _check_count(table, segment, cfg)
-            start, end = segment_bounds(len(table.kept), cfg)[segment]
-            try:
-                frames = _decode_seeking(src, table, table.kept[start:end])
-            except (_Mismatch, av.error.FFmpegError, EOFError):
-                frames = None  # the packets misled us: decode from the start below
-        facts, decoded = src, src.decoded
-    if frames is None:
-        with _open(uri, cfg, storage_options, threads) as src:
-            table, frames = _decode_pass(src, cfg, segment)
-            decoded += src.decoded
-        _check_count(table, segment, cfg)
     bounds = segment_bounds(len(table.kept), cfg)
     start, end = bounds[segment]
     frames = frames[:end - start]

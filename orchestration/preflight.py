@@ -6,32 +6,32 @@ set-up; `vgpt precompute` and `vgpt predict` run their own. Each problem is a
 line prints one line and exits 2 (orchestration/cli) instead of failing with a
 traceback after minutes of set-up, or, worse, training on nothing.
 
-No check touches the network: for s3:// paths only the presence of
-credentials is checked (environment, profile, shared credentials file, or
-`anon: true` in the key's storage_options).
+No check touches the network but to read a dataset's index.json: for s3://
+paths only the presence of credentials is checked (environment, profile,
+shared credentials file, or `anon: true` in the key's storage_options). The
+dataset checks read no shard: they ask the data layer (data/buckets.py) what
+the loader will make of the shapes index.json records per sample.
 """
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data.batch import patches_per_frame, sequence_length
-from data.shard_format import LATENTS_MEMBER, META_MEMBER, ShardFormatError, get_fs, iter_tar, read_index
+from data.buckets import build_buckets
+from data.shard_format import DatasetMeta, ShardFormatError, get_fs, read_index
 from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
-from pretrain.checkpoint.export import CONFIG_NAME, export_path, read_export_metadata
+from pretrain.checkpoint.export import CONFIG_NAME, export_exists, export_path, read_export_metadata
 from pretrain.checkpoint.storage import is_remote, verify_checkpoint
+from pretrain.training.resume_plan import NAMED_MODES, plan_resume
 
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE",
           "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
 ASSUME_S3 = "VGPT_ASSUME_S3_CREDENTIALS"  # =1: credentials come from elsewhere (an EC2 instance role)
-MAX_SHARDS_SCANNED = 16  # the "is any video long enough" scan reads at most this many shards
 
 
 def local_path(path: str) -> Path:
@@ -118,21 +118,13 @@ def check_export_file(path: str, key: str) -> dict:
         raise ConfigError(f"{key}: {e}") from None
 
 
-def check_resume(resume: str) -> None:
-    if resume in ("auto", "none", "fresh") or is_remote(resume):  # the modes: pretrain/training/trainer.py
+def check_resume(resume: str, out_dir: str | None = None) -> None:
+    """What `--resume` will do (pretrain/training/resume_plan.py), refused now rather than once the
+    process groups are up: a checkpoint directory must be complete; auto, none and fresh are planned
+    for `out_dir` (a stage's). Sizes are checked against the manifests here; the Trainer re-hashes."""
+    if resume in NAMED_MODES and (out_dir is None or is_remote(out_dir)):
         return
-    p = Path(resume)
-    if not p.exists():
-        raise ConfigError(f"--resume: {resume} does not exist (expected auto, none, fresh or a checkpoint directory)")
-    if not p.is_dir():
-        raise ConfigError(f"--resume: {resume} is a file, expected a checkpoint directory (e.g. <out_dir>/checkpoints/"
-                          "step_000100)")
-    try:
-        problems = verify_checkpoint(p, full=False)
-    except Exception as e:  # noqa: BLE001 - anything unreadable is not a checkpoint
-        problems = [str(e)]
-    if problems:
-        raise ConfigError(f"--resume: {resume} is not a complete checkpoint: {'; '.join(map(str, problems))[:300]}")
+    plan_resume(resume, local_path(out_dir or "."), problems=lambda ckpt: verify_checkpoint(ckpt, full=False))
 
 
 # ---------------------------------------------------------------- dataset
@@ -154,74 +146,33 @@ def read_dataset_index(root: str, storage_options: dict, key: str = "data.root")
     return index
 
 
-def _frames_of(members: dict[str, bytes]) -> int | None:
-    meta = members.get(META_MEMBER)
-    if meta is not None:
-        try:
-            n = json.loads(meta).get("frames")
-            if isinstance(n, int):
-                return n
-        except (ValueError, AttributeError):
-            pass
-    data = members.get(LATENTS_MEMBER)
-    if data is not None and len(data) >= 8:  # safetensors: u64 header size, JSON header with shapes
-        try:
-            (size,) = struct.unpack("<Q", data[:8])
-            header = json.loads(data[8:8 + size])
-            return int(header["latents"]["shape"][0])
-        except (ValueError, KeyError, IndexError, TypeError):
-            return None
-    return None
-
-
-def check_sampleable(name: str, cfg: JobConfig, index: dict) -> None:
-    """Some video of the dataset has enough frames for data.stage.frames at the smallest interval."""
+def check_dataset(name: str, cfg: JobConfig, index: dict) -> None:
+    """The stage can use some sample of the dataset, decided as the loader decides it: its own shape
+    buckets (data/buckets.py), built from the shapes index.json records per sample, refuse a stage
+    whose videos are all too short, or none of whose samples fits data.stage.max_tokens even at its
+    shortest draw, naming the key. An index of before per-sample shapes gives only shard totals: a
+    stage longer than every shard's frames in all is refused, the rest is left to the loader."""
     st, root = cfg.data.stage, cfg.data.root
-    need = st.min_video_frames()
-    shards = [s for s in index["shards"] if isinstance(s, dict)]
-    if not shards or not index.get("num_samples"):
-        raise ConfigError(f"{name}: data.root: {root}/index.json lists no samples (has the precompute job finished?)")
-    longest_possible = max(int(s.get("num_frames", 0)) for s in shards)
-    where = (f"data.stage.frames={st.frames} at interval >= "
-             f"{st.interval_value if st.interval == 'fixed' else st.interval_min} needs videos of >= {need} frames")
-    if longest_possible < need:
-        raise ConfigError(f"{name}: {where}, but no shard of {root} holds that many frames in all "
-                          f"(at most {longest_possible}); every sample would be skipped")
-    fs, froot = get_fs(root, cfg.data.storage_options)
-    longest = 0
-    for s in [s for s in shards if int(s.get("num_frames", 0)) >= need][:MAX_SHARDS_SCANNED]:
-        path = f"{froot}/shards/{s['name']}.tar"
-        try:
-            with fs.open(path, "rb") as f:
-                for _, members in iter_tar(io.BufferedReader(f) if not hasattr(f, "peek") else f, where=path):
-                    n = _frames_of(members)
-                    if n is None or n >= need:
-                        return  # long enough (or unknown: the loader decides)
-                    longest = max(longest, n)
-        except (ShardFormatError, OSError):
-            return  # the loader reports corrupt shards by data.corrupt_shards
-    if len(shards) <= MAX_SHARDS_SCANNED:
-        raise ConfigError(f"{name}: {where}, but the longest video in {root} has {longest} frames; every sample "
-                          "would be skipped (lower data.stage.frames or the interval)")
-
-
-def check_token_limits(name: str, cfg: JobConfig, index: dict | None) -> None:
-    """The smallest sequence F frames can make is one clip: F * (patches + 2) tokens; it must fit
-    data.stage.max_tokens and model.max_tokens."""
-    st = cfg.data.stage
     if st.max_tokens > cfg.model.max_tokens:
         raise ConfigError(f"{name}: data.stage.max_tokens={st.max_tokens} exceeds model.max_tokens="
                           f"{cfg.model.max_tokens}; the loader would hand the model sequences it refuses")
-    shape = (index or {}).get("latent_shape")
-    if not shape or len(shape) < 3:
-        return
-    patches = patches_per_frame((shape[1], shape[2]), cfg.model.patch_size)
-    need = sequence_length([[st.frames]], patches)
-    limit = min(st.max_tokens, cfg.model.max_tokens)
-    if need > limit:
-        raise ConfigError(f"{name}: data.stage.frames={st.frames} needs at least {need} tokens per sample at "
-                          f"latent {shape[1]}x{shape[2]} ({patches} patches per frame), above the token "
-                          f"limit {limit} (data.stage.max_tokens / model.max_tokens)")
+    shards = [s for s in index["shards"] if isinstance(s, dict)]
+    if not shards or not index.get("num_samples"):
+        raise ConfigError(f"{name}: data.root: {root}/index.json lists no samples (has the precompute job finished?)")
+    where = f"{root}/index.json"
+    try:
+        meta = DatasetMeta.from_index(index, where=where)
+        if meta.shapes is None:
+            need = st.min_video_frames()
+            longest_possible = max(int(s.get("num_frames", 0)) for s in shards)
+            if longest_possible < need:
+                d = st.interval_value if st.interval == "fixed" else st.interval_min
+                raise ConfigError(f"data.stage.frames={st.frames} at interval >= {d} needs videos of >= {need} "
+                                  f"frames, but no shard of {root} holds that many frames in all (at most "
+                                  f"{longest_possible}); every sample would be skipped")
+        build_buckets(meta, cfg.data, where=where)
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}") from None
 
 
 # ---------------------------------------------------------------- commands
@@ -238,6 +189,9 @@ def check_train(plan: list[tuple[str, JobConfig]], only_stage: int | None = None
         check_s3_credentials(cfg.train, "train")
         out_dir = str(Path(base_out) / name) if chained else cfg.train.out_dir
         check_writable_dir(out_dir, "train.out_dir")
+        if resume in NAMED_MODES and not (chained and only_stage is None and resume == "auto"
+                                          and export_exists(export_path(out_dir))):  # finished: run_plan skips it
+            check_resume(resume, out_dir)
         if cfg.train.init_from:
             check_export_file(cfg.train.init_from, "train.init_from")
         elif chained and only_stage is not None and i > 1:
@@ -248,8 +202,7 @@ def check_train(plan: list[tuple[str, JobConfig]], only_stage: int | None = None
         ckey = (cfg.data.root, json.dumps(cfg.data.storage_options, sort_keys=True, default=str))
         if ckey not in indexes:
             indexes[ckey] = read_dataset_index(cfg.data.root, cfg.data.storage_options)
-        check_token_limits(name, cfg, indexes[ckey])
-        check_sampleable(name, cfg, indexes[ckey])
+        check_dataset(name, cfg, indexes[ckey])
 
 
 def check_precompute(cfg) -> None:

@@ -44,6 +44,7 @@ from jobconfig.precompute import VideoConfig
 from pretrain.checkpoint.export import export_exists, export_path, read_export_metadata
 from pretrain.evaluation.figures import plot_loss_curves, read_loss_curve, write_strip
 from pretrain.inference.pipeline import predict_videos, resolve_recipe
+from pretrain.training.metric_sinks import METRICS_FILE
 
 VIDEO_SIZE, VIDEO_FRAMES, FPS = 64, 40, 8
 
@@ -119,8 +120,8 @@ def train_overrides(latents: Path, out: Path, scale: Scale) -> list[str]:
 def report(workdir: Path, out: Path, summary: dict, vae_stats: dict, scale: Scale, timings: dict) -> dict:
     rep = workdir / "report"
     rep.mkdir(parents=True, exist_ok=True)
-    curves = {f"stage{i}": read_loss_curve(out / f"stage{i}" / "metrics.jsonl") for i in range(1, 5)
-              if (out / f"stage{i}" / "metrics.jsonl").is_file()}
+    curves = {f"stage{i}": read_loss_curve(out / f"stage{i}" / METRICS_FILE) for i in range(1, 5)
+              if (out / f"stage{i}" / METRICS_FILE).is_file()}
     plot_loss_curves(curves, rep / "loss.png")
     rows = []
     for m in summary["per_video"][:4]:

@@ -8,7 +8,8 @@
 #   bash scripts/install.sh [--with-system-tools]
 #
 # System packages are installed only with --with-system-tools or in CI (CI set): shellcheck, the
-# linter tests/test_launch.py runs over the rendered Slurm/torchrun scripts (skipped without it).
+# linter tests/test_launch.py runs over the rendered Slurm/torchrun scripts (skipped without it, except
+# in CI, where a failed install of it stops this script and its test fails).
 # Nothing else the tests use comes from the system: videos are read and written with PyAV, whose
 # wheels carry their own FFmpeg libraries. apt-get runs as root, or through sudo when there is one.
 set -euo pipefail
@@ -43,15 +44,31 @@ fi
 DS_SPEC="$(grep -o '"deepspeed[^"]*"' pyproject.toml | head -n 1 | tr -d '"')"
 python -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $PIP --no-build-isolation "$DS_SPEC"
 $PIP -e ".[dev]"
+# On a CPU-only torch, DeepSpeed's gloo backend loads its shared-memory collective op, which it compiles
+# just in time on first use (about a minute on 2 cores, then cached in ~/.cache/torch_extensions): build
+# it now, once, instead of inside the first training run (or the first test that starts one).
+if python -c 'import sys, torch; sys.exit(torch.version.cuda is not None or torch.cuda.is_available())' 2>/dev/null; then
+  if ! DS_ACCELERATOR=cpu python -c "
+from deepspeed.accelerator import get_accelerator
+builder = get_accelerator().create_op_builder('ShareMemCommBuilder')
+builder is None or builder.load(verbose=False)" >/dev/null 2>&1; then
+    echo "install.sh: note: DeepSpeed's CPU shared-memory op did not build now; DeepSpeed builds it on first use" >&2
+  fi
+fi
 
 if [ "$SYSTEM_TOOLS" = 1 ] && ! command -v shellcheck >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else SUDO="-"; fi
   if [ "$SUDO" = "-" ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "install.sh: cannot install shellcheck (needs apt-get and root or sudo); its test will be skipped" >&2
+    if [ -n "${CI:-}" ]; then exit 1; fi  # in CI its test fails without it: say so here, first
   else
     echo "install.sh: installing shellcheck with apt-get" >&2
     if ! { $SUDO apt-get update -qq >/dev/null \
            && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq shellcheck >/dev/null; }; then
+      if [ -n "${CI:-}" ]; then
+        echo "install.sh: ERROR: apt-get could not install shellcheck, which CI's launch tests need" >&2
+        exit 1
+      fi
       echo "install.sh: WARNING: apt-get could not install shellcheck; its test will be skipped" >&2
     fi
   fi

@@ -6,13 +6,20 @@ One debug-model Trainer (real DeepSpeed engine, world size 1) trains an
 uninterrupted run and records its losses. Then, per trial, the state at step 4
 is restored, a child is forked that starts the real background save of step 4
 and SIGKILLs itself at one point of it: at the k-th write of a file (any file,
-any slice), just before the manifest (rank 0's commit), or after the commit.
-The parent then does what a restarted run does: the one checkpoint-choice rule
-(`CheckpointStore.choose`) over the root, `Trainer.resume` from what it
-picked, one training step, and compares that step's loss with the
-uninterrupted run's loss at the same step. Forking keeps twenty kills to
-seconds (no interpreter start, no engine build per kill). Prints one JSON
-line per trial.
+any slice), just before the manifest (rank 0's commit), between the commit's
+two writes (the manifest and `latest`), or after the commit.
+The parent then does what a restarted run does: `Trainer.resume("auto")`
+(the resume plan: the one checkpoint-choice rule over the root, every file
+re-hashed, the chosen checkpoint loaded), one training step, and compares
+that step's loss with the uninterrupted run's loss at the same step. Forking
+keeps twenty kills to seconds (no interpreter start, no engine build per
+kill). Prints one JSON line per trial.
+
+How the child ended is recorded, not assumed: it writes the point it is
+about to die at into a marker file and then SIGKILLs itself; a save that
+finishes without reaching its point exits with NOT_REACHED instead. One more
+run, the control, asks for a point past the last write: its child must
+report that it was never killed (the harness can tell a kill from none).
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ import random
 import shutil
 import signal
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -32,10 +41,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from jobconfig.loader import load_config  # noqa: E402
+from pretrain.checkpoint import manager  # noqa: E402
 from pretrain.checkpoint.storage import CheckpointStore, tag_for  # noqa: E402
 from pretrain.training.trainer import Trainer  # noqa: E402
 
 BASE_STEP, SAVE_STEP, LAST_STEP = 2, 4, 5
+NOT_REACHED = 3  # the child's exit status when its save finished without reaching the kill point
+FAILED = 4  # the child's exit status when its save raised
 
 
 def losses_of(trainer: Trainer, upto: int) -> dict[int, float]:
@@ -44,6 +56,64 @@ def losses_of(trainer: Trainer, upto: int) -> dict[int, float]:
         record = trainer.train_step()
         out[record["step"]] = float(record["loss"])
     return out
+
+
+def save_and_die(trainer: Trainer, point, marker: Path) -> None:
+    """In the forked child: the background save of SAVE_STEP, SIGKILLed at `point` after writing it to
+    `marker`; exits NOT_REACHED when the save finishes first."""
+    def die() -> None:
+        marker.write_text(str(point))
+        os.kill(os.getpid(), signal.SIGKILL)
+    count = [0]
+
+    def on_write(n: int) -> None:
+        count[0] += 1
+        if count[0] == point:
+            die()
+    trainer.ckpt.on_write = on_write
+    if point == "before_commit":
+        trainer.ckpt.before_commit = lambda step: die()
+    if point == "mid_commit":  # the commit is two writes, the manifest and `latest`: dies after the first
+        for name in ("write_manifest", "write_latest"):
+            real = getattr(manager, name)
+            setattr(manager, name, lambda *args, real=real: (real(*args), die()))
+    trainer.ckpt.save(trainer.engine, SAVE_STEP, trainer.trainer_state(), model=trainer.model, background=True)
+    trainer.ckpt.wait()
+    if point == "committed":
+        die()
+    os._exit(NOT_REACHED)  # a point past the last write: the save finished, nothing killed it
+
+
+def kill_and_restart(trainer: Trainer, root: Path, golden: Path, point, work: Path) -> dict:
+    """Start the background save of SAVE_STEP in a forked child that dies at `point`; then restart as a
+    run does (`Trainer.resume("auto")`) and train one step. What happened, as a dict."""
+    shutil.rmtree(root)
+    shutil.copytree(golden, root, ignore=shutil.ignore_patterns(tag_for(SAVE_STEP)))
+    (root / "latest").write_text(tag_for(BASE_STEP))
+    trainer.resume(str(golden / tag_for(SAVE_STEP)))
+    marker = work / "killed_at"
+    marker.unlink(missing_ok=True)
+    pid = os.fork()
+    if pid == 0:  # the child: the real background save, killed at `point`; it never returns
+        try:
+            save_and_die(trainer, point, marker)
+        finally:
+            traceback.print_exc()
+            os._exit(FAILED)
+    _, status = os.waitpid(pid, 0)
+    ended = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.WEXITSTATUS(status)}")
+    killed_at = marker.read_text() if marker.exists() else None
+    latest = CheckpointStore(root).latest()  # as the killed save left it
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        plan = trainer.resume("auto")  # what a restarted run does
+    record = trainer.train_step()
+    return {"point": point, "ended": ended, "killed_at": killed_at,
+            "killed": os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and killed_at == str(point),
+            "chosen": plan.checkpoint.name if plan.checkpoint else None, "skipped": [str(s) for s in plan.skipped],
+            "warned": [str(w.message) for w in warned if str(w.message).startswith("checkpoint ")], "latest": latest,
+            "latest_complete": latest is not None and not CheckpointStore(root).verify(latest),
+            "step": record["step"], "loss": float(record["loss"])}
 
 
 def main() -> int:
@@ -74,35 +144,13 @@ def main() -> int:
     points += [rng.randint(1, writes[0]) for _ in range(max(0, trials - len(points)))]
     print(json.dumps({"writes_per_save": writes[0], "reference": reference}), flush=True)
     for trial, point in enumerate(points[:trials]):
-        shutil.rmtree(root)
-        shutil.copytree(golden, root, ignore=shutil.ignore_patterns(tag_for(SAVE_STEP)))
-        (root / "latest").write_text(tag_for(BASE_STEP))
-        trainer.resume(str(golden / tag_for(SAVE_STEP)))
-        pid = os.fork()
-        if pid == 0:  # the child: the real background save, killed at `point`
-            count = [0]
-
-            def on_write(n: int) -> None:
-                count[0] += 1
-                if count[0] == point:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            trainer.ckpt.on_write = on_write
-            if point == "before_commit":
-                trainer.ckpt.before_commit = lambda step: os.kill(os.getpid(), signal.SIGKILL)
-            trainer.ckpt.save(trainer.engine, SAVE_STEP, trainer.trainer_state(), model=trainer.model,
-                              background=True)
-            trainer.ckpt.wait()
-            os.kill(os.getpid(), signal.SIGKILL)  # "committed", or a point past the last write
-        _, status = os.waitpid(pid, 0)
-        store = CheckpointStore(root)
-        tag, skipped = store.choose()
-        trainer.resume(str(root / tag))
-        record = trainer.train_step()
-        step, loss = record["step"], float(record["loss"])
-        print(json.dumps({"trial": trial, "point": point, "killed": os.WIFSIGNALED(status)
-                          and os.WTERMSIG(status) == signal.SIGKILL, "chosen": tag, "skipped": skipped,
-                          "latest": store.latest(), "step": step, "loss": loss,
-                          "reference": reference[step]}), flush=True)
+        t = kill_and_restart(trainer, root, golden, point, work)
+        print(json.dumps({"trial": trial, **t, "reference": reference[t["step"]]}), flush=True)
+    # between the commit's two writes: `latest` must still name a complete checkpoint
+    t = kill_and_restart(trainer, root, golden, "mid_commit", work)
+    print(json.dumps({"mid_commit": {**t, "reference": reference[t["step"]]}}), flush=True)
+    control = kill_and_restart(trainer, root, golden, writes[0] + 1, work)  # past the last write: never reached
+    print(json.dumps({"control": {**control, "reference": reference[control["step"]]}}), flush=True)
     return 0
 
 

@@ -60,3 +60,69 @@ def no_s3_credentials(tmp_path, monkeypatch):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     return tmp_path
+
+
+# ---------------------------------------------------------------- training runs shared by several files
+@pytest.fixture(scope="session")
+def one_rank_run(tmp_path_factory):
+    """One process, 10 steps, checkpoints at 5 and 10, fake AWS credentials in its environment (tests/runs.py
+    ONE_RANK): the run that test_fail_loudly_ckpt, test_checkpoint, test_checkpoint_s3 and test_secrets
+    read. Read-only: copy it (runs.copy_run) to change it."""
+    from tests.runs import AWS, ONE_RANK, train
+
+    out = tmp_path_factory.mktemp("one_rank_run")
+    train(out, *ONE_RANK, env_extra=AWS)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000005", "step_00000010"]
+    return out
+
+
+@pytest.fixture(scope="session")
+def two_rank_zero2_watched(tmp_path_factory):
+    """(run dir, every address its process tree listened on): 2 ranks x 1 row under ZeRO-2 through
+    `vgpt train --nproc 2` (the loopback torchrun), 20 steps, a checkpoint every 5 (tests/runs.py
+    TWO_RANK_ZERO2), its sockets polled while it ran. Read-only."""
+    import sys
+
+    from tests.runs import TINY, TWO_RANK_ZERO2, env
+    from tests.sockets import run_watching_sockets
+
+    out = tmp_path_factory.mktemp("two_rank_zero2")
+    env_ = env()
+    env_.pop("GLOO_SOCKET_IFNAME", None)  # the run must choose loopback itself
+    rc, log, seen = run_watching_sockets([sys.executable, "-m", "orchestration.cli", "train", *TINY,
+                                          f"--train.out_dir={out}", *TWO_RANK_ZERO2], env_)
+    assert rc == 0, log[-3000:]
+    return out, seen
+
+
+@pytest.fixture(scope="session")
+def two_rank_zero2(two_rank_zero2_watched):
+    """The run of `two_rank_zero2_watched`: the reference of test_trainer's ZeRO-2 tests and of
+    test_checkpoint_layout."""
+    return two_rank_zero2_watched[0]
+
+
+@pytest.fixture(scope="session")
+def rendered_torchrun(tmp_path_factory):
+    """The torchrun launch of stage 1 rendered for the local-cpu cluster (1 node x 2 processes), run as
+    written (`bash torchrun.sh`) with its sockets polled: test_launch checks that it trains, test_loopback
+    that it listened on loopback only. Returns (launch.json, run dir, exit code, output, addresses seen)."""
+    import json
+    import sys
+
+    from orchestration.launch.plan import plan_launch, render
+    from tests.runs import LAUNCH_TINY, REPO, env
+    from tests.sockets import run_watching_sockets
+
+    tmp = tmp_path_factory.mktemp("rendered_torchrun")
+    out = tmp / "run"
+    spec = plan_launch(1, str(REPO / "configs/cluster/local-cpu.yaml"),
+                       overrides=[*LAUNCH_TINY, f"--train.out_dir={out}"],
+                       cluster_overrides=[f"--rendezvous.port={free_port()}", f"--python={sys.executable}",
+                                          f"--workdir={REPO}"])
+    render(spec, "torchrun", tmp / "launch")
+    meta = json.loads((tmp / "launch" / "launch.json").read_text())
+    env_ = env()
+    env_.pop("GLOO_SOCKET_IFNAME", None)
+    rc, log, seen = run_watching_sockets(["bash", str(tmp / "launch" / "torchrun.sh")], env_)
+    return meta, out, rc, log, seen

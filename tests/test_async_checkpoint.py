@@ -1,9 +1,10 @@
 """Checkpoints that do not stall training and hold no pickle (issue 17, acceptance 1-2).
 
 - SIGKILL at 20 points of a background save (any write of any file, just
-  before the commit, after it): the one checkpoint-choice rule always finds the
-  newest complete checkpoint, `latest` never names an incomplete one, and the
-  loss of the step after resuming equals the uninterrupted run's.
+  before the commit, after it), each kill recorded by the child as it dies: a
+  restart (`Trainer.resume("auto")`, the one checkpoint-choice rule) always
+  finds the newest complete checkpoint, `latest` never names an incomplete
+  one, and the loss of the step after resuming equals the uninterrupted run's.
 - No code path that loads a checkpoint this version writes calls torch.load or
   pickle: checked in the source (only the legacy reader may, with
   weights_only) and at run time (torch.load and the unpickler made to fail
@@ -33,23 +34,44 @@ def test_sigkill_during_background_saves_always_resumes_the_newest_complete(tmp_
                          capture_output=True, text=True, timeout=900, env=ENV, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    head, trials = rows[0], rows[1:]
+    (control,) = [r["control"] for r in rows if "control" in r]
+    (mid_commit,) = [r["mid_commit"] for r in rows if "mid_commit" in r]
+    head, trials = rows[0], [r for r in rows[1:] if "control" not in r and "mid_commit" not in r]
     assert len(trials) == 20 and head["writes_per_save"] > 20
     for t in trials:
         assert t["killed"], t
+        # SIGKILLed, at the point asked for (not a save that ended, or died, some other way)
+        assert t["ended"] == "signal 9" and t["killed_at"] == str(t["point"]), t
         committed = t["point"] == "committed"
         # killed before its manifest: the save is skipped, named, and the older one is used
         assert t["chosen"] == ("step_00000004" if committed else "step_00000002"), t
         assert t["latest"] == t["chosen"], t  # `latest` never points at an incomplete checkpoint
         assert bool(t["skipped"]) != committed and all("manifest.json: missing" in s for s in t["skipped"]), t
+        # the restarted run says what it skipped and why (`Trainer.resume("auto")`, as a restart does)
+        assert len(t["warned"]) == len(t["skipped"]) and all(
+            "step_00000004 is not usable" in w and "manifest.json: missing" in w for w in t["warned"]), t
         assert t["loss"] == t["reference"], t  # bitwise: the resumed step is the uninterrupted step
     assert {t["chosen"] for t in trials} == {"step_00000002", "step_00000004"}
+    # killed between the commit's two writes: the manifest commits the save, `latest` (not yet moved) still
+    # names a complete checkpoint, and the restart takes the newest
+    t = mid_commit
+    assert t["killed"] and t["ended"] == "signal 9" and t["killed_at"] == "mid_commit", t
+    assert t["latest_complete"] and t["chosen"] == "step_00000004" and not t["skipped"], t
+    assert t["loss"] == t["reference"], t
+    assert all(t["latest_complete"] for t in trials), trials
+    # a kill point past the last write is never reached: the harness sees it, it does not count it as a kill
+    assert not control["killed"] and control["ended"] == "exit 3" and control["killed_at"] is None, control
+    assert control["chosen"] == control["latest"] == "step_00000004" and not control["skipped"], control
+    assert control["loss"] == control["reference"], control
 
 
 # ---------------------------------------------------------------- no pickle
 READERS = ["pretrain/checkpoint/sharded.py", "pretrain/checkpoint/manager.py", "pretrain/checkpoint/storage.py",
            "pretrain/checkpoint/portable.py", "pretrain/checkpoint/integrity.py", "pretrain/checkpoint/export.py",
-           "pretrain/checkpoint/safetensors_stream.py", "orchestration/cli/ckpt.py", "pretrain/training/trainer.py"]
+           "pretrain/checkpoint/safetensors_stream.py", "pretrain/checkpoint/formats.py",
+           "pretrain/checkpoint/full_state.py", "pretrain/checkpoint/optimizer_fragments.py",
+           "orchestration/cli/ckpt.py", "pretrain/training/trainer.py",
+           "pretrain/training/resume_plan.py"]
 
 
 def _calls(path: Path) -> list[str]:
@@ -139,8 +161,9 @@ LEGACY = """
 import os, sys, torch
 from pathlib import Path
 from jobconfig.loader import load_config
+from pretrain.checkpoint.formats import Format
 from pretrain.checkpoint.integrity import CheckpointError, write_manifest
-from pretrain.checkpoint.manager import LEGACY_PT, CheckpointManager
+from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.training.trainer import Trainer
 out, marker = Path(sys.argv[1]), sys.argv[2]
 def config(steps):
@@ -149,7 +172,7 @@ def config(steps):
 with Trainer(config(4)) as t:  # an earlier version's run: DeepSpeed's .pt files
     for _ in range(2):
         t.train_step()
-    CheckpointManager(out / "checkpoints", write_format=LEGACY_PT).save(t.engine, t.step, t.trainer_state())
+    CheckpointManager(out / "checkpoints", write_format=Format.LEGACY_PT).save(t.engine, t.step, t.trainer_state())
 with Trainer(config(3)) as t:  # this version resumes it (same layout: DeepSpeed's loader, weights_only)
     t.run()
 # plant a payload in the biggest .pt and recompute the manifest, as someone with write access could

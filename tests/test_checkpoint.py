@@ -3,11 +3,6 @@ checkpoints, and the `vgpt ckpt` tools. CPU, gloo, the real DeepSpeed engine."""
 from __future__ import annotations
 
 import json
-import os
-import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,42 +12,22 @@ from jobconfig.errors import ConfigError
 from jobconfig.model import ModelConfig
 from pretrain.checkpoint.export import load_exported_model, read_export_tensors, save_export
 from pretrain.model.videogpt import build_model
+from tests.runs import TINY, TWO_RANK_STEPS, TWO_RANK_ZERO2, cli, copy_run, rows_by_step, vgpt
 
-REPO = Path(__file__).resolve().parents[1]
-BASE = ["--config", str(REPO / "configs/debug.yaml"), "--parallel.precision=fp32", "--train.steps=12",
-        "--train.checkpoint_every=5", "--train.log_every=4", "--train.tensorboard=false",
-        "--synthetic.frames=6", "--model.attention=blockwise"]
-
-
-def vgpt(*args: str, fault_env: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    for k in ("VGPT_FAULT_KILL", "VGPT_FAULT_CKPT"):
-        env.pop(k, None)
-    env.update(fault_env or {})
-    return subprocess.run([sys.executable, "-m", "orchestration.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=REPO)
-
-
-def rows_by_step(out: Path) -> dict[int, list[int]]:
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        rows[m["step"]] = m["sample_rows"]
-    return rows
+BASE = [*TINY, "--train.steps=12", "--train.checkpoint_every=5", "--train.log_every=4"]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    res = vgpt("train", *BASE, f"--train.out_dir={out}", "--nproc=2")
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
+def uninterrupted(two_rank_zero2):
+    """2 ranks under ZeRO-2, 20 steps, checkpoints every 5 steps: the shared run (tests/conftest.py)."""
+    return two_rank_zero2
 
 
-def test_sigkilled_rank_restarts_and_finishes_bitwise(uninterrupted, tmp_path):
-    kill_step = random.Random(os.getpid()).choice([6, 7, 8, 9])  # between the checkpoints at 5 and 10
-    res = vgpt("train", *BASE, f"--train.out_dir={tmp_path}", "--nproc=2", "--max-restarts=1",
-               fault_env={"VGPT_FAULT_KILL": f"1:{kill_step}"})
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_step", [6, 7, 8, 9])  # every step between the checkpoints at 5 and 10
+def test_sigkilled_rank_restarts_and_finishes_bitwise(uninterrupted, tmp_path, kill_step):
+    res = vgpt("train", *TINY, *TWO_RANK_ZERO2, f"--train.out_dir={tmp_path}", "--max-restarts=1",
+               env_extra={"VGPT_FAULT_KILL": f"1:{kill_step}"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed debug from" in res.stdout and "step_00000005 at step 5" in res.stdout
     a, b = read_export_tensors(tmp_path / "export"), read_export_tensors(uninterrupted / "export")
@@ -61,41 +36,44 @@ def test_sigkilled_rank_restarts_and_finishes_bitwise(uninterrupted, tmp_path):
     assert rows_by_step(tmp_path) == rows_by_step(uninterrupted)
 
 
-def test_corrupt_newest_checkpoint_is_named_and_skipped(tmp_path):
-    assert vgpt("train", *BASE, "--train.steps=10", f"--train.out_dir={tmp_path}").returncode == 0
-    newest = tmp_path / "checkpoints" / "step_00000010"
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_is_named_and_skipped(one_rank_run, tmp_path):
+    run = copy_run(one_rank_run, tmp_path / "run")  # ONE_RANK: 10 steps, checkpoints at 5 and 10
+    newest = run / "checkpoints" / "step_00000010"
     victim = max((p for p in newest.iterdir() if p.name.endswith(".safetensors")), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    res = vgpt("ckpt", "verify", str(tmp_path))
+    res = cli("ckpt", "verify", str(run))
     assert res.returncode == 1 and f"{victim}: " in res.stdout and "step_00000005: ok" in res.stdout
-    res = vgpt("train", *BASE, f"--train.out_dir={tmp_path}")  # steps=12: resume, must fall back to step 5
+    res = vgpt("train", *BASE, f"--train.out_dir={run}")  # steps=12: resume, must fall back to step 5
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"checkpoint {newest} is not usable" in res.stderr and victim.name in res.stderr
     assert "resumed debug from" in res.stdout and "step_00000005 at step 5" in res.stdout
 
 
+@pytest.mark.slow
 def test_save_killed_half_way_never_becomes_latest(tmp_path):
-    res = vgpt("train", *BASE, f"--train.out_dir={tmp_path}", fault_env={"VGPT_FAULT_CKPT": "before_manifest:10"})
+    res = vgpt("train", *BASE, f"--train.out_dir={tmp_path}", env_extra={"VGPT_FAULT_CKPT": "before_manifest:10"})
     assert res.returncode != 0
     ckpts = tmp_path / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000005"
     assert (ckpts / "step_00000010").is_dir() and not (ckpts / "step_00000010" / "manifest.json").exists()
-    listing = vgpt("ckpt", "list", str(tmp_path)).stdout
+    listing = cli("ckpt", "list", str(tmp_path)).stdout
     assert "step_00000010" in listing and "INCOMPLETE" in listing and "step_00000005" in listing
     res = vgpt("train", *BASE, f"--train.out_dir={tmp_path}")
     assert res.returncode == 0 and "step_00000005 at step 5" in res.stdout
 
 
+@pytest.mark.slow
 def test_ckpt_export_equals_the_live_model_and_loads_with_safetensors_alone(uninterrupted, tmp_path):
     out = tmp_path / "exported"
-    res = vgpt("ckpt", "export", str(uninterrupted), "--out", str(out))
+    res = cli("ckpt", "export", str(uninterrupted), "--out", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     config = json.loads((out / "config.json").read_text())
-    assert config["hidden_size"] == 64 and config["_videogpt"]["step"] == 12
+    assert config["hidden_size"] == 64 and config["_videogpt"]["step"] == TWO_RANK_STEPS
     a, b = load_file(str(out / "diffusion_pytorch_model.safetensors")), read_export_tensors(uninterrupted / "export")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    inspect = vgpt("ckpt", "inspect", str(uninterrupted)).stdout
-    assert "step 12" in inspect and "backbone.layers.0.self_attn.qkv_proj.weight" in inspect and "(192, 64)" in inspect
+    inspect = cli("ckpt", "inspect", str(uninterrupted)).stdout
+    assert f"step {TWO_RANK_STEPS}" in inspect and "backbone.layers.0.self_attn.qkv_proj.weight" in inspect and "(192, 64)" in inspect
 
 
 def test_export_of_an_earlier_format_is_refused_naming_it(tmp_path):

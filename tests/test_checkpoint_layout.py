@@ -23,14 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from test_checkpoint import rows_by_step, vgpt
 
 from pretrain.checkpoint.export import read_export_tensors
+from tests.runs import TINY, TWO_RANK_STEPS, cli, rows_by_step, vgpt
 
-REPO = Path(__file__).resolve().parents[1]
-STEPS = 20
-BASE = ["--config", str(REPO / "configs/debug.yaml"), "--parallel.precision=fp32", f"--train.steps={STEPS}",
-        "--train.log_every=10", "--train.tensorboard=false", "--synthetic.frames=6", "--model.attention=blockwise"]
+pytestmark = pytest.mark.slow  # every test here trains through DeepSpeed or reads such a run
+
+STEPS = TWO_RANK_STEPS
+BASE = [*TINY, f"--train.steps={STEPS}", "--train.log_every=10"]
 TWO_RANKS = ["--nproc=2", "--train.batch_size=1"]
 ONE_RANK = ["--train.batch_size=2"]
 
@@ -71,10 +71,9 @@ def start_from(checkpoint: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("two_ranks_zero2")
-    train(out, *TWO_RANKS, "--parallel.zero_stage=2", "--train.checkpoint_every=10")
-    return out
+def uninterrupted(two_rank_zero2):
+    """2 ranks x 1 row, ZeRO-2, a checkpoint every 5 steps: the shared run (tests/conftest.py)."""
+    return two_rank_zero2
 
 
 @pytest.fixture(scope="module")
@@ -97,18 +96,18 @@ def test_two_rank_checkpoint_resumes_on_one_rank(resumed_on_one_rank, uninterrup
 
 def test_one_rank_checkpoint_resharded_resumes_on_two_ranks(resumed_on_one_rank, uninterrupted, tmp_path):
     src, _ = resumed_on_one_rank
-    res = vgpt("ckpt", "reshard", str(src), "--step", "15", "--dp", "2", "--out", str(tmp_path / "checkpoints"))
+    res = cli("ckpt", "reshard", str(src), "--step", "15", "--dp", "2", "--out", str(tmp_path / "checkpoints"))
     assert res.returncode == 0, res.stderr[-2000:]
-    res = vgpt("ckpt", "verify", str(tmp_path))
+    res = cli("ckpt", "verify", str(tmp_path))
     assert res.returncode == 0 and "step_00000015: ok" in res.stdout, res.stdout + res.stderr[-2000:]
-    assert "portable" in vgpt("ckpt", "list", str(tmp_path)).stdout
+    assert "portable" in cli("ckpt", "list", str(tmp_path)).stdout
     stdout = train(tmp_path, *TWO_RANKS, "--parallel.zero_stage=2")
     assert "loading portable checkpoint" in stdout and "step_00000015 at step 15" in stdout
     assert_matches(tmp_path, uninterrupted, first_step=16)
 
 
 def test_reshard_refuses_a_layout_the_model_cannot_split(uninterrupted, tmp_path):
-    res = vgpt("ckpt", "reshard", str(uninterrupted), "--dp", "1", "--tp", "3", "--out", str(tmp_path / "x"))
+    res = cli("ckpt", "reshard", str(uninterrupted), "--dp", "1", "--tp", "3", "--out", str(tmp_path / "x"))
     assert res.returncode == 2 and "parallel.tensor_parallel=3 does not divide model.num_heads=4" in res.stderr
     assert not (tmp_path / "x").exists()
 
@@ -126,7 +125,7 @@ def test_zero3_tp2_export_equals_the_live_model(zero3_tp2, tmp_path):
     ckpt = zero3_tp2 / "checkpoints" / "step_00000010"
     assert (ckpt / "model-tp01.safetensors").is_file() and (ckpt / "rank-00001.safetensors").is_file()  # TP rank 1
     out = tmp_path / "exported.safetensors"
-    res = vgpt("ckpt", "export", str(zero3_tp2), "--out", str(out))
+    res = cli("ckpt", "export", str(zero3_tp2), "--out", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     with safe_open(str(out), framework="pt") as f:  # safetensors alone: no torch.load, no DeepSpeed
         got = {k: f.get_tensor(k) for k in f.keys()}

@@ -7,19 +7,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_checkpoint import BASE, vgpt
 
 from pretrain.checkpoint.export import read_export_tensors
+
+pytestmark = pytest.mark.slow  # every test here trains through DeepSpeed or reads such a run
 
 SECRET = "vgpt-test-secret-never-printed"
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("s3_source")
-    res = vgpt("train", *BASE, "--train.steps=2", "--train.checkpoint_every=1", f"--train.out_dir={out}")
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
+@pytest.fixture
+def run_dir(one_rank_run):
+    """The shared one-rank run (tests/conftest.py): checkpoints at steps 5 and 10, uploaded, never changed."""
+    return one_rank_run
 
 
 @pytest.fixture
@@ -46,43 +45,43 @@ def test_list_verify_export_from_s3(s3_run, s3_server, run_dir, tmp_path, capsys
     fs, url, _ = s3_run
     rc, out, _ = ckpt(capsys, "list", url)
     assert rc == 0
-    assert "step_00000001" in out and "step_00000002" in out and "<- latest" in out and "INCOMPLETE" not in out
+    assert "step_00000005" in out and "step_00000010" in out and "<- latest" in out and "INCOMPLETE" not in out
     rc, out, _ = ckpt(capsys, "verify", url)
-    assert rc == 0 and "step_00000001: ok" in out and "step_00000002: ok" in out
+    assert rc == 0 and "step_00000005: ok" in out and "step_00000010: ok" in out
     target = tmp_path / "from_s3"
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")  # the endpoint from the command line instead
     rc, out, err = ckpt(capsys, "export", url, "--out", str(target), "--endpoint-url", s3_server)
     assert rc == 0, err
-    assert f"exported {url}/checkpoints/step_00000002" in out
+    assert f"exported {url}/checkpoints/step_00000010" in out
     got, live = read_export_tensors(target), read_export_tensors(run_dir / "export")
     assert got.keys() == live.keys() and all(torch.equal(got[k], live[k]) for k in live)
 
 
 def test_corrupted_object_is_named_and_refused(s3_run, tmp_path, capsys):
     fs, url, key = s3_run
-    victim = max((p for p in fs.ls(f"{key}/step_00000002") if p.endswith(".safetensors")), key=fs.size)
+    victim = max((p for p in fs.ls(f"{key}/step_00000010") if p.endswith(".safetensors")), key=fs.size)
     original = fs.cat(victim)
     fs.pipe(victim, original[:-100])  # a truncated upload
     rc, out, _ = ckpt(capsys, "verify", url)
-    assert rc == 1 and "step_00000001: ok" in out and "step_00000002: BROKEN" in out
+    assert rc == 1 and "step_00000005: ok" in out and "step_00000010: BROKEN" in out
     assert f"s3://{victim}: " in out
     # one rule for every ckpt verb: without --step the newest checkpoint that verifies, naming what it skipped;
     # with --step that one or nothing
     rc, out, err = ckpt(capsys, "export", url, "--out", str(tmp_path / "x.safetensors"))
-    assert rc == 0 and f"s3://{victim}" in err and "step_00000001" in out and (tmp_path / "x.safetensors").exists()
-    rc, _, err = ckpt(capsys, "export", url, "--step", "2", "--out", str(tmp_path / "y.safetensors"))
+    assert rc == 0 and f"s3://{victim}" in err and "step_00000005" in out and (tmp_path / "x.safetensors").exists()
+    rc, _, err = ckpt(capsys, "export", url, "--step", "10", "--out", str(tmp_path / "y.safetensors"))
     assert rc == 1 and f"s3://{victim}" in err and not (tmp_path / "y.safetensors").exists()
     fs.pipe(victim, b"\0" * len(original))  # same size, other bytes: only the hash can tell
-    rc, out, _ = ckpt(capsys, "verify", url, "--step", "2")
+    rc, out, _ = ckpt(capsys, "verify", url, "--step", "10")
     assert rc == 1 and f"s3://{victim}: checksum mismatch" in out
 
 
 def test_save_without_manifest_is_incomplete_and_skipped(s3_run, tmp_path, capsys):
     fs, url, key = s3_run
-    fs.rm(f"{key}/step_00000002/manifest.json")
+    fs.rm(f"{key}/step_00000010/manifest.json")
     rc, out, _ = ckpt(capsys, "list", url)
-    assert rc == 0 and "INCOMPLETE" in out.split("step_00000002")[1].splitlines()[0]
+    assert rc == 0 and "INCOMPLETE" in out.split("step_00000010")[1].splitlines()[0]
     rc, out, err = ckpt(capsys, "export", url, "--out", str(tmp_path / "y.safetensors"))
-    assert rc == 0 and "step_00000001" in out, err
+    assert rc == 0 and "step_00000005" in out, err
     rc, out, _ = ckpt(capsys, "inspect", url)
     assert rc == 2

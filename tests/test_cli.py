@@ -5,7 +5,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+from tests.runs import cli
+
+
+@pytest.mark.slow
 def test_train_debug_runs_and_writes_the_loss_curve(tmp_path):
     out = subprocess.run([sys.executable, "-m", "orchestration.cli", "train-debug", "--train.steps=30",
                           "--train.log_every=10", f"--train.out_dir={tmp_path}"],
@@ -18,7 +23,7 @@ def test_train_debug_runs_and_writes_the_loss_curve(tmp_path):
 
 
 def test_help_lists_commands():
-    out = subprocess.run([sys.executable, "-m", "orchestration.cli", "--help"], capture_output=True, text=True)
+    out = cli("--help")
     assert out.returncode == 0 and "train-debug" in out.stdout
 
 
@@ -29,6 +34,5 @@ def test_every_verb_reports_bad_input_through_the_one_handler():
 
     for name, (module, _) in SUBCOMMANDS.items():
         assert getattr(importlib.import_module(module).main, "reports_bad_input", False), name
-    out = subprocess.run([sys.executable, "-m", "orchestration.cli", "config", "--config", "no/such.yaml"],
-                         capture_output=True, text=True)
+    out = cli("config", "--config", "no/such.yaml")
     assert out.returncode == 2 and out.stderr.strip() == "vgpt config: config file 'no/such.yaml' does not exist"

@@ -43,7 +43,7 @@ def batches(cfg):
 
 
 def train(model, cfg) -> tuple[list[float], set[int]]:
-    opt = build_optimizer(model.parameters(), cfg.train)
+    opt = build_optimizer(model.parameters(), cfg.train, next(model.parameters()).device.type)
     losses, lengths = [], set()
     for step, batch in batches(cfg):
         lengths.add(model.sequence(batch.clips, (4, 4)).sample_id.shape[1])

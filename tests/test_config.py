@@ -3,8 +3,6 @@ values fail before any work, naming the key path and what was allowed."""
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
 from jobconfig.loader import CONFIG_ROOT, from_dict, load_config, model_presets
 from jobconfig.model import ModelConfig
+from tests.runs import cli
 
 ALL_YAML = sorted(CONFIG_ROOT.rglob("*.yaml"))
 
@@ -77,8 +76,7 @@ def test_overrides_apply_on_top_of_presets():
 
 
 def test_cli_rejects_a_bad_key_before_any_work(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "orchestration.cli", "train-debug", "--train.stepz=3",
-                          f"--train.out_dir={tmp_path}/run"], capture_output=True, text=True)
+    out = cli("train-debug", "--train.stepz=3", f"--train.out_dir={tmp_path}/run")
     assert out.returncode == 2
     assert "unknown config key 'train.stepz'" in out.stderr
     assert not (tmp_path / "run").exists()

@@ -3,7 +3,7 @@
 The tiny reference checkpoint is built here from the reference class's own
 definition (LVM/model.py and the transformers Phi-3 names: every tensor name
 and shape, and the pos_embed formula restated), never from our model's code,
-so a wrong mapping in pretrain/checkpoint/reference.py cannot agree with itself.
+so a wrong mapping in orchestration/convert.py cannot agree with itself.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from jobconfig.errors import ConfigError
 from jobconfig.model import ModelConfig
 from orchestration.cli import main as vgpt
+from orchestration.convert import export_reference, import_reference
 from pretrain.checkpoint.export import load_exported_model, read_export_metadata, save_export
-from pretrain.checkpoint.reference import export_reference, import_reference
 from pretrain.model.videogpt import build_model
 
 D, LAYERS, HEADS, MLP, VOCAB, C, P = 64, 2, 4, 172, 40, 4, 2

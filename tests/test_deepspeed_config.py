@@ -8,8 +8,6 @@ Communication defaults follow the device: overlap_comm on CUDA/NPU, off on CPU.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from jobconfig.errors import ConfigError
 from jobconfig.loader import deep_merge as merge
 from jobconfig.loader import load_config
 from parallel.engine import build_engine, deepspeed_config
+from tests.runs import cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,16 +87,14 @@ def _engine_config(rank: int, world_size: int) -> None:
     assert engine._config.bfloat16_config.enabled and not engine._config.bfloat16_config.check_grad_overflow
 
 
+@pytest.mark.slow
 def test_override_reaches_the_real_engine():
     run_ranks(_engine_config, 1)  # a fresh process: DeepSpeed keeps its process groups in globals
 
 
 def test_conflict_fails_before_any_process_starts(tmp_path):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    res = subprocess.run([sys.executable, "-m", "orchestration.cli", "train", "--config", str(REPO / "configs/debug.yaml"),
-                          "--nproc=2", f"--train.out_dir={tmp_path / 'run'}",
-                          "--parallel.deepspeed.zero_optimization.stage=3"],
-                         env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    res = cli("train", "--config", str(REPO / "configs/debug.yaml"), "--nproc=2", f"--train.out_dir={tmp_path / 'run'}",
+              "--parallel.deepspeed.zero_optimization.stage=3")
     assert res.returncode == 2, res.stderr[-2000:]
     assert "parallel.deepspeed.zero_optimization.stage: conflicts with parallel.zero_stage=2" in res.stderr
     assert "torch.distributed" not in res.stderr and not (tmp_path / "run").exists()

@@ -1,67 +1,29 @@
 """Fail loudly, lose nothing: resume never starts over on top of a run whose checkpoints do not
 verify, metrics.jsonl never holds a step twice, and every `vgpt ckpt` verb picks a checkpoint by
 one rule (the newest that verifies, or `--step N` refused when broken). One real tiny run (CPU,
-gloo, the DeepSpeed engine) is trained once and copied for each test."""
+gloo, the DeepSpeed engine), shared with other files (tests/conftest.py), is copied for each test;
+`vgpt ckpt` runs in process, `vgpt train` in its own."""
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-BASE = ["--config", str(REPO / "configs/debug.yaml"), "--parallel.precision=fp32", "--train.log_every=4",
-        "--train.tensorboard=false", "--synthetic.frames=6", "--model.attention=blockwise"]
-STEPS = ["--train.steps=10", "--train.checkpoint_every=5"]
+from tests.runs import ONE_RANK, TINY, cli, copy_run, vgpt
 
+pytestmark = pytest.mark.slow  # every test here trains through DeepSpeed or reads such a run
 
-def vgpt(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    for k in ("VGPT_FAULT_KILL", "VGPT_FAULT_CKPT"):
-        env.pop(k, None)
-    return subprocess.run([sys.executable, "-m", "orchestration.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=REPO)
-
-
-# `--resume fresh` through the Trainer itself: the train CLI's preflight (orchestration/preflight.py
-# check_resume) does not pass the value on yet
-FRESH = """import sys
-from jobconfig.loader import load_config
-from parallel.device import destroy_process_group
-from pretrain.training.trainer import Trainer
-try:
-    with Trainer(load_config(sys.argv[1], sys.argv[2:]), stage_name="debug") as trainer:
-        trainer.run(resume="fresh")
-finally:
-    destroy_process_group()
-"""
-
-
-def train_fresh(*overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-c", FRESH, *overrides], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=REPO)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("trained")
-    res = vgpt("train", *BASE, *STEPS, f"--train.out_dir={out}")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000005", "step_00000010"]
-    return out
+BASE = TINY
+STEPS = ONE_RANK
 
 
 @pytest.fixture
-def run(trained, tmp_path) -> Path:
-    out = tmp_path / "run"
-    shutil.copytree(trained, out)
-    return out
+def run(one_rank_run, tmp_path) -> Path:
+    """A copy of the shared one-rank run (tests/conftest.py): 10 steps, checkpoints at 5 and 10."""
+    return copy_run(one_rank_run, tmp_path / "run")
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -102,16 +64,18 @@ def test_resume_with_no_verifying_checkpoint_refuses_and_destroys_nothing(run):
         manifest.unlink()
     before = snapshot(run)
     # the default --resume auto: stop, naming every checkpoint and its problem
-    line = one_line_error(vgpt("train", *BASE, f"--train.out_dir={run}"), 2, "vgpt train: ")
+    # (refused by the preflight, before any process group: in process)
+    line = one_line_error(cli("train", *BASE, f"--train.out_dir={run}"), 2, "vgpt train: ")
     assert "none of the 2 checkpoint(s)" in line and "step_00000005" in line and "step_00000010" in line
     assert "manifest.json: missing" in line and "--resume fresh" in line
     assert snapshot(run) == before
     # a fresh start into that out_dir is refused too
-    line = one_line_error(vgpt("train", *BASE, f"--train.out_dir={run}", "--resume", "none"), 2, "vgpt train: ")
+    line = one_line_error(cli("train", *BASE, f"--train.out_dir={run}", "--resume", "none"), 2, "vgpt train: ")
     assert "already holds checkpoints" in line and "--resume fresh" in line
     assert snapshot(run) == before
-    # asked for explicitly: the old run is moved aside whole, and the new one starts at step 1
-    res = train_fresh(*BASE[1:], *STEPS, f"--train.out_dir={run}")
+    # asked for explicitly, as every refusal above says: the old run is moved aside whole, and the new one
+    # starts at step 1
+    res = vgpt("train", *BASE, *STEPS, f"--train.out_dir={run}", "--resume", "fresh")
     assert res.returncode == 0, res.stderr[-3000:]
     (aside,) = run.glob("replaced-*")
     assert f"moved the earlier run (2 checkpoints, step_00000005..step_00000010) to {aside}" in res.stdout
@@ -148,7 +112,7 @@ def test_resume_after_fallback_keeps_one_metrics_line_per_step(run):
 def test_ckpt_list_checks_sizes_and_with_verify_hashes(run):
     newest = run / "checkpoints" / "step_00000010"
     truncate(biggest_shard(newest))
-    res = vgpt("ckpt", "list", str(run))
+    res = cli("ckpt", "list", str(run))
     assert res.returncode == 0, res.stderr[-2000:]
     rows = {line.split()[0]: line for line in res.stdout.splitlines()[1:]}
     assert "complete" in rows["step_00000005"] and "BROKEN" not in rows["step_00000005"]
@@ -156,9 +120,9 @@ def test_ckpt_list_checks_sizes_and_with_verify_hashes(run):
 
     flipped = biggest_shard(run / "checkpoints" / "step_00000005")
     flip_bit(flipped)
-    rows = {line.split()[0]: line for line in vgpt("ckpt", "list", str(run)).stdout.splitlines()[1:]}
+    rows = {line.split()[0]: line for line in cli("ckpt", "list", str(run)).stdout.splitlines()[1:]}
     assert "complete" in rows["step_00000005"]  # sizes only: a flipped bit needs the hashes
-    res = vgpt("ckpt", "list", str(run), "--verify")
+    res = cli("ckpt", "list", str(run), "--verify")
     rows = {line.split()[0]: line for line in res.stdout.splitlines()[1:]}
     assert "BROKEN" in rows["step_00000005"] and "checksum mismatch" in rows["step_00000005"]
 
@@ -171,16 +135,16 @@ def test_ckpt_verbs_fall_back_by_one_rule(run, tmp_path, damage):
     before = snapshot(run)
     # without --step: the newest checkpoint that verifies, naming the one skipped and why
     out = tmp_path / "w.safetensors"
-    res = vgpt("ckpt", "export", str(run), "--out", str(out))
+    res = cli("ckpt", "export", str(run), "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "exported step_00000005" in res.stdout and out.is_file()
     assert "Traceback" not in res.stderr
     skipped = [line for line in res.stderr.splitlines() if line.startswith("vgpt ckpt export: skipped")]
     assert len(skipped) == 1 and str(newest) in skipped[0] and victim.name in skipped[0]
-    res = vgpt("ckpt", "inspect", str(run))
+    res = cli("ckpt", "inspect", str(run))
     assert res.returncode == 0 and "step 5 " in res.stdout, res.stderr[-3000:]
     # with --step: that one, refused when broken
-    line = one_line_error(vgpt("ckpt", "export", str(run), "--out", str(tmp_path / "x.safetensors"), "--step", "10"),
+    line = one_line_error(cli("ckpt", "export", str(run), "--out", str(tmp_path / "x.safetensors"), "--step", "10"),
                           1, "vgpt ckpt export: ")
     assert f"{newest} is broken" in line and victim.name in line
     assert not (tmp_path / "x.safetensors").exists()
@@ -190,11 +154,11 @@ def test_ckpt_verbs_fall_back_by_one_rule(run, tmp_path, damage):
 def test_ckpt_verify_without_checkpoints_fails_naming_the_folder(run, tmp_path):
     empty = tmp_path / "typo"
     empty.mkdir()
-    line = one_line_error(vgpt("ckpt", "verify", str(empty)), 2, "vgpt ckpt")
+    line = one_line_error(cli("ckpt", "verify", str(empty)), 2, "vgpt ckpt")
     assert str(empty) in line and "no checkpoints" in line
-    line = one_line_error(vgpt("ckpt", "verify", str(tmp_path / "missing")), 2, "vgpt ckpt")
+    line = one_line_error(cli("ckpt", "verify", str(tmp_path / "missing")), 2, "vgpt ckpt")
     assert str(tmp_path / "missing") in line
-    line = one_line_error(vgpt("ckpt", "verify", str(run), "--step", "7"), 2, "vgpt ckpt")
+    line = one_line_error(cli("ckpt", "verify", str(run), "--step", "7"), 2, "vgpt ckpt")
     assert "no checkpoint for step 7" in line and "steps: 5, 10" in line
-    res = vgpt("ckpt", "verify", str(run))
+    res = cli("ckpt", "verify", str(run))
     assert res.returncode == 0 and "step_00000005: ok" in res.stdout and "step_00000010: ok" in res.stdout

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from data.loader import LatentLoader
@@ -20,6 +20,7 @@ from data.order import Schedule, progress, reader_items
 from data.synthetic.shards import video_of, write_toy_dataset
 from jobconfig.data import DataConfig, StageSamplingConfig
 from jobconfig.errors import ConfigError
+from tests.test_loader_order import cursors_after
 from tests.test_loader_stream import check_content
 
 SIZES = [5, 4, 6, 3, 6, 4]  # 28 videos, shapes mixed within shards
@@ -157,26 +158,23 @@ def test_mixed_shapes_without_recorded_shapes_fail_clearly(tmp_path):
         list(LatentLoader(make_cfg(str(tmp_path), batch_size=4)))
 
 
+REACHED: list[str] = []  # the examples that went through every assertion, by tail rule
+
+
 @given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=4), skips=st.integers(0, 10),
        B=st.lists(st.integers(1, 3), min_size=4, max_size=4), W1=st.integers(1, 3), W2=st.integers(1, 3),
        k=st.integers(0, 8), n=st.integers(0, 2), tail=st.sampled_from(["roll", "drop"]))
 @settings(max_examples=80, deadline=None, database=None)
-def test_bucket_schedule_serves_each_item_once_and_resumes_on_any_world_size(sizes, skips, B, W1, W2, k, n, tail):
-    """Metadata only: every bucket's items of epochs 0-1 once, every known skip once, before and after a
-    resume on another world size; each bucket's items come in stream order."""
+def _bucket_schedule_property(sizes, skips, B, W1, W2, k, n, tail):
     batch = tuple(B[:len(sizes)])
     E = 2
-    mk = (lambda W, start: Schedule(tuple(sizes), skips, batch, W, start, tail, E))
-    try:
-        first = mk(W1, (0,) * len(sizes))
-    except ConfigError:
-        return
+    if tail == "drop":  # 'drop' refuses a schedule no bucket of which fills a global batch (test_loader_order
+        # tests that refusal); bucket 0 fills one on both world sizes, so every draw is a schedule to test
+        sizes = [max(sizes[0], max(W1, W2) * batch[0]), *sizes[1:]]
+    first = Schedule(tuple(sizes), skips, batch, W1, (0,) * len(sizes), tail, E)
     k = min(k, first.num_steps())
-    cur, reported_before = first.cursors_after(k)
-    try:
-        second = Schedule(tuple(sizes), skips, batch, W2, cur, tail, E, reported_before)
-    except ConfigError:
-        return
+    cur, reported_before = cursors_after(first, k)
+    second = Schedule(tuple(sizes), skips, batch, W2, cur, tail, E, reported_before)
     got: dict[int, list[int]] = {}
     reported: list[int] = []
     for sched, steps in ((first, k), (second, second.num_steps())):
@@ -203,6 +201,18 @@ def test_bucket_schedule_serves_each_item_once_and_resumes_on_any_world_size(siz
     if tail == "roll" or all(nb >= g for nb, g in zip(sizes, second.global_batch)):
         assert sorted(reported) == list(range(len(reported))) and len(reported) >= E * skips * (tail == "roll")
     assert progress(5, 10) == (1 << 31)  # halfway through epoch 0
+    event(f"tail={tail}")
+    REACHED.append(tail)
+
+
+def test_bucket_schedule_serves_each_item_once_and_resumes_on_any_world_size():
+    """Metadata only: every bucket's items of epochs 0-1 once, every known skip once, before and after a
+    resume on another world size; each bucket's items come in stream order. Nearly every example must
+    get through the assertions, of both tail rules."""
+    REACHED.clear()
+    _bucket_schedule_property()
+    assert len(REACHED) >= 75 and min(REACHED.count("roll"), REACHED.count("drop")) >= 15, \
+        (len(REACHED), REACHED.count("drop"))
 
 
 def test_exact_resume_of_a_bucketed_run_with_workers(root):
@@ -259,7 +269,8 @@ def test_bucket_streams_keep_readers_on_their_own_shards(buckets):
     read per shard whatever the number of readers: piece boundaries cost a few shards per stream and bucket."""
     import numpy as np
 
-    from data.order import Buckets, bucket_streams, epoch_order
+    from data.buckets import Buckets
+    from data.order import bucket_streams, epoch_order
 
     rng = np.random.default_rng(3)
     sizes, S = tuple([20] * 48), 12
@@ -267,7 +278,7 @@ def test_bucket_streams_keep_readers_on_their_own_shards(buckets):
     code[rng.random(sum(sizes)) < 0.1] = -1
     bk = Buckets(code, tuple(f"b{i}" for i in range(buckets)), (2,) * buckets)
     sh = epoch_order(sizes, 0, 0, S, 8)[0]
-    streams = bucket_streams(sizes, bk, 0, 0, S, 8)
+    streams = bucket_streams(sizes, bk.code, len(bk.names), 0, 0, S, 8)
     totals = set()
     for W, n in [(2, 1), (3, 2), (6, 2)]:
         sched = Schedule(bk.sizes, bk.num_known_skips, bk.batch, W, (0,) * buckets, "roll", 1)

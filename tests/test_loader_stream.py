@@ -250,3 +250,36 @@ def test_a_state_from_before_shape_buckets_resumes_a_dataset_of_one_shape(root):
     a.load_state_dict(state)
     b.load_state_dict(old)
     assert drain(a) == drain(b)
+
+
+@pytest.mark.parametrize("kind", ["latents", "synthetic"])
+def test_data_sources_are_cursors_that_resume_exactly(tmp_path, kind):
+    """The trainer's sources (data/sources.py) hand out the next micro batch from their own cursor;
+    a source restored from another's state continues where that one stopped, on any world size, and
+    LatentSource takes its placeholder shape from the loader's dataset (index.json read once)."""
+    from data.sources import LatentSource, make_source
+    from jobconfig.loader import load_config
+
+    write_toy_dataset(str(tmp_path), [3, 2], frames=8, shape=(2, 4, 6))
+    cfg = load_config(None, [f"--train.data={kind}", f"--data.root={tmp_path}", "--data.stage.frames=2",
+                             "--data.stage.interval_value=1", "--data.batch_size=2", "--train.batch_size=2",
+                             "--model.latent_channels=2", "--synthetic.latent_height=4",
+                             "--synthetic.latent_width=6", "--train.grad_accum_steps=2"])
+
+    def rows(src, n):
+        return [tuple(src.next_batch()[1]) for _ in range(n)]
+
+    one = make_source(cfg, 0, 1)
+    ref = rows(one, 6)
+    assert len(set(ref)) == 6, "each micro batch is new rows"
+    head = make_source(cfg, 0, 1)
+    rows(head, 2)
+    tail = make_source(cfg, 0, 1)
+    tail.load_state_dict(head.state_dict())
+    assert rows(tail, 4) == ref[2:]
+    two = [make_source(cfg, r, 2) for r in range(2)]
+    for src in two:
+        src.load_state_dict(head.state_dict())
+    assert sorted(g for src in two for g in rows(src, 1)[0]) == sorted(ref[2] + ref[3])
+    if kind == "latents":
+        assert isinstance(one, LatentSource) and tuple(one.placeholder().latents.shape[2:]) == (2, 4, 6)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from data.batch import Batch
@@ -27,6 +28,7 @@ def eval_loss(model, cfg, videos):
                    for r in range(4)) / 4
 
 
+@pytest.mark.slow
 def test_200_steps_lower_the_loss_3x_on_moving_squares(tmp_path):
     # the one training path (`vgpt train`, the DeepSpeed Trainer), one process in fp32 as the debug run
     overrides = ["--train.steps=200", "--parallel.precision=fp32", "--parallel.zero_stage=0",

@@ -71,6 +71,7 @@ def _sp_worker(rank: int, world: int) -> None:
     destroy_process_groups()
 
 
+@pytest.mark.slow
 def test_sp2_matches_single_process_loss_and_gradients_with_padding():
     run_ranks(_sp_worker, 2)
 
@@ -109,6 +110,7 @@ def _sp_deepspeed_worker(rank: int, world: int) -> None:
     destroy_process_groups()
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2_with_our_mpu_averages_sp_gradients_to_the_single_process_step():
     run_ranks(_sp_deepspeed_worker, 2)
 

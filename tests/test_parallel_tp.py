@@ -69,6 +69,7 @@ def _tp_worker(rank: int, world: int) -> None:
     destroy_process_groups()
 
 
+@pytest.mark.slow
 def test_tp2_matches_single_process_loss_and_gradients():
     run_ranks(_tp_worker, 2)
 

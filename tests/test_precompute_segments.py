@@ -79,6 +79,31 @@ def test_decoding_from_the_start_gives_the_same_segments(long_clip):
         assert scan.frames_decoded == 28 and scan.meta == seek.meta
 
 
+def test_a_remote_input_is_read_from_its_store_once(long_clip, monkeypatch):
+    """A decode that probes, seeks and then falls back to decoding from the start makes three passes
+    over the input; a remote one is still fetched once (data/video.py, `_fetched`)."""
+    from pathlib import Path
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/clips/long.mp4", Path(long_clip).read_bytes())
+    opened = []
+    real_open = type(fs)._open
+    monkeypatch.setattr(type(fs), "_open", lambda self, path, *a, **k: (opened.append(path), real_open(
+        self, path, *a, **k))[1])
+    cfg = VideoConfig(max_frames=MAX, min_frames=4)
+    local = decode_segment(long_clip, cfg, segment=1)
+    blind = dataclasses.replace(local.table, pts=None, key_before=None)
+    remote = decode_segment("memory://clips/long.mp4", cfg, segment=1, table=blind)  # decodes from the start
+    assert np.array_equal(remote.frames, local.frames) and remote.frames_decoded == 28
+    assert len(opened) == 1, opened
+    opened.clear()
+    probed = decode_segment("memory://clips/long.mp4", cfg, segment=2)  # probe, then seek: one read
+    assert len(opened) == 1 and probed.frame_indices == local.table.kept[16:24]
+    fs.rm("/clips/long.mp4")
+
+
 def test_segment_settings_validated_and_hashed_only_when_they_matter():
     with pytest.raises(ConfigError, match="segment_overlap: got 8"):
         VideoConfig(max_frames=8, min_frames=4, segment_overlap=8).validate()

@@ -2,6 +2,7 @@
 before any set-up, with one line naming the key or file, exit status 2 and nothing written."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from data.synthetic.shards import write_toy_dataset
 from jobconfig.errors import ConfigError
 from jobconfig.loader import load_config
 from orchestration.cli import main
-from pretrain.training.trainer import skipped_window_error
+from pretrain.training.metrics_window import skipped_window_error
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,6 +70,64 @@ def test_frames_longer_than_every_video_fail_before_training(env, capsys):
 def test_shard_totals_too_short_fail_without_reading_shards(env, capsys):
     write_toy_dataset(str(env / "latents"), [2], frames=5, shape=(4, 4, 4))
     expect_bad(capsys, env, train_args(env, "--data.stage.frames=40"), "needs videos of >= 157 frames")
+
+
+def as_precompute_writes_it(root: Path) -> None:
+    """`vgpt precompute` records each sample's shape in index.json but no dataset-wide latent_shape
+    (only the toy writer adds one): drop it, so the checks run on what real datasets hold."""
+    index = json.loads((root / "index.json").read_text())
+    del index["latent_shape"]
+    (root / "index.json").write_text(json.dumps(index))
+
+
+def test_a_stage_no_sample_fits_is_refused_before_torchrun(env, capsys, monkeypatch):
+    """Issue 25: 3 frames of random clips from a 4x4 latent (patch 2: 4 patches, 6 tokens a frame copy)
+    take at least (F + 1) * 6 = 24 tokens, the loader's own bound (data/buckets.py), not F * 6 = 18. A
+    max_tokens no sample fits is refused with one line naming the key, before torchrun is started."""
+    import subprocess
+
+    from jobconfig.curriculum import plan_stages
+    from orchestration.preflight import check_train
+
+    write_toy_dataset(str(env / "latents"), [2, 2], frames=9, shape=(4, 4, 4))
+    as_precompute_writes_it(env / "latents")
+    stage = ["--data.stage.frames=3", "--data.stage.clips=random", "--data.stage.interval_value=1",
+             "--data.stage.patch_size=2", "--data.epochs=1"]
+    check_train(plan_stages(*_config_and_overrides(train_args(env, *stage, "--data.stage.max_tokens=24")), None))
+    from data.loader import LatentLoader  # the loader agrees: at 24 it serves samples, at 23 none fit
+    fits = plan_stages(*_config_and_overrides(train_args(env, *stage, "--data.stage.max_tokens=24")), None)[0][1]
+    assert sum(len(b.clips) for b in LatentLoader(fits.data)) > 0
+    spawned = []
+    for name in ("call", "Popen", "run"):  # any child process would be torchrun: record, never start
+        monkeypatch.setattr(subprocess, name, lambda *a, **k: spawned.append(a) or 0)
+    monkeypatch.setattr("orchestration.cli.train.run_plan", lambda *a, **k: spawned.append("in-process run"))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # an earlier in-process run may leave it: --nproc spawns
+    out = expect_bad(capsys, env, train_args(env, *stage, "--data.stage.max_tokens=23", "--nproc", "2"),
+                     "vgpt train:", "data.stage.max_tokens=23", "no sample", "24 tokens")
+    assert spawned == [], "torchrun was started"
+    assert "rendezvous" not in out and "rank" not in out.lower()
+    with pytest.raises(ConfigError, match="data.stage.max_tokens=23: no sample"):
+        LatentLoader(plan_stages(*_config_and_overrides(
+            train_args(env, *stage, "--data.stage.max_tokens=23")), None)[0][1].data)
+
+
+def test_an_index_without_per_sample_shapes_still_reads(env, capsys):
+    """An index of before per-sample shapes: shard totals still refuse a stage longer than any shard,
+    and the rest passes to the loader, which reads it as one bucket."""
+    from jobconfig.curriculum import plan_stages
+    from orchestration.preflight import check_train
+
+    write_toy_dataset(str(env / "latents"), [2], frames=5, shape=(4, 4, 4), record_shapes=False)
+    as_precompute_writes_it(env / "latents")
+    expect_bad(capsys, env, train_args(env, "--data.stage.frames=40"), "data.stage.frames=40",
+               "needs videos of >= 157 frames", "no shard")
+    plan = plan_stages(*_config_and_overrides(train_args(env, "--data.stage.frames=2", "--data.epochs=1",
+                                                         "--data.stage.interval_value=1")), None)
+    check_train(plan)
+    from data.loader import LatentLoader
+    loader = LatentLoader(plan[0][1].data)
+    assert loader.meta.shapes is None and loader.buckets.names == ("any",)
+    assert sum(len(b.clips) for b in loader) > 0
 
 
 def test_missing_root_no_index_and_corrupt_index(env, capsys):
@@ -137,10 +196,34 @@ def test_precompute_inputs_and_credentials(env, capsys):
                              "--precompute.output.root=s3://b/out"], "precompute.output.root", "AWS_ACCESS_KEY_ID")
 
 
-def test_resume_modes_pass_preflight():
+def test_resume_modes_pass_preflight(tmp_path):
+    """Every --resume mode passes into a new out_dir; into one holding a run, `none` is refused before
+    any set-up, `auto` and `fresh` pass, and the preflight itself changes nothing."""
     from orchestration.preflight import check_resume
+    from pretrain.checkpoint.integrity import write_manifest
+
+    new_run = tmp_path / "new"
     for mode in ("auto", "none", "fresh"):
-        check_resume(mode)
+        assert check_resume(mode, str(new_run)) is None
+    assert not new_run.exists()
+    earlier = tmp_path / "earlier"
+    ckpt = earlier / "checkpoints" / "step_00000005"
+    ckpt.mkdir(parents=True)
+    (ckpt / "rank-00000.safetensors").write_bytes(b"\0" * 64)
+    write_manifest(ckpt, 5)
+    (earlier / "checkpoints" / "latest").write_text(ckpt.name)
+    before = sorted(p for p in earlier.rglob("*"))
+    check_resume("auto", str(earlier))
+    check_resume("fresh", str(earlier))
+    check_resume(str(ckpt), str(earlier))
+    with pytest.raises(ConfigError, match=r"--resume none: .* already holds checkpoints \(step_00000005\)"):
+        check_resume("none", str(earlier))
+    (ckpt / "rank-00000.safetensors").write_bytes(b"\0" * 10)  # a truncated file: sizes disagree
+    with pytest.raises(ConfigError, match=r"--resume auto: none of the 1 checkpoint\(s\)"):
+        check_resume("auto", str(earlier))
+    with pytest.raises(ConfigError, match=r"--resume: .*step_00000005 is not a complete checkpoint"):
+        check_resume(str(ckpt), str(earlier))
+    assert sorted(p for p in earlier.rglob("*")) == before
 
 
 def test_a_window_the_loader_mostly_skipped_stops_the_run_with_the_reasons():

@@ -16,7 +16,7 @@ STAGE_FILES = [CONFIG_ROOT / "stages" / f"stage{i}.yaml" for i in range(1, 5)]
 def lrs_per_step(tc, world_size: int, n_steps: int, start=None) -> list[float]:
     """The LR of optimiser steps 0..n_steps-1 under build_scheduler, stepped as the engine does:
     once per optimiser step, after it."""
-    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], tc)
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], tc, "cpu")
     sched = build_scheduler(opt, tc, world_size)
     if start is not None:  # a resume: the checkpoint restores the scheduler and the optimizer's LR
         sched.load_state_dict(start)
@@ -67,7 +67,7 @@ def test_a_resume_on_another_world_size_continues_from_the_scheduler_steps_taken
     """The saved state counts scheduler steps (JSON-safe: the portable checkpoint writes it as
     JSON); the resumed run advances them at its own world size."""
     tc = load_config(None, ["--train.warmup_scheduler_steps=64", "--train.lr=1.0"]).train
-    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], tc)
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], tc, "cpu")
     sched = build_scheduler(opt, tc, world_size=2)
     for _ in range(3):
         opt.step()
@@ -113,9 +113,12 @@ def test_adamw_is_fused_on_cuda_only(device_type, fused):
     assert adamw_kwargs(device_type).get("fused") is fused
 
 
-def test_build_optimizer_asks_for_the_parameters_device(monkeypatch):
+def test_build_optimizer_asks_for_the_device_it_is_given(monkeypatch):
     seen = []
     monkeypatch.setattr("pretrain.training.optimizer.adamw_kwargs", lambda t: seen.append(t) or {})
-    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], load_config(None).train)
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], load_config(None).train, "cpu")
     assert seen == ["cpu"] and not opt.defaults.get("fused")
+    # the caller's word, not a guess from the parameters (which sit on the CPU here)
+    build_optimizer([torch.nn.Parameter(torch.zeros(1))], load_config(None).train, "npu")
+    assert seen == ["cpu", "npu"]
 

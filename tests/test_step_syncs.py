@@ -24,6 +24,7 @@ import collections
 import json
 import traceback
 
+import pytest
 import torch
 import torch.distributed as dist
 from parallel_harness import run_ranks
@@ -94,6 +95,7 @@ def _train_counting(rank: int, world_size: int, out: str) -> None:
                 "\n".join(f"-- {k}:\n{v}" for k, v in where.items())
 
 
+@pytest.mark.slow
 def test_steps_between_flushes_make_no_host_sync(tmp_path):
     run_ranks(_train_counting, 1, (str(tmp_path),))  # a fresh process: DeepSpeed keeps its groups in globals
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

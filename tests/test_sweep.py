@@ -91,8 +91,7 @@ def test_example_sweep_runs_is_identifiable_and_checks_extrapolation(full_sweep)
         assert r["N"] == t["N"] and r["level"] == t["level"] and r["eval_loss"] > 0
         assert r["flops"] == pytest.approx(t["planned_flops"], rel=1e-9)  # on its IsoFLOP line, as planned
         assert r["flops"] > r["flops_6nd"] > 0 and len(r["curve"]) == r["steps"] == t["job"]["train"]["steps"]
-    p = _sweep("fit", out)
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert sweep_main(["fit", "--config", EXAMPLE, f"--out_dir={out}", "--fit.bootstrap=40", *E2E]) == 0
     for name in ("loss_vs_compute.png", "isoflop.png", "frontier.png"):
         assert (out / "fit" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "fit" / "report.md").read_text()
@@ -115,7 +114,7 @@ print(json.dumps(run_trial(json.loads(sys.argv[1]), sys.argv[2])))
 
 
 @pytest.mark.slow
-def test_killed_sweep_resumes_to_the_same_results(full_sweep, tmp_path):
+def test_killed_sweep_resumes_to_the_same_results(full_sweep, tmp_path, capsys):
     out, log, stamps = full_sweep
     planned = _plan()
     n = len(planned)
@@ -133,8 +132,12 @@ def test_killed_sweep_resumes_to_the_same_results(full_sweep, tmp_path):
         assert again[field] == mine[field], field
     assert again["eval_loss"] == pytest.approx(mine["eval_loss"], rel=1e-6, abs=1e-7)
     assert [c["loss"] for c in again["curve"]] == pytest.approx([c["loss"] for c in mine["curve"]], rel=1e-6)
-    p = _sweep("run", out)  # everything finished: nothing runs, Ray is not even started
-    assert p.returncode == 0 and "0 to run" in p.stdout and len((out / "results.jsonl").read_text().splitlines()) == n
+    import ray
+
+    # everything finished: nothing runs, Ray is not even started
+    assert sweep_main(["run", "--config", EXAMPLE, f"--out_dir={out}", "--fit.bootstrap=40", *E2E]) == 0
+    assert "0 to run" in capsys.readouterr().out and not ray.is_initialized()
+    assert len((out / "results.jsonl").read_text().splitlines()) == n
 
 
 def test_fit_reads_an_old_budgets_sweep(tmp_path):

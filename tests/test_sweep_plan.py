@@ -26,8 +26,8 @@ def runner_flops(job: JobConfig, n_params: int) -> float:
     src = SyntheticSource(job, 0, 1)
     patches = patches_per_frame((job.synthetic.latent_height, job.synthetic.latent_width), job.model.patch_size)
     total = 0.0
-    for step in range(job.train.steps):
-        batch, _ = src.batch(step)
+    for _ in range(job.train.steps * job.train.grad_accum_steps):  # the trainer's micro batches, in order
+        batch, _ = src.next_batch()
         tokens = sum(sequence_length(row, patches) for row in batch.clips)
         pairs = sum(allowed_attention_pairs(row, patches) for row in batch.clips)
         total += train_flops(job.model, n_params, tokens, pairs)

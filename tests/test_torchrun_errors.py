@@ -15,11 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_a_rank_failure_under_torchrun_writes_an_error_file_naming_the_exception(tmp_path):
     error_file = tmp_path / "torchrun_error.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VGPT_FAULT_RAISE": "1:1", "TORCHELASTIC_ERROR_FILE": str(error_file)}

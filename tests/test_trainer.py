@@ -7,37 +7,21 @@ one process on the same global batch (2 rows). Resume: a run killed after step
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from pretrain.checkpoint.export import read_export_tensors
+from tests.runs import TINY, TWO_RANK_STEPS, TWO_RANK_ZERO2, cli, vgpt
 
-REPO = Path(__file__).resolve().parents[1]
-STEPS = 20
-COMMON = ["--config", str(REPO / "configs/debug.yaml"), "--parallel.precision=fp32", f"--train.steps={STEPS}",
-          "--train.log_every=10", "--train.tensorboard=false", "--synthetic.frames=6", "--model.attention=blockwise"]
-
-
-def env():
-    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    e.pop("VGPT_FAULT_KILL", None)
-    return e
+STEPS = TWO_RANK_STEPS
+COMMON = [*TINY, f"--train.steps={STEPS}", "--train.log_every=10"]
 
 
-def vgpt_train(out: Path, nproc: int, *extra: str, fault: str | None = None, check: bool = True):
-    e = env()
-    if fault:
-        e["VGPT_FAULT_KILL"] = fault
-    cmd = [sys.executable, "-m", "orchestration.cli", "train", *COMMON, f"--train.out_dir={out}",
-           f"--nproc={nproc}", *extra]
-    res = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600, cwd=REPO)
-    if check:
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+def vgpt_train(out: Path, nproc: int, *extra: str):
+    res = vgpt("train", *COMMON, f"--train.out_dir={out}", f"--nproc={nproc}", *extra)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 
 
@@ -60,11 +44,10 @@ def reference(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def zero2(tmp_path_factory):
-    out = tmp_path_factory.mktemp("zero2")
-    vgpt_train(out, 2, "--train.batch_size=1", "--parallel.zero_stage=2", "--train.checkpoint_every=10")
-    return out
+@pytest.fixture
+def zero2(two_rank_zero2):
+    """The shared 2-rank ZeRO-2 run (tests/conftest.py; tests/runs.py TWO_RANK_ZERO2)."""
+    return two_rank_zero2
 
 
 def assert_parity(run: Path, reference: Path):
@@ -78,26 +61,29 @@ def assert_parity(run: Path, reference: Path):
         torch.testing.assert_close(w_run[k], w_ref[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
 
 
+@pytest.mark.slow
 def test_zero2_two_ranks_match_one_process(zero2, reference):
     assert_parity(zero2, reference)
     first, last = losses(zero2)[1], losses(zero2)[STEPS]
     assert last < first  # and it trains
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 3])
 def test_zero_stage_two_ranks_match_one_process(stage, reference, tmp_path):
     vgpt_train(tmp_path, 2, "--train.batch_size=1", f"--parallel.zero_stage={stage}")
     assert_parity(tmp_path, reference)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_bitwise(zero2, tmp_path):
-    killed = vgpt_train(tmp_path, 2, "--train.batch_size=1", "--parallel.zero_stage=2",
-                        "--train.checkpoint_every=10", fault="1:12", check=False)
+    killed = vgpt("train", *TINY, *TWO_RANK_ZERO2, f"--train.out_dir={tmp_path}",
+                  env_extra={"VGPT_FAULT_KILL": "1:12"})
     assert killed.returncode != 0
     assert not (tmp_path / "export").exists()
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000010"
-    vgpt_train(tmp_path, 2, "--train.batch_size=1", "--parallel.zero_stage=2", "--train.checkpoint_every=10",
-               "--resume=auto")
+    res = vgpt("train", *TINY, *TWO_RANK_ZERO2, f"--train.out_dir={tmp_path}", "--resume=auto")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     resumed, uninterrupted = losses(tmp_path), losses(zero2)
     for step in range(11, STEPS + 1):
         assert resumed[step] == uninterrupted[step], f"step {step}: {resumed[step]} != {uninterrupted[step]}"
@@ -105,6 +91,7 @@ def test_killed_run_resumes_bitwise(zero2, tmp_path):
     assert all(torch.equal(w_a[k], w_b[k]) for k in w_b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=2"])
 def test_tp_and_sp_runs_match_one_process(layout, reference, tmp_path):
     """TP=2 or SP=2 on 2 ranks is one data-parallel replica holding the whole global batch."""
@@ -119,12 +106,13 @@ def test_tp_and_sp_runs_match_one_process(layout, reference, tmp_path):
     ("--parallel.zero_stage=4", "parallel.zero_stage: got 4, expected one of [0, 1, 2, 3]"),
 ])
 def test_bad_layouts_fail_before_any_process_starts(override, message, tmp_path):
-    res = vgpt_train(tmp_path / "run", 2, override, check=False)
+    res = cli("train", *COMMON, f"--train.out_dir={tmp_path / 'run'}", "--nproc=2", override)
     assert res.returncode == 2, res.stderr[-2000:]
     assert message in res.stderr
     assert "torch.distributed" not in res.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_larger_batch(reference, tmp_path):
     """2 micro steps of 1 row under ZeRO-2 = 1 step of 2 rows: same losses, same weights."""
     vgpt_train(tmp_path, 1, "--train.batch_size=1", "--train.grad_accum_steps=2", "--parallel.zero_stage=2")

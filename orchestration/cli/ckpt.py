@@ -23,9 +23,10 @@ reshard (CheckpointStore.choose): without `--step` the newest one that
 verifies, naming on stderr the newer ones skipped and why; with `--step N`
 that one, refused (exit 1) when it does not verify.
 Export and inspect read the checkpoint's shards offline (no process group, no
-GPU), after the manifest check, with pretrain/checkpoint/sharded.py (DeepSpeed's .pt
-files of earlier versions: deepspeed_files.py, never unpickling code). Local
-roots and object stores go through the same storage layer (pretrain/checkpoint/storage.py).
+GPU), after the manifest check, with the reader pretrain/checkpoint/formats.py
+opens for its format (DeepSpeed's .pt files of earlier versions too, never
+unpickling code). Local roots and object stores go through the same storage
+layer (pretrain/checkpoint/storage.py).
 """
 from __future__ import annotations
 
@@ -44,10 +45,9 @@ from orchestration.cli import reports_bad_input
 from parallel.dims import ParallelDims
 from pretrain.checkpoint.export import DEFAULT_MAX_SHARD_SIZE, parse_shard_size, save_export
 from pretrain.checkpoint.integrity import CheckpointError
-from pretrain.checkpoint.manager import PORTABLE, CheckpointManager, describe, layout_of, make_portable, write_latest
-from pretrain.checkpoint.portable import read_weights
-from pretrain.checkpoint.sharded import read_full_state
-from pretrain.checkpoint.storage import CheckpointStore, read_trainer_state, tag_for, verify_checkpoint
+from pretrain.checkpoint.formats import Format, open_checkpoint
+from pretrain.checkpoint.manager import CheckpointManager, describe, layout_of, make_portable, write_latest
+from pretrain.checkpoint.storage import CheckpointStore, read_trainer_state, tag_for
 from pretrain.training.parallelize import TP_PLAN
 
 HEADER = f"{'tag':16s} {'stage':8s} {'step':>7s} {'samples':>9s} {'layout':16s} {'size MB':>9s}  state"
@@ -58,9 +58,10 @@ def _pick(store: CheckpointStore, args, problems=None) -> str:
     """The checkpoint a verb works on, by the one rule of `CheckpointStore.choose`: `--step N` or
     the newest that verifies (every file re-hashed; `problems` replaces that check). The ones skipped
     are named on stderr; a broken `--step`, or no checkpoint that verifies, is refused."""
-    tag, skipped = store.choose(args.step, full=True, problems=problems)
-    for note in skipped:
-        print(f"vgpt ckpt {args.command}: skipped {note}", file=sys.stderr)
+    choice = store.choose(args.step, full=True, problems=problems)
+    tag = choice.required()  # none verifies: refused, naming each one and its problems
+    for skipped in choice.skipped:
+        print(f"vgpt ckpt {args.command}: skipped {skipped}", file=sys.stderr)
     return tag
 
 
@@ -68,7 +69,7 @@ def _short_layout(st: dict) -> str:
     if not st:
         return "?"
     lay = layout_of(st)
-    if lay.get("format") == PORTABLE:
+    if lay.get("format") == Format.PORTABLE:
         return "portable"
     return f"dp{lay.get('dp')} tp{lay.get('tp')} sp{lay.get('sp')} z{lay.get('zero_stage')}"
 
@@ -91,7 +92,9 @@ def cmd_list(store: CheckpointStore, args) -> int:
     latest = store.latest()
     print(HEADER)
     for tag in tags:
-        print(_row(tag, store.trainer_state(tag), store.size(tag), store.verify(tag, full=args.verify), latest))
+        files = store.files(tag)  # one listing gives the sizes of both columns: no request per file
+        print(_row(tag, store.trainer_state(tag), store.size(tag, files), store.verify(tag, args.verify, files=files),
+                   latest))
     return 0
 
 
@@ -116,15 +119,10 @@ def cmd_verify(store: CheckpointStore, args) -> int:
 
 
 def consolidated_weights(ckpt: Path, verified: bool = False) -> dict[str, torch.Tensor]:
-    """Full-size fp32 weights of a local checkpoint: native (any ZeRO stage, TP, DP) or portable."""
-    layout = layout_of(read_trainer_state(ckpt))
-    if layout.get("format") == PORTABLE:
-        if not verified and (problems := verify_checkpoint(ckpt)):
-            raise SystemExit(f"vgpt ckpt: {ckpt} is broken:\n  " + "\n  ".join(problems))
-        return read_weights(ckpt)
+    """Full-size fp32 weights of a local checkpoint of any format (any ZeRO stage, TP, DP; or portable)."""
     # checkpoints record their TP plan; one without (written before plans were recorded) used this model's
-    return read_full_state(ckpt, with_optimizer=False, tp_plan=layout.get("tp_plan", TP_PLAN),
-                           verified=verified).weights
+    tp_plan = layout_of(read_trainer_state(ckpt)).get("tp_plan", TP_PLAN)
+    return open_checkpoint(ckpt, verified=verified).read_full_state(with_optimizer=False, tp_plan=tp_plan).weights
 
 
 def cmd_inspect(store: CheckpointStore, args) -> int:

@@ -9,7 +9,7 @@ writes one export (OUT, a from_pretrained directory; OUT.safetensors: the
 older single file) that `vgpt train --train.init_from` and `vgpt predict`
 load. to-reference writes OUT_DIR in their layout (config.json, model.safetensors, tokenizer files), for
 `--model_name OUT_DIR --model_ckpt OUT_DIR`. An import exported back is
-bitwise the source. The mapping and what is carried: pretrain/checkpoint/reference.py.
+bitwise the source. The mapping and what is carried: orchestration/convert.py.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import sys
 import torch
 
 from orchestration.cli import reports_bad_input, verb_parser
-from pretrain.checkpoint.reference import export_reference, import_reference
+from orchestration.convert import export_reference, import_reference
 
 
 @reports_bad_input("convert")

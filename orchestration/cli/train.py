@@ -6,7 +6,8 @@
 
 A curriculum file (jobconfig/curriculum.py) has `stages: [files or inline
 mappings]` plus sections shared by every stage. Stage N+1 starts from stage
-N's export (`train.init_from`), and each stage writes under `<out_dir>/stageN`.
+N's export (`train.init_from`), and each stage writes under `<out_dir>/stageN`
+(orchestration/stages.py).
 Every stage's config, parallel layout and token limits, its dataset (root,
 index.json, a video long enough for the stage), out_dir, init_from, --resume
 and s3 credentials (orchestration/preflight.py) are checked before any process
@@ -27,25 +28,21 @@ from jobconfig.job import JobConfig
 from orchestration import preflight
 from orchestration.cli import CONFIG_HELP, reports_bad_input, verb_parser
 from orchestration.faults import trainer_hooks
+from orchestration.stages import already_done, chain_stages
 from parallel.device import destroy_process_group, free_port
-from pretrain.checkpoint.export import export_exists, export_path
-from pretrain.training.trainer import RESUME_MODES, Trainer, check_layout_fits
+from pretrain.checkpoint.export import export_path
+from pretrain.training.resume_plan import RESUME_MODES
+from pretrain.training.trainer import Trainer, check_layout_fits
 
 
 def run_plan(plan: list[tuple[str, JobConfig]], only_stage: int | None, resume: str) -> list[Path]:
-    chained = len(plan) > 1
+    """Run a chained plan (orchestration/stages.py), or its stage `only_stage`; the exports written or found."""
     exports: list[Path] = []
-    base_out = Path(plan[0][1].train.out_dir)
     for i, (name, cfg) in enumerate(plan, start=1):
-        if chained:
-            cfg.train.out_dir = str(base_out / name)
-            if i > 1 and not cfg.train.init_from:
-                cfg.train.init_from = str(export_path(base_out / f"stage{i - 1}"))
         if only_stage is not None and i != only_stage:
             continue
-        export = export_path(cfg.train.out_dir)
-        if chained and only_stage is None and export_exists(export) and resume not in ("none", "fresh"):
-            exports.append(export)  # finished in an earlier invocation
+        if already_done(plan, cfg, only_stage, resume):
+            exports.append(export_path(cfg.train.out_dir))
             continue
         with Trainer(cfg, stage_name=name, hooks=trainer_hooks()) as trainer:
             exports.append(trainer.run(resume=resume))
@@ -67,7 +64,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--nproc: got {args.nproc}, expected >= 1")
     if args.max_restarts < 0:
         raise ConfigError(f"--max-restarts: got {args.max_restarts}, expected >= 0")
-    plan = plan_stages(args.config, overrides, args.stage)
+    plan = chain_stages(plan_stages(args.config, overrides, args.stage))
     spawn = args.nproc > 1 and "WORLD_SIZE" not in os.environ
     for _, cfg in plan:  # every stage's layout and token limits, before any process group starts
         check_layout_fits(cfg, args.nproc if spawn else int(os.environ.get("WORLD_SIZE", "1")))

@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
             trainer.run(resume="fresh")  # a rerun replaces the previous debug run (moved aside, not deleted)
     finally:
         destroy_process_group()
-    losses = [m["loss"] for m in trainer.history]
+    losses = [m["loss"] for m in trainer.metrics.history]
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "losses.json").write_text(json.dumps(losses))

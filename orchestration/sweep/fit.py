@@ -22,6 +22,9 @@ from scipy.special import logsumexp
 
 PARAMS = ("E", "A", "B", "alpha", "beta")
 HUBER_DELTA = 1e-3
+# resamples per fit_many call in `bootstrap`, so between two of its progress calls (runner.py's
+# progress lines count on this step)
+BOOTSTRAP_CHUNK = 10
 
 
 # box for (a, b, e, alpha, beta): wide enough never to bind on a sane sweep, narrow enough that a
@@ -137,8 +140,9 @@ def bootstrap(N, D, L, n_boot: int = 200, seed: int = 0, level: float = 0.95, de
     W = np.array([np.bincount(rng.integers(0, len(N), len(N)), minlength=len(N)) for _ in range(n_boot)],
                  dtype=np.float64).reshape(n_boot, len(N))
     thetas = np.empty((0, 5))
-    for lo in range(0, n_boot, 10):
-        thetas = np.concatenate([thetas, fit_many(logN, logD, logL, W[lo:lo + 10], point.theta(), delta)])
+    for lo in range(0, n_boot, BOOTSTRAP_CHUNK):
+        chunk = W[lo:lo + BOOTSTRAP_CHUNK]
+        thetas = np.concatenate([thetas, fit_many(logN, logD, logL, chunk, point.theta(), delta)])
         if progress:
             progress(len(thetas), n_boot)
     thetas = thetas[np.all(np.isfinite(thetas), axis=1)]

@@ -35,6 +35,7 @@ import fsspec
 from orchestration.faults import exit_after_records
 from orchestration.sweep.analysis import analyse
 from orchestration.sweep.config import SweepConfig
+from orchestration.sweep.fit import BOOTSTRAP_CHUNK
 from orchestration.sweep.report import write_outputs
 from orchestration.sweep.trial import plan, run_trial
 
@@ -164,8 +165,8 @@ def fit_sweep(cfg: SweepConfig) -> int:
               file=sys.stderr)
         return 2
 
-    def progress(i, n):
-        if i % max(1, n // 5) < 10 or i == n:
+    def progress(i, n):  # called every BOOTSTRAP_CHUNK resamples: print about every fifth of them
+        if i % max(1, n // 5) < BOOTSTRAP_CHUNK or i == n:
             print(f"[sweep fit] bootstrap {i}/{n}", flush=True)
 
     a = analyse(results, cfg.fit, progress=progress)

@@ -38,6 +38,7 @@ from orchestration.sweep.config import SweepConfig
 from orchestration.sweep.plan import check_levels, count_params, planned_tokens, steps_for_level
 from parallel.device import destroy_process_group
 from pretrain.evaluation.heldout import HELD_OUT_VERSION, held_out_loss
+from pretrain.training.metric_sinks import METRICS_FILE
 from pretrain.training.metrics import train_flops
 from pretrain.training.trainer import Trainer
 
@@ -127,7 +128,7 @@ def run_trial(spec: dict, trial_dir: str) -> dict:
     eval_loss = held_out_loss(job, export, spec["eval"])
     n_params = count_params(job.model)
     curve, tokens, flops = [], 0.0, 0.0
-    for line in (out / "metrics.jsonl").read_text().splitlines():
+    for line in (out / METRICS_FILE).read_text().splitlines():
         m = json.loads(line)
         tokens += m["tokens"]
         flops += train_flops(job.model, n_params, m["tokens"], m["attention_pairs"])

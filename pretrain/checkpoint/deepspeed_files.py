@@ -29,8 +29,9 @@ as DeepSpeed 0.19 writes them:
 These .pt files are what checkpoints of earlier versions hold (this version
 writes sharded.py's safetensors format). They are pickles, read only with
 `torch.load(weights_only=True)` and an allow-list of the three DeepSpeed types
-they carry (`load_legacy`): a pickled payload is refused, never run. The
-directory is verified against our manifest first, unless the caller just did.
+they carry (`load_legacy`): a pickled payload is refused, never run.
+`formats.open_checkpoint` verifies the directory against our manifest first.
+The result is a full_state.FullState, as every format reads into.
 
 Writing: `HashingCheckpointEngine` (installed on a live engine by `install`)
 is DeepSpeed's own torch checkpoint engine with every file saved through an
@@ -42,31 +43,16 @@ import math
 import os
 import pickle
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from parallel.tensor_parallel import plan_style, unshard_tensor
+from pretrain.checkpoint.full_state import MOMENTS, ConsolidateError, FullState, merge_tensor_parallel
 from pretrain.checkpoint.integrity import CheckpointError, HashingWriter
-from pretrain.checkpoint.storage import verify_checkpoint
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
 _MODEL_Z012 = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _MODEL_Z3 = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-
-
-class ConsolidateError(RuntimeError):
-    """The checkpoint's files do not hold what this reader expects; the message names file and key."""
-
-
-@dataclass
-class FullState:
-    weights: dict[str, torch.Tensor]  # fp32 masters (and buffers), plain-model names and shapes
-    moments: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # "exp_avg" -> {name: tensor}
-    optimizer: dict[str, Any] = field(default_factory=dict)  # step, hyper, lr_scheduler, engine counters
-    source: dict[str, Any] = field(default_factory=dict)  # zero_stage, tp, dp, bf16 of the writer
 
 
 def legacy_globals() -> list:
@@ -239,15 +225,11 @@ def _rank_zero3(ckpt: Path, meta: dict, where: Path, tp: int, dp: int, with_opti
 
 
 # ---------------------------------------------------------------- the whole checkpoint
-def read_checkpoint(ckpt: str | Path, with_optimizer: bool = True, tp_plan: dict[str, str] | None = None,
-                    verified: bool = False) -> FullState:
+def read_checkpoint(ckpt: str | Path, with_optimizer: bool = True, tp_plan: dict[str, str] | None = None
+                    ) -> FullState:
     """Full-size fp32 weights (and Adam moments) of a native DeepSpeed checkpoint of any layout."""
 
     ckpt = Path(ckpt)
-    if not verified:
-        problems = verify_checkpoint(ckpt, full=True)
-        if problems:
-            raise CheckpointError(f"{ckpt} is not a complete checkpoint: " + "; ".join(problems))
     zero3, files = model_files(ckpt)
     per_tp = []
     first: dict = {}
@@ -273,25 +255,6 @@ def read_checkpoint(ckpt: str | Path, with_optimizer: bool = True, tp_plan: dict
                  **{k: meta.get(k) for k in ("global_steps", "global_samples", "skipped_steps")}}
     source = {"zero_stage": first["stage"], "tp": len(files), "dp": first["dp"], "bf16": first["bf16"]}
     return FullState(weights, moments, optimizer, source)
-
-
-def merge_tensor_parallel(shards: list[dict[str, torch.Tensor]], plan: dict[str, str] | None, ckpt: Path) -> dict:
-    """Undo tensor parallelism: sharded parameters are concatenated by their plan style,
-    replicated ones (norms, embedders, the head) are taken from TP rank 0."""
-    if len(shards) == 1:
-        return shards[0]
-    if not plan:
-        raise ConsolidateError(f"{ckpt}: {len(shards)} tensor-parallel ranks but no tensor-parallel plan to merge "
-                               "them with (trainer_state.json layout.tp_plan)")
-    for t, s in enumerate(shards[1:], start=1):
-        if s.keys() != shards[0].keys():
-            diff = sorted(set(s) ^ set(shards[0]))[:3]
-            raise ConsolidateError(f"{ckpt}: tensor-parallel rank {t} holds other parameters than rank 0: {diff}")
-    out = {}
-    for name, t0 in shards[0].items():
-        style = plan_style(name.rpartition(".")[0], plan)
-        out[name] = t0 if style is None else unshard_tensor([s[name] for s in shards], style)
-    return out
 
 
 class HashingCheckpointEngine:

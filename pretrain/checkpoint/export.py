@@ -55,7 +55,7 @@ SHARD_NAME = "diffusion_pytorch_model-{:05d}-of-{:05d}.safetensors"
 MODEL_CLASS = "VideoGPTTransformer"  # pretrain/model/pretrained.py
 PROVENANCE_KEY = "_videogpt"  # leading '_': diffusers' ConfigMixin keeps it in model.config, out of __init__
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-# provenance redacted as text only (credential values, not keys): `reference` (reference.py) holds the
+# provenance redacted as text only (credential values, not keys): `reference` (orchestration/convert.py) holds the
 # authors' files and token ids, whose key names (token_ids) look like credentials to redact's key rule
 TEXT_REDACTED = ("reference",)
 EXPECTED = ("an export: a directory with config.json and diffusion_pytorch_model*.safetensors, e.g. "

@@ -15,7 +15,8 @@ Nothing in a checkpoint this version writes is a pickle, and no reader of one
 calls torch.load or pickle. Checkpoints of earlier versions (DeepSpeed's .pt
 files, layout format "deepspeed") still load, through torch.load with
 weights_only=True and an allow-list of DeepSpeed's three types
-(deepspeed_files.py).
+(deepspeed_files.py). Which format a directory holds, and its reader, comes
+from one place: formats.open_checkpoint.
 
 A save stalls training only while each rank copies its state into host memory
 (`sharded.capture`); with `background=True` a thread then writes the files
@@ -53,10 +54,11 @@ from safetensors.torch import load_file
 from jobconfig.loader import from_dict
 from jobconfig.model import ModelConfig
 from pretrain.checkpoint.deepspeed_files import install
+from pretrain.checkpoint.formats import Format, open_checkpoint
 from pretrain.checkpoint.integrity import MANIFEST, CheckpointError, atomic_write, write_manifest
-from pretrain.checkpoint.portable import load_portable, write_portable
+from pretrain.checkpoint.portable import write_portable
 from pretrain.checkpoint.safetensors_stream import write_safetensors
-from pretrain.checkpoint.sharded import HostBuffers, capture, is_sharded, load_sharded, read_full_state, write_captured
+from pretrain.checkpoint.sharded import HostBuffers, capture, write_captured
 from pretrain.checkpoint.storage import (
     LATEST,
     RNG_FILE,
@@ -74,19 +76,13 @@ def write_latest(root: Path, tag: str) -> None:
 
 
 # ---------------------------------------------------------------- layouts
-NATIVE = "deepspeed"  # layout["format"] of checkpoints in DeepSpeed's .pt files (earlier versions)
-SHARDED = "sharded"  # ours (sharded.py): each rank's partition in safetensors; layout-bound like NATIVE
-LEGACY_PT = NATIVE
-PORTABLE = "portable"
-
-
 def layout_of(state: dict[str, Any]) -> dict[str, Any]:
     """The layout recorded in a trainer state; derived from its config for older checkpoints."""
     if "layout" in state:
         return state["layout"]
     pc = state.get("config", {}).get("parallel", {})
     ws, tp, sp = state.get("world_size", 1), pc.get("tensor_parallel", 1), pc.get("sequence_parallel", 1)
-    return {"format": NATIVE, "world_size": ws, "dp": ws // (tp * sp), "tp": tp, "sp": sp,
+    return {"format": Format.LEGACY_PT, "world_size": ws, "dp": ws // (tp * sp), "tp": tp, "sp": sp,
             "zero_stage": pc.get("zero_stage", 2), "precision": pc.get("precision", "bf16")}
 
 
@@ -111,22 +107,21 @@ def make_portable(src: Path, dst: Path, layout: dict[str, Any] | None = None, ve
     own trainer state (layout marked portable, `layout` recorded as the intended target) and manifest."""
     state = _trainer_state(src)
     saved = layout_of(state)
+    reader = open_checkpoint(src, verified=verified)
     tmp = dst.with_name(f".{dst.name}.tmp")  # not a `step_*` name: never listed as a checkpoint
     shutil.rmtree(tmp, ignore_errors=True)
-    if saved.get("format") == PORTABLE:
-        problems = [] if verified else verify_checkpoint(src)
-        if problems:
-            raise CheckpointError(f"{src} is not a complete checkpoint: " + "; ".join(problems))
+    if reader.format == Format.PORTABLE:
         shutil.copytree(src, tmp)
         (tmp / MANIFEST).unlink()
+        source = saved.get("source", saved)
     else:
         # a TP checkpoint records how its shards merge; the target layout's plan is the same model's
         tp_plan = saved.get("tp_plan") or (layout or {}).get("tp_plan")
-        full = read_full_state(src, with_optimizer=True, tp_plan=tp_plan, verified=verified)
+        full = reader.read_full_state(with_optimizer=True, tp_plan=tp_plan)
         write_portable(full, tmp, from_dict(ModelConfig, state["config"]["model"], "model"))
         shutil.copy2(src / RNG_FILE, tmp / RNG_FILE)
-    source = saved.get("source", saved) if saved.get("format") == PORTABLE else saved
-    state["layout"] = {"format": PORTABLE, "source": source, **{k: v for k, v in (layout or {}).items()
+        source = saved
+    state["layout"] = {"format": Format.PORTABLE, "source": source, **{k: v for k, v in (layout or {}).items()
                                                                  if k not in ("format", "source")}}
     atomic_write(tmp / TRAINER_STATE, json.dumps(state, indent=1))
     write_manifest(tmp, int(state["step"]))
@@ -159,19 +154,20 @@ def _all_gather(obj, group=None) -> list:
 
 class CheckpointManager:
     def __init__(self, root: str | Path, rank: int = 0, keep_last: int = 3, keep_every: int = 0,
-                 before_commit: Callable[[int], None] | None = None, write_format: str = SHARDED):
+                 before_commit: Callable[[int], None] | None = None, write_format: Format = Format.SHARDED):
         """`before_commit(step)`: called on rank 0 once a save's files are on disk and its manifest
-        is not yet written (fault injection, orchestration/faults.py). `write_format`: SHARDED (ours,
-        no pickle) or LEGACY_PT (DeepSpeed's own .pt files: only to compare with, and to test reading
-        checkpoints of earlier versions)."""
-        if write_format not in (SHARDED, LEGACY_PT):
-            raise ValueError(f"write_format: {write_format!r}, expected {SHARDED!r} or {LEGACY_PT!r}")
+        is not yet written (fault injection, orchestration/faults.py). `write_format`: Format.SHARDED
+        (ours, no pickle) or Format.LEGACY_PT (DeepSpeed's own .pt files: only to compare with, and to
+        test reading checkpoints of earlier versions)."""
+        if write_format not in (Format.SHARDED, Format.LEGACY_PT):
+            raise ValueError(f"write_format: {write_format!r}, expected {Format.SHARDED.value!r} or "
+                             f"{Format.LEGACY_PT.value!r}")
         self.root = Path(root)
         self.store = CheckpointStore(self.root)
         self.before_commit = before_commit
         self.rank = rank
         self.keep_last, self.keep_every = keep_last, keep_every
-        self.write_format = write_format
+        self.write_format = Format(write_format)
         self.on_write: Callable[[int], None] | None = None  # after each write of a save (fault injection)
         self._pruner = None  # the thread deleting pruned checkpoints, if any
         self._saving: threading.Thread | None = None  # the background save in flight, if any
@@ -203,7 +199,7 @@ class CheckpointManager:
         layout = {**trainer_state.get("layout", {}), "format": self.write_format}
         # serialised now: the loader and the trainer go on changing what their state dicts refer to
         state = json.dumps({**trainer_state, "step": step, "layout": layout}, indent=1)
-        if self.write_format == LEGACY_PT:
+        if self.write_format == Format.LEGACY_PT:
             self._commit(ckpt, step, state, torch.get_rng_state(), self._write_legacy(engine, ckpt))
             return ckpt
         captured = capture(engine, model, layout, self.rank, tp_rank, self._buffers)
@@ -287,20 +283,6 @@ class CheckpointManager:
         found = _all_gather(verify_checkpoint(ckpt, full=full, share=_world()))
         return sorted({p for rank_problems in found for p in rank_problems})
 
-    def newest_complete(self, full_verify: bool = True, collective: bool = False) -> Path | None:
-        """Newest checkpoint that verifies; warns about every newer one it had to skip."""
-        tag = self.store.newest_complete(
-            problems=lambda t: self.problems(self.root / t, full=full_verify, collective=collective))
-        return None if tag is None else self.root / tag
-
-    def newest_verified(self, full_verify: bool = True, collective: bool = False
-                        ) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
-        """(newest checkpoint that verifies or None, (checkpoint, its problems) for each newer one skipped:
-        all of them when none verifies). Says nothing: the caller decides whether to fall back or stop."""
-        tag, skipped = self.store._newest(lambda t: self.problems(self.root / t, full=full_verify,
-                                                                  collective=collective))
-        return (None if tag is None else self.root / tag), [(self.root / t, found) for t, found in skipped]
-
     def load(self, engine, ckpt: Path, model=None, layout: dict[str, Any] | None = None, tp_rank: int = 0,
              tp_size: int = 1, log=print) -> dict[str, Any]:
         """Restore engine and RNG from a verified checkpoint; return the trainer state. Collective.
@@ -312,18 +294,12 @@ class CheckpointManager:
         state = _trainer_state(ckpt)
         saved = layout_of(state)
         diff = layout_change(saved, layout) if layout is not None else []
-        if saved.get("format") == PORTABLE:
+        reader = open_checkpoint(ckpt, verified=True)
+        if reader.format == Format.PORTABLE:
             log(f"loading portable checkpoint {ckpt} (source {describe(saved.get('source', {}))}) "
                 f"into {describe(layout or {})}")
-            load_portable(engine, model, ckpt, tp_rank, tp_size)
-        elif not diff and is_sharded(ckpt):
-            load_sharded(engine, model, ckpt, self.rank, tp_rank)
-        elif not diff:  # DeepSpeed's .pt files of an earlier version (weights_only loads, allow-listed globals)
-            install(engine)  # mmap loads (deepspeed_files.HashingCheckpointEngine.load)
-            load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
-            if load_path is None:
-                raise CheckpointError(f"{ckpt}: DeepSpeed could not load it")
+        if reader.format == Format.PORTABLE or not diff:  # the other formats load only into their own layout
+            reader.load_into(engine, model, self.rank, tp_rank, tp_size)
         else:
             msg = (f"PARALLEL LAYOUT CHANGED: checkpoint {ckpt} was written by {describe(saved)}; this run is "
                    f"{describe(layout)} ({'; '.join(diff)}). Converting it to the portable form and "
@@ -332,7 +308,7 @@ class CheckpointManager:
             log(msg)
             work = self.root / ".converted" / ckpt.name
             self._on_rank0(lambda: make_portable(ckpt, work, layout, verified=True), f"converting {ckpt}")
-            load_portable(engine, model, work, tp_rank, tp_size)
+            open_checkpoint(work, verified=True).load_into(engine, model, self.rank, tp_rank, tp_size)
             self._on_rank0(lambda: shutil.rmtree(work, ignore_errors=True), f"removing {work}")
         torch.set_rng_state(load_file(str(ckpt / RNG_FILE))["cpu"])
         return state

@@ -22,9 +22,10 @@ Why this design, of the three on offer:
   ZeRO-0; it must be switched on in the DeepSpeed config before the engine
   exists; and it is pickles throughout (one file per parameter and tensor kind).
 - Ours: full, TP-merged fp32 weights and Adam moments, by name, in safetensors
-  (no pickle), read offline from any native layout (deepspeed_files.py) and
+  (no pickle), read offline from any native layout (formats.py) and
   written into the live engine through DeepSpeed's own per-parameter
-  fragment API (`safe_set_full_fp32_param` / `safe_set_full_optimizer_state`),
+  fragment API (`safe_set_full_fp32_param` / `safe_set_full_optimizer_state`,
+  optimizer_fragments.py),
   which knows each stage's partitioning (ZeRO-1/2 flat partitions, ZeRO-3
   per-parameter partitions, the bf16 optimizer); TP slices come from the live
   model's own swapped layers (`tp_style`). The same tensors serve export.
@@ -39,39 +40,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from parallel.tensor_parallel import shard_tensor, tensor_parallel_modules
-from pretrain.checkpoint.deepspeed_files import MOMENTS, FullState
 from pretrain.checkpoint.export import save_export
+from pretrain.checkpoint.full_state import MOMENTS, FullState, PortableError, jsonable
+from pretrain.checkpoint.optimizer_fragments import prepare_optimizer_state, restore_engine_info, set_full_parameter
 
 WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.json"
 FORMAT = "vgpt-portable-1"
 
 
-class PortableError(RuntimeError):
-    """A portable checkpoint does not fit the model or engine; the message names file and key."""
-
-
 def is_portable(ckpt: Path) -> bool:
     return (Path(ckpt) / OPTIMIZER).is_file()
-
-
-def jsonable(v: Any, key: str):
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if torch.is_tensor(v) and v.numel() == 1:
-        return v.item()
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x, key) for x in v]
-    if isinstance(v, dict):
-        return {str(k): jsonable(x, f"{key}.{k}") for k, x in v.items()}
-    raise PortableError(f"optimizer state {key}: a {type(v).__name__} cannot be stored in {OPTIMIZER}")
 
 
 def write_portable(full: FullState, ckpt: Path, model_cfg) -> None:
@@ -87,80 +72,15 @@ def write_portable(full: FullState, ckpt: Path, model_cfg) -> None:
     (ckpt / OPTIMIZER).write_text(json.dumps(meta, indent=1))
 
 
-def read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(ckpt) / WEIGHTS))
+def read_portable(ckpt: Path, with_optimizer: bool = True) -> FullState:
+    """The FullState a portable checkpoint holds (without the moments unless `with_optimizer`)."""
+    ckpt = Path(ckpt)
+    meta = json.loads((ckpt / OPTIMIZER).read_text())
+    moments = {k: load_file(str(ckpt / f"{k}.safetensors")) for k in MOMENTS} if with_optimizer else {}
+    return FullState(load_file(str(ckpt / WEIGHTS)), moments, meta["optimizer"], meta.get("source", {}))
 
 
 # ---------------------------------------------------------------- into a live engine
-def _masters(opt) -> list[torch.Tensor]:
-    """The fp32 master tensors the inner optimizer keeps state for, per DeepSpeed wrapper."""
-    for attr in ("fp32_partitioned_groups_flat",   # ZeRO-3
-                 "single_partition_of_fp32_groups",  # ZeRO-1/2
-                 "fp32_groups_flat_partition"):      # BF16_Optimizer
-        if hasattr(opt, attr):
-            return list(getattr(opt, attr))
-    if hasattr(opt, "fp32_groups"):  # FP16_Optimizer (ZeRO-0 with bf16): per-parameter masters
-        return [t for g in opt.fp32_groups for t in g]
-    if isinstance(opt, torch.optim.Optimizer):  # ZeRO-0 in fp32: the torch optimizer itself
-        return [p for g in opt.param_groups for p in g["params"]]
-    raise PortableError(f"cannot load a portable checkpoint into a {type(opt).__name__} optimizer")
-
-
-def _step_value(base, step: float):
-    # torch's Adam/AdamW keep `step` as a float tensor; DeepSpeed's CPU Adam as an int
-    return torch.tensor(float(step)) if type(base).__module__.startswith("torch.optim") else int(step)
-
-
-def prepare_optimizer_state(opt, step: float | None) -> Any:
-    """Create the (lazy) Adam state of every master, with `step` (None: keep a step already there, else
-    0), and link DeepSpeed's fragment views to it; returns the inner optimizer."""
-    base = getattr(opt, "optimizer", opt)
-    for m in _masters(opt):
-        st = base.state[m]
-        if step is not None or "step" not in st:
-            st["step"] = _step_value(base, step or 0.0)
-        for k in MOMENTS:
-            if k not in st:
-                st[k] = torch.zeros_like(m)
-    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
-        # ZeRO-1/2 and the bf16 optimizer point each parameter's fragment at views of this state
-        opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
-    return base
-
-
-def fp16_master(opt, p) -> torch.Tensor | None:
-    for lp_group, hp_group in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", [])):
-        for lp, hp in zip(lp_group, hp_group):
-            if lp is p:
-                return hp
-    return None
-
-
-def _set_parameter(opt, base, p: torch.nn.Parameter, w: torch.Tensor, moments: dict[str, torch.Tensor]) -> None:
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    if hasattr(p, "ds_id"):  # ZeRO-3: write the gathered parameter, DeepSpeed re-partitions it
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-            p.data.copy_(w.view_as(p.data).to(p.dtype))
-    else:
-        p.data.copy_(w.view_as(p.data).to(p.dtype))
-    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):  # partitioned fp32 masters and moments
-        safe_set_full_fp32_param(p, w)
-        for k, v in moments.items():
-            safe_set_full_optimizer_state(p, v, k)
-        return
-    master = fp16_master(opt, p) if hasattr(opt, "fp32_groups") else p
-    if master is None:
-        raise PortableError(f"no fp32 master found for a parameter of shape {tuple(p.shape)} in "
-                            f"{type(opt).__name__}")
-    master.data.copy_(w.view_as(master))
-    for k, v in moments.items():
-        base.state[master][k].copy_(v.view_as(master))
-
-
 def load_portable(engine, model: torch.nn.Module, ckpt: Path, tp_rank: int = 0, tp_size: int = 1) -> dict:
     """Weights, Adam moments and step, LR scheduler and counters of `ckpt` into `engine`.
 
@@ -195,22 +115,9 @@ def load_portable(engine, model: torch.nn.Module, ckpt: Path, tp_rank: int = 0, 
                     raise PortableError(f"{files[kind]}: {name!r} has shape {tuple(t.shape)} for TP rank "
                                         f"{tp_rank}/{tp_size}, the model expects {tuple(want)}")
                 tensors[kind] = t.to(p.device)
-            _set_parameter(opt, base, p, tensors.pop("weights"), tensors)
+            set_full_parameter(opt, base, p, tensors.pop("weights"), tensors)
         for name, buf in model.named_buffers():
             if name in fw.keys():
                 buf.copy_(fw.get_tensor(name).to(buf.dtype))
     restore_engine_info(engine, base, info)
     return meta
-
-
-def restore_engine_info(engine, base, info: dict[str, Any]) -> None:
-    """Param-group hyper-parameters, LR scheduler state and engine counters of a checkpoint's JSON."""
-    for group in base.param_groups:  # hyper-parameters the schedule moves (lr, initial_lr, ...)
-        for k, v in info.get("hyper", {}).items():
-            if k in group and k != "params":
-                group[k] = tuple(v) if isinstance(group[k], tuple) else v
-    if engine.lr_scheduler is not None and info.get("lr_scheduler"):
-        engine.lr_scheduler.load_state_dict(dict(info["lr_scheduler"]))
-    for k in ("global_steps", "global_samples", "skipped_steps"):
-        if info.get(k) is not None:
-            setattr(engine, k, int(info[k]))

@@ -20,11 +20,12 @@ DeepSpeed's fragment views (`_hp_mapping` for ZeRO-1/2 and the bf16
 optimizer, the ZeRO-3 local API) keeps us out of its pickled state layout, and
 `capture` is all the training loop waits for in an async save (manager.py).
 
+Where each ZeRO stage keeps a parameter's fragment: optimizer_fragments.py.
 A resume on the same layout reads back only its own rank file (`load_sharded`).
 Any other layout, and `vgpt ckpt export/inspect/reshard`, go through
-`read_sharded`: full-size fp32 weights and moments put together from the
-fragments (a FullState, as deepspeed_files.read_checkpoint gives for the
-older .pt checkpoints), then portable.py.
+`read_sharded` (formats.py opens it): full-size fp32 weights and moments put
+together from the fragments (a FullState, as deepspeed_files.read_checkpoint
+gives for the older .pt checkpoints), then portable.py.
 """
 from __future__ import annotations
 
@@ -34,20 +35,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 
-from pretrain.checkpoint.deepspeed_files import (
-    MOMENTS,
-    ConsolidateError,
-    FullState,
-    merge_tensor_parallel,
-    read_checkpoint,
+from pretrain.checkpoint.full_state import MOMENTS, ConsolidateError, FullState, merge_tensor_parallel
+from pretrain.checkpoint.optimizer_fragments import (
+    engine_info,
+    fragment,
+    prepare_optimizer_state,
+    restore_engine_info,
+    set_zero3_local,
+    zero_rank,
+    zero_stage,
 )
-from pretrain.checkpoint.integrity import CheckpointError
-from pretrain.checkpoint.portable import fp16_master, jsonable, prepare_optimizer_state, restore_engine_info
 from pretrain.checkpoint.safetensors_stream import write_safetensors
-from pretrain.checkpoint.storage import verify_checkpoint
 
 FORMAT = "vgpt-sharded-1"
 ENGINE = "engine.json"
@@ -75,48 +75,6 @@ class Captured:
 
 
 # ---------------------------------------------------------------- what this rank holds
-def _group_rank(group) -> tuple[int, int]:
-    if group is None or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group=group), dist.get_world_size(group=group)
-
-
-def zero_stage(engine) -> int:
-    return int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0
-
-
-def _fragment(opt, base, p: torch.nn.Parameter):
-    """(fp32 fragment, {moment: fragment}, start, numel) of `p` held by this rank, or None."""
-    if hasattr(p, "ds_id"):  # ZeRO-3: every rank holds ceil(numel / dp) elements of every parameter
-        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
-
-        part = p.ds_tensor.ds_numel
-        start = _group_rank(p.ds_process_group)[0] * part
-        return (safe_get_local_fp32_param(p), {k: safe_get_local_optimizer_state(p, k) for k in MOMENTS},
-                start, part)
-    if hasattr(p, "_hp_mapping"):  # ZeRO-1/2, bf16 optimizer: a view into this rank's flat partition
-        mapping = p._hp_mapping
-        if mapping is None:
-            return None
-        addr = mapping.lp_fragment_address
-        return mapping.hp_fragment, {k: mapping.get_optim_state_fragment(k) for k in MOMENTS}, addr.start, addr.numel
-    master = fp16_master(opt, p) if hasattr(opt, "fp32_groups") else p  # ZeRO-0: whole masters
-    if master is None:
-        raise ConsolidateError(f"no fp32 master for a parameter of shape {tuple(p.shape)} in {type(opt).__name__}")
-    state = base.state[master]
-    return master, {k: state[k] for k in MOMENTS}, 0, master.numel()
-
-
-def engine_info(engine, base) -> dict[str, Any]:
-    states = [s for s in base.state.values() if "step" in s]
-    step = float(states[0]["step"]) if states else 0.0
-    hyper = {k: v for k, v in base.param_groups[0].items() if k != "params"}
-    sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
-    return jsonable({"step": step, "hyper": hyper, "lr_scheduler": sched,
-                     "global_steps": engine.global_steps, "global_samples": engine.global_samples,
-                     "skipped_steps": engine.skipped_steps}, "optimizer")
-
-
 class HostBuffers:
     """Host copies reused from one save to the next (pinned when the state lives on an accelerator:
     pinning is slow to allocate, fast to copy into)."""
@@ -144,7 +102,7 @@ def capture(engine, model: torch.nn.Module, layout: dict[str, Any], rank: int, t
     tensors, fragments = {}, {}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            frag = _fragment(opt, base, p)
+            frag = fragment(opt, base, p)
             if frag is None:
                 continue
             hp, moments, start, numel = frag
@@ -155,12 +113,12 @@ def capture(engine, model: torch.nn.Module, layout: dict[str, Any], rank: int, t
                 tensors[f"{k}/{name}"] = buffers.copy(f"{k}/{name}", v.reshape(-1))
             if hasattr(p, "ds_id"):
                 tensors[f"module/{name}"] = buffers.copy(f"module/{name}", p.ds_tensor.reshape(-1))
-    zero_rank = _zero_rank(opt, stage)
-    meta = {"format": FORMAT, "rank": rank, "tp_rank": tp_rank, "zero_rank": zero_rank, "zero_stage": stage,
+    z_rank = zero_rank(opt, stage)
+    meta = {"format": FORMAT, "rank": rank, "tp_rank": tp_rank, "zero_rank": z_rank, "zero_stage": stage,
             "fragments": fragments}
     out = Captured(rank)
     out.files[rank_file(rank)] = (tensors, {META_KEY: json.dumps(meta)})
-    if zero_rank == 0:  # one copy of the module per TP rank
+    if z_rank == 0:  # one copy of the module per TP rank
         module = {n: p for n, p in model.named_parameters() if not hasattr(p, "ds_id")}
         persistent = model.state_dict(keep_vars=True)  # buffers a state dict carries (not derived tables)
         module.update({n: b for n, b in model.named_buffers() if n in persistent})
@@ -172,11 +130,6 @@ def capture(engine, model: torch.nn.Module, layout: dict[str, Any], rank: int, t
                                  "dp": layout.get("dp", 1) * layout.get("sp", 1),
                                  "bf16": layout.get("precision") == "bf16"}}
     return out
-
-
-def _zero_rank(opt, stage: int) -> int:
-    group = getattr(opt, "dp_process_group", None) if stage > 0 else None
-    return _group_rank(group)[0]
 
 
 def write_captured(captured: Captured, ckpt: Path, on_write: Callable[[int], None] | None = None
@@ -213,7 +166,7 @@ def load_sharded(engine, model: torch.nn.Module, ckpt: Path, rank: int, tp_rank:
                 continue
             if module is not None:
                 p.data.copy_(module.get_tensor(name).view_as(p.data))
-            frag = _fragment(opt, base, p)
+            frag = fragment(opt, base, p)
             if frag is None:
                 continue
             if name not in info["fragments"]:
@@ -226,36 +179,14 @@ def load_sharded(engine, model: torch.nn.Module, ckpt: Path, rank: int, tp_rank:
             for name, buf in model.named_buffers():
                 if name in module.keys():
                     buf.copy_(module.get_tensor(name))
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
-        _set_zero3_local(model, mine)
+        for name, p in model.named_parameters():
+            if hasattr(p, "ds_id"):  # once every module partition is in place
+                set_zero3_local(p, f.get_tensor(f"fp32/{name}"), {k: f.get_tensor(f"{k}/{name}") for k in MOMENTS})
     restore_engine_info(engine, base, meta["optimizer"])
     return meta
 
 
-def _set_zero3_local(model, path: Path) -> None:
-    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
-
-    with safe_open(str(path), "pt") as f, torch.no_grad():
-        for name, p in model.named_parameters():
-            if hasattr(p, "ds_id"):
-                safe_set_local_fp32_param(p, f.get_tensor(f"fp32/{name}").to(p.ds_tensor.device))
-                for k in MOMENTS:
-                    safe_set_local_optimizer_state(p, f.get_tensor(f"{k}/{name}").to(p.ds_tensor.device), k)
-
-
 # ---------------------------------------------------------------- any layout: full tensors, offline
-def read_full_state(ckpt: str | Path, with_optimizer: bool = True, tp_plan: dict[str, str] | None = None,
-                    verified: bool = False) -> FullState:
-    """Full-size fp32 weights (and moments) of a checkpoint in this format or DeepSpeed's older .pt files,
-    verified against its manifest first unless the caller just did."""
-    ckpt = Path(ckpt)
-    if not is_sharded(ckpt):
-        return read_checkpoint(ckpt, with_optimizer=with_optimizer, tp_plan=tp_plan, verified=verified)
-    if not verified and (problems := verify_checkpoint(ckpt, full=True)):
-        raise CheckpointError(f"{ckpt} is not a complete checkpoint: " + "; ".join(problems))
-    return read_sharded(ckpt, with_optimizer, tp_plan)
-
-
 def read_sharded(ckpt: str | Path, with_optimizer: bool = True, tp_plan: dict[str, str] | None = None
                  ) -> FullState:
     """Full-size fp32 weights (and Adam moments) of a checkpoint in this format, from its fragments."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +48,7 @@ from pretrain.checkpoint.integrity import (
 TRAINER_STATE = "trainer_state.json"
 RNG_FILE = "rng.safetensors"
 LATEST = "latest"
+CHECKPOINTS_DIR = "checkpoints"  # a run's checkpoint root, in its out_dir
 CHUNK = 1 << 22
 
 
@@ -72,6 +73,34 @@ def store_options(url: str, endpoint_url: str | None = None) -> dict:
     return opts
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A checkpoint `choose` passed over, and why."""
+    tag: str
+    problems: tuple[str, ...]
+    url: str  # how messages name it
+
+    def __str__(self) -> str:
+        return f"{self.url}: " + "; ".join(self.problems)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What `CheckpointStore.choose` picked: `tag`, None when no checkpoint verifies (every one is then
+    in `skipped`) or there is none; `skipped`, the newer ones passed over, newest first."""
+    tag: str | None
+    skipped: tuple[Skipped, ...]
+    root: str  # the checkpoint root, as messages name it
+
+    def required(self) -> str:
+        """The tag; for a caller that cannot go on without one, the reason there is none as the error."""
+        if self.tag is not None:
+            return self.tag
+        if not self.skipped:
+            raise ConfigError(f"no checkpoints (step_* folders) under {self.root}")
+        raise CheckpointError(f"no checkpoint under {self.root} verifies: " + " | ".join(map(str, self.skipped)))
+
+
 class CheckpointStore:
     """The checkpoint root at `root` (a local path or an fsspec URL)."""
 
@@ -88,7 +117,7 @@ class CheckpointStore:
     def of_run(cls, path: str | Path, endpoint_url: str | None = None) -> "CheckpointStore":
         """A run's out_dir (whose checkpoints/ folder is the root) or a checkpoint root itself."""
         store = cls(path, endpoint_url)
-        inner = cls(f"{str(path).rstrip('/')}/checkpoints", endpoint_url)
+        inner = cls(f"{str(path).rstrip('/')}/{CHECKPOINTS_DIR}", endpoint_url)
         return inner if inner.exists() else store
 
     # ------------------------------------------------------------ names
@@ -132,8 +161,14 @@ class CheckpointStore:
     def trainer_state(self, tag: str) -> dict:
         return self.read_json(tag, TRAINER_STATE) or {}
 
-    def size(self, tag: str) -> int:
-        return sum(info["size"] for info in self.fs.find(self._path(tag), detail=True).values())
+    def files(self, tag: str) -> dict[str, int]:
+        """Every file of checkpoint `tag` and its size, from one listing (no request per file)."""
+        base = self.fs._strip_protocol(self._path(tag)).rstrip("/") + "/"
+        return {name[len(base):]: info["size"] for name, info in self.fs.find(self._path(tag), detail=True).items()
+                if name.startswith(base)}
+
+    def size(self, tag: str, files: dict[str, int] | None = None) -> int:
+        return sum((self.files(tag) if files is None else files).values())
 
     def is_complete(self, tag: str) -> bool:
         """Committed: its manifest exists (`verify` says whether the files still match it)."""
@@ -152,15 +187,21 @@ class CheckpointStore:
             return None, [problem]
         return manifest, []
 
-    def verify(self, tag: str, full: bool = True, share: tuple[int, int] = (0, 1)) -> list[str]:
+    def verify(self, tag: str, full: bool = True, share: tuple[int, int] = (0, 1),
+               files: dict[str, int] | None = None) -> list[str]:
         """Problems with one checkpoint ([] when complete). `full` re-hashes every file (else sizes
-        only); `share=(i, n)` checks only every n-th file from the i-th (ranks split the work)."""
+        only); `share=(i, n)` checks only every n-th file from the i-th (ranks split the work). Sizes
+        come from one listing of the checkpoint (`files`, if the caller has it), not a request per file."""
         manifest, problems = self.manifest(tag)
         if manifest is None:
             return problems
+        if files is None and (self.remote or not full):  # a local full check reads each file anyway
+            files = self.files(tag)
         for i, (rel, info) in enumerate(manifest["files"].items()):
-            if i % share[1] == share[0] and (problem := self._retrying(lambda: self._check(tag, rel, info, full),
-                                                                      tag, rel)):
+            if i % share[1] != share[0]:
+                continue
+            if problem := self._retrying(lambda rel=rel, info=info: self._check(tag, rel, info, full, listed=files),
+                                         tag, rel):
                 problems.append(problem)
         return problems
 
@@ -168,14 +209,21 @@ class CheckpointStore:
         """An object-store read retried whole past a throttling burst (a local one runs once)."""
         return retrying(fn, self.url(*parts)) if self.remote else fn()
 
-    def _check(self, tag: str, rel: str, info: dict, full: bool = True, sink=None) -> str | None:
-        """One file against its manifest entry (streamed into `sink` if given); a problem line, or None."""
+    def _check(self, tag: str, rel: str, info: dict, full: bool = True, sink=None,
+               listed: dict[str, int] | None = None) -> str | None:
+        """One file against its manifest entry (streamed into `sink` if given); a problem line, or None.
+        `listed`: the checkpoint's files and sizes from one listing (else the store is asked for this one)."""
         url = self.url(tag, rel)
         if not self.remote and sink is None and full:
             return check_file(Path(url), info)  # parallel block hashing straight from the disk
-        try:
-            size = self.fs.size(self._path(tag, rel))
-        except FileNotFoundError:
+        if listed is not None:
+            size = listed.get(rel)
+        else:
+            try:
+                size = self.fs.size(self._path(tag, rel))
+            except FileNotFoundError:
+                size = None
+        if size is None:
             return f"{url}: missing"
         if size != info["bytes"]:
             return f"{url}: {size} bytes, manifest says {info['bytes']}"
@@ -192,53 +240,32 @@ class CheckpointStore:
         digest = blocks.digest() if blocks else whole.hexdigest()
         return None if matches(info, digest) else f"{url}: checksum mismatch"
 
-    def newest_complete(self, full: bool = True, problems: Callable[[str], list[str]] | None = None) -> str | None:
-        """Tag of the newest checkpoint that verifies; warns about every newer one it had to skip.
-        `problems(tag)` replaces `verify(tag, full)` (the manager splits it over the ranks)."""
-        tag, skipped = self._newest(problems or (lambda t: self.verify(t, full=full)))
-        for bad, found in skipped:
-            warnings.warn(f"checkpoint {self.url(bad)} is not usable, falling back to an older one: "
-                          + "; ".join(found), stacklevel=2)
-        return tag
-
-    def newest_verified(self, full: bool = True, problems: Callable[[str], list[str]] | None = None
-                        ) -> tuple[str | None, list[str]]:
-        """(tag of the newest checkpoint that verifies or None, one 'URL: problems' line per newer
-        checkpoint skipped on the way; all of them when none verifies)."""
-        tag, skipped = self._newest(problems or (lambda t: self.verify(t, full=full)))
-        return tag, [f"{self.url(bad)}: " + "; ".join(found) for bad, found in skipped]
-
-    def _newest(self, check: Callable[[str], list[str]]) -> tuple[str | None, list[tuple[str, list[str]]]]:
-        skipped = []
-        for tag in reversed(self.tags()):
-            found = check(tag)
-            if not found:
-                return tag, skipped
-            skipped.append((tag, found))
-        return None, skipped
-
     def choose(self, step: int | None = None, full: bool = True,
-               problems: Callable[[str], list[str]] | None = None) -> tuple[str, list[str]]:
-        """The one rule every reader of a checkpoint root follows: without `step` the newest checkpoint
-        that verifies (returned with the 'URL: problems' lines of the newer ones skipped); with `step`
-        that checkpoint, refused when it does not verify. ConfigError when there is nothing to choose
-        from, CheckpointError when the checkpoint(s) in question are broken."""
+               problems: Callable[[str], list[str]] | None = None) -> Choice:
+        """The one rule every reader of a checkpoint root follows (the Trainer's resume, `vgpt ckpt`):
+        without `step` the newest checkpoint that verifies, with every newer one skipped and why (no
+        tag when none verifies, or there are none: `Choice.required` refuses that); with `step` that
+        checkpoint, refused when it is not there (ConfigError) or does not verify (CheckpointError).
+        `problems(tag)` replaces `verify(tag, full)` (the manager splits it over the ranks)."""
         tags = self.tags()
-        if not tags:
-            raise ConfigError(f"no checkpoints (step_* folders) under {self.url()}")
         check = problems or (lambda t: self.verify(t, full=full))
         if step is not None:
             tag = tag_for(step)
             if tag not in tags:
+                if not tags:
+                    raise ConfigError(f"no checkpoints (step_* folders) under {self.url()}")
                 steps = ", ".join(str(int(t.split("_")[1])) for t in tags)
                 raise ConfigError(f"no checkpoint for step {step} under {self.url()} (steps: {steps})")
             if found := check(tag):
                 raise CheckpointError(f"{self.url(tag)} is broken: " + "; ".join(found))
-            return tag, []
-        tag, skipped = self.newest_verified(full, check)
-        if tag is None:
-            raise CheckpointError(f"no checkpoint under {self.url()} verifies: " + " | ".join(skipped))
-        return tag, skipped
+            return Choice(tag, (), self.url())
+        skipped = []
+        for tag in reversed(tags):
+            found = check(tag)
+            if not found:
+                return Choice(tag, tuple(skipped), self.url())
+            skipped.append(Skipped(tag, tuple(found), self.url(tag)))
+        return Choice(None, tuple(skipped), self.url())
 
     def fetch(self, tag: str, dest: Path) -> list[str]:
         """Copy checkpoint `tag` into the local directory `dest`, hashing every file on the way; the
@@ -247,6 +274,7 @@ class CheckpointStore:
         if manifest is None:
             return problems
         dest.mkdir(parents=True, exist_ok=True)
+        files = self.files(tag)
         for rel, info in manifest["files"].items():
             target = dest / rel
             if dest.resolve() not in target.resolve().parents:
@@ -256,7 +284,7 @@ class CheckpointStore:
 
             def copy_one(rel=rel, info=info, target=target):
                 with open(target, "wb") as sink:  # a retry starts the file afresh
-                    return self._check(tag, rel, info, sink=sink)
+                    return self._check(tag, rel, info, sink=sink, listed=files)
             if problem := self._retrying(copy_one, tag, rel):
                 problems.append(problem)
         (dest / MANIFEST).write_text(json.dumps(manifest))

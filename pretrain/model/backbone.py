@@ -132,31 +132,58 @@ _PHI3_SHAPE_KEYS = {"hidden_size": "hidden_size", "num_hidden_layers": "num_laye
                     "num_attention_heads": "num_heads", "intermediate_size": "mlp_size"}
 
 
-def check_phi3_config(cfg: ModelConfig, checkpoint_dir: str | Path) -> dict:
+def phi3_fields(hf: dict, where: str) -> dict:
+    """A Phi3Config (a transformers config.json, as a dict) -> the ModelConfig fields it sets.
+
+    The one reader of a Phi-3 config.json: a checkpoint to initialise from (`check_phi3_config`)
+    and the authors' release (orchestration/convert.py) both come through here. What this
+    backbone cannot compute as transformers' Phi-3 does is refused, naming the key."""
+    def need(key):
+        if not isinstance(hf.get(key), int) or hf[key] <= 0:
+            raise ConfigError(f"{where}: {key}={hf.get(key)!r}, expected a positive integer (a Phi3Config)")
+        return hf[key]
+
+    if hf.get("model_type", "phi3") != "phi3":
+        raise ConfigError(f"{where}: model_type={hf['model_type']!r}, expected 'phi3'")
+    heads = need("num_attention_heads")
+    need("vocab_size")
+    if hf.get("num_key_value_heads") not in (None, heads):
+        raise ConfigError(f"{where}: num_key_value_heads={hf['num_key_value_heads']} (grouped-query attention) "
+                          f"is not supported, expected num_attention_heads={heads}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{where}: hidden_act={hf['hidden_act']!r}, expected 'silu'")
+    if hf.get("attention_bias"):
+        raise ConfigError(f"{where}: attention_bias=true is not supported (Phi-3 projections have no bias)")
+    # transformers 5 nests RoPE settings in rope_parameters; 4.x keeps them at the top level
+    rope = hf.get("rope_parameters") or {}
+    for key, value in (("rope_scaling", hf.get("rope_scaling") or {}), ("rope_parameters", rope)):
+        kind = value.get("rope_type", value.get("type", "default")) if isinstance(value, dict) else value
+        if kind != "default":
+            raise ConfigError(f"{where}: {key} has RoPE type {kind!r}, only the default RoPE is supported "
+                              "(a 4k-context Phi-3, as Video-GPT)")
+    hidden = need("hidden_size")
+    if hf.get("head_dim") not in (None, hidden // heads):
+        raise ConfigError(f"{where}: head_dim={hf['head_dim']}, expected hidden_size/num_attention_heads")
+    return {"hidden_size": hidden, "num_layers": need("num_hidden_layers"), "num_heads": heads,
+            "mlp_size": need("intermediate_size"),
+            "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            "partial_rotary_factor": float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
+            "norm_eps": float(hf.get("rms_norm_eps", 1e-5)), "init_std": float(hf.get("initializer_range", 0.02))}
+
+
+def check_phi3_config(cfg: ModelConfig, checkpoint_dir: str | Path) -> None:
     """The checkpoint's config.json must describe our backbone's shape."""
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"model.phi3_checkpoint: {path} not found (expected a transformers checkpoint directory)")
-    hf = json.loads(path.read_text())
+    theirs = phi3_fields(json.loads(path.read_text()), str(path))
     for hf_key, ours in _PHI3_SHAPE_KEYS.items():
-        if hf.get(hf_key) != getattr(cfg, ours):
-            raise ConfigError(f"model.{ours}: {getattr(cfg, ours)} but {path} has {hf_key}={hf.get(hf_key)}")
-    kv = hf.get("num_key_value_heads") or hf["num_attention_heads"]
-    if kv != hf["num_attention_heads"]:
-        raise ConfigError(f"{path}: num_key_value_heads={kv} (grouped-query attention) is not supported")
-    # transformers 5 nests RoPE settings in rope_parameters; 4.x keeps them top level
-    rope = hf.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type") or (hf.get("rope_scaling") or {}).get("type") or "default"
-    if rope_type != "default":
-        raise ConfigError(f"{path}: RoPE type {rope_type!r} is not supported (use a 4k-context Phi-3)")
-    checks = {"rope_theta": (rope.get("rope_theta", hf.get("rope_theta", 10000.0)), cfg.rope_theta),
-              "partial_rotary_factor": (rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)),
-                                        cfg.partial_rotary_factor),
-              "norm_eps": (hf.get("rms_norm_eps", 1e-5), cfg.norm_eps)}
-    for ours, (theirs, value) in checks.items():
-        if abs(float(theirs) - value) > 1e-12 * max(1.0, abs(value)):
-            raise ConfigError(f"model.{ours}: {value} but {path} has {theirs}")
-    return hf
+        if theirs[ours] != getattr(cfg, ours):
+            raise ConfigError(f"model.{ours}: {getattr(cfg, ours)} but {path} has {hf_key}={theirs[ours]}")
+    for ours in ("rope_theta", "partial_rotary_factor", "norm_eps"):
+        value = getattr(cfg, ours)
+        if abs(theirs[ours] - value) > 1e-12 * max(1.0, abs(value)):
+            raise ConfigError(f"model.{ours}: {value} but {path} has {theirs[ours]}")
 
 
 def load_phi3_backbone(backbone: Backbone, checkpoint_dir: str | Path) -> list[str]:

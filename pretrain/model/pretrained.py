@@ -41,7 +41,7 @@ class VideoGPTTransformer(VideoGPT, ModelMixin, ConfigMixin):
 
     config_name = "config.json"
     _supports_gradient_checkpointing = False
-    # an import of the authors' release carries their whole token table beside our weights (reference.py)
+    # an import of the authors' release carries their whole token table beside our weights (orchestration/convert.py)
     _keys_to_ignore_on_load_unexpected = [r"^reference/"]
 
     @register_to_config

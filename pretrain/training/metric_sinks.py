@@ -20,6 +20,8 @@ from typing import Any
 
 from jobconfig.train import TrainConfig
 
+METRICS_FILE = "metrics.jsonl"  # in the run's out_dir; what readers of a run's metrics open
+TENSORBOARD_DIR = "tensorboard"
 SCALARS = ("loss", "tokens_per_s", "samples_per_s", "step_time", "grad_norm", "lr", "mfu")
 
 
@@ -36,14 +38,14 @@ class MetricSinks:
     def write(self, records: list[dict[str, Any]]) -> None:
         """Append flushed records (python numbers) to every sink."""
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / "metrics.jsonl", "a") as f:
+        with open(self.out / METRICS_FILE, "a") as f:
             for m in records:
                 f.write(json.dumps({"stage": self.stage, **m}) + "\n")
         scalars = [(m["step"], {f"{self.stage}/{k}": m[k] for k in SCALARS if k in m}) for m in records]
         if self.tc.tensorboard:
             if self._tb is None:
                 from torch.utils.tensorboard import SummaryWriter  # optional view: loaded only when used
-                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+                self._tb = SummaryWriter(str(self.out / TENSORBOARD_DIR))
             for step, values in scalars:
                 for k, v in values.items():
                     self._tb.add_scalar(k, v, step)

@@ -91,12 +91,10 @@ def adamw_kwargs(device_type: str) -> dict:
     return {"fused": True} if device_type == "cuda" else {}
 
 
-def build_optimizer(params, tc: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(params, tc: TrainConfig, device_type: str) -> torch.optim.Optimizer:
     """AdamW with the configured hyper-parameters (stage 1: betas 0.9/0.999, eps 1e-8;
-    stages 2-4: 0.9/0.95, 1e-5; wd 0.1 everywhere: configs/stages/), fused on CUDA."""
-    params = list(params)
-    first = params[0]["params"][0] if params and isinstance(params[0], dict) else (params[0] if params else None)
-    device_type = first.device.type if isinstance(first, torch.Tensor) else "cpu"
+    stages 2-4: 0.9/0.95, 1e-5; wd 0.1 everywhere: configs/stages/), fused on CUDA. `device_type`:
+    where the parameters live (cuda, npu, cpu), as the caller that put them there knows."""
     return torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay,
                              **adamw_kwargs(device_type))
 

@@ -1,0 +1,104 @@
+"""How the tests run `vgpt`, and the tiny training runs several test files share.
+
+Training runs go through a subprocess (`vgpt(...)`): a run initialises a process
+group and DeepSpeed, whose global state must not leak into the test process.
+Every other verb runs in process (`cli(...)`), where starting an interpreter
+and importing torch and DeepSpeed would cost more than the command itself.
+
+The runs that several files need are trained once per session by the fixtures
+in tests/conftest.py (`shared_run`): a test that changes a run works on a copy
+(`copy_run`).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# the debug model (2 layers, width 64) on synthetic latents, fp32 so that runs of other layouts compare closely
+TINY = ["--config", str(REPO / "configs/debug.yaml"), "--parallel.precision=fp32", "--train.tensorboard=false",
+        "--synthetic.frames=6", "--model.attention=blockwise"]
+FAULTS = ("VGPT_FAULT_KILL", "VGPT_FAULT_CKPT")
+TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# stage 1 of the debug model on synthetic latents, 3 steps, for the launch files `vgpt launch` renders
+LAUNCH_TINY = ["--model.preset=debug", "--model.attention=blockwise", "--train.data=synthetic", "--train.steps=3",
+               "--train.log_every=1", "--parallel.precision=fp32", "--parallel.sequence_parallel=1",
+               "--parallel.activation_checkpointing=false", "--train.tensorboard=false"]
+# fake credentials in the environment of the shared one-rank run: nothing it writes may contain them
+AWS = {"AWS_ACCESS_KEY_ID": "AKIAVGPTLEAKCHECK0001", "AWS_SECRET_ACCESS_KEY": "vgpt-leak-check/secret+0002xyz"}
+# the shared one-rank run: 10 steps, checkpoints at 5 and 10 (tests/conftest.py `one_rank_run`)
+ONE_RANK = ["--train.steps=10", "--train.checkpoint_every=5", "--train.log_every=4"]
+# the shared two-rank ZeRO-2 run: 20 steps of 2 ranks x 1 row, a checkpoint every 5 steps (`two_rank_zero2`)
+TWO_RANK_STEPS = 20
+TWO_RANK_ZERO2 = [f"--train.steps={TWO_RANK_STEPS}", "--train.log_every=10", "--nproc=2", "--train.batch_size=1",
+                  "--parallel.zero_stage=2", "--train.checkpoint_every=5"]
+
+
+def env(extra: dict | None = None) -> dict:
+    """The environment of a `vgpt` subprocess: CPU DeepSpeed, one OpenMP thread, no fault injected unless asked."""
+    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    for k in FAULTS:
+        e.pop(k, None)
+    e.update(extra or {})
+    return e
+
+
+def vgpt(*args: str, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`vgpt ARGS` in its own interpreter (for training: a process group and DeepSpeed per run)."""
+    return subprocess.run([sys.executable, "-m", "orchestration.cli", *args], env=env(env_extra),
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@dataclass
+class Result:
+    """What `cli` returns: the fields of subprocess.CompletedProcess that the tests read."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args: str) -> Result:
+    """`vgpt ARGS` in this process (every verb but training), its output captured like a subprocess's."""
+    from orchestration.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    # as in a fresh process started by a user: not a torchrun worker, whatever ran in this one before
+    launched = {k: os.environ.pop(k) for k in TORCHRUN_ENV if k in os.environ}
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(list(args))
+            except SystemExit as e:  # argparse's usage errors
+                rc = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.environ.update(launched)
+    return Result(rc, out.getvalue(), err.getvalue())
+
+
+def train(out: Path, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """A tiny run into `out` that must succeed."""
+    res = vgpt("train", *TINY, f"--train.out_dir={out}", *args, env_extra=env_extra)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A private copy of a shared run (the shared one must stay as trained)."""
+    shutil.copytree(run, dest)
+    return dest
+
+
+def rows_by_step(out: Path) -> dict[int, list[int]]:
+    """The global sample rows each step of a run trained on (metrics.jsonl; the last record of a step wins)."""
+    rows = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        rows[m["step"]] = m["sample_rows"]
+    return rows
