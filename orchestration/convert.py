@@ -41,6 +41,7 @@ from pretrain.checkpoint.export import (
     read_export_metadata,
     save_export,
 )
+from pretrain.model.backbone import phi3_fields
 from pretrain.model.videogpt import SPECIAL_TOKENS, VideoGPT, sincos_2d_table
 
 FORMAT = "videogpt-reference-1"
@@ -81,41 +82,13 @@ def model_tensors(cfg: ModelConfig) -> dict[str, tuple]:
 
 
 def config_to_model(hf: dict, where: str) -> ModelConfig:
-    """A Phi3Config (config.json) -> our ModelConfig; what the Phi-3 we implement cannot run is refused."""
-    def need(key):
-        if not isinstance(hf.get(key), int) or hf[key] <= 0:
-            raise ConfigError(f"{where}: {key}={hf.get(key)!r}, expected a positive integer (a Phi3Config)")
-        return hf[key]
-
-    if hf.get("model_type", "phi3") != "phi3":
-        raise ConfigError(f"{where}: model_type={hf['model_type']!r}, expected 'phi3'")
-    heads = need("num_attention_heads")
-    need("vocab_size")
-    if hf.get("num_key_value_heads") not in (None, heads):
-        raise ConfigError(f"{where}: num_key_value_heads={hf['num_key_value_heads']} (grouped-query attention) "
-                          f"is not supported, expected num_attention_heads={heads}")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{where}: hidden_act={hf['hidden_act']!r}, expected 'silu'")
-    if hf.get("attention_bias"):
-        raise ConfigError(f"{where}: attention_bias=true is not supported (Phi-3 projections have no bias)")
-    # transformers 5 nests RoPE settings in rope_parameters; 4.x keeps them at the top level
-    rope = hf.get("rope_parameters") or {}
-    for key, value in (("rope_scaling", hf.get("rope_scaling") or {}), ("rope_parameters", rope)):
-        kind = value.get("rope_type", value.get("type", "default")) if isinstance(value, dict) else value
-        if kind != "default":
-            raise ConfigError(f"{where}: {key} has RoPE type {kind!r}, only the default RoPE is supported "
-                              "(a 4k-context Phi-3, as Video-GPT)")
-    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    """A Phi3Config (config.json) -> our ModelConfig (backbone.phi3_fields), with what class LVM fixes;
+    what the authors' Phi-3 or ours cannot run is refused."""
+    fields = phi3_fields(hf, where)
+    partial = fields["partial_rotary_factor"]
     if partial != 1.0:  # the authors' transformers 4.47.1 has no partial rotary for Phi-3: ambiguous weights
         raise ConfigError(f"{where}: partial_rotary_factor={partial}, expected 1.0 (the authors' Phi-3)")
-    hidden = need("hidden_size")
-    if hf.get("head_dim") not in (None, hidden // heads):
-        raise ConfigError(f"{where}: head_dim={hf['head_dim']}, expected hidden_size/num_attention_heads")
-    cfg = ModelConfig(hidden_size=hidden, num_layers=need("num_hidden_layers"), num_heads=heads,
-                      mlp_size=need("intermediate_size"),
-                      rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-                      norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-                      init_std=float(hf.get("initializer_range", 0.02)), **FIXED)
+    cfg = ModelConfig(**{**fields, **FIXED})
     try:
         cfg.validate()
     except ConfigError as e:

@@ -25,7 +25,8 @@ from data.buckets import build_buckets
 from data.shard_format import DatasetMeta, ShardFormatError, get_fs, read_index
 from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
-from pretrain.checkpoint.export import CONFIG_NAME, export_exists, export_path, read_export_metadata
+from orchestration.stages import already_done, exported_by
+from pretrain.checkpoint.export import CONFIG_NAME, export_path, read_export_metadata
 from pretrain.checkpoint.storage import is_remote, verify_checkpoint
 from pretrain.training.resume_plan import NAMED_MODES, plan_resume
 
@@ -177,26 +178,23 @@ def check_dataset(name: str, cfg: JobConfig, index: dict) -> None:
 
 # ---------------------------------------------------------------- commands
 def check_train(plan: list[tuple[str, JobConfig]], only_stage: int | None = None, resume: str = "auto") -> None:
-    """Everything `vgpt train` will read or write, for every stage it will run, before any set-up."""
+    """Everything `vgpt train` will read or write, for every stage it will run, before any set-up.
+    `plan` is chained (orchestration/stages.py): its out_dir and init_from are the ones each stage runs with."""
     check_resume(resume)
-    chained = len(plan) > 1
-    base_out = plan[0][1].train.out_dir
     indexes: dict[tuple[str, str], dict] = {}
     for i, (name, cfg) in enumerate(plan, start=1):
         if only_stage is not None and i != only_stage:
             continue
         check_s3_credentials(cfg.data, "data")
         check_s3_credentials(cfg.train, "train")
-        out_dir = str(Path(base_out) / name) if chained else cfg.train.out_dir
-        check_writable_dir(out_dir, "train.out_dir")
-        if resume in NAMED_MODES and not (chained and only_stage is None and resume == "auto"
-                                          and export_exists(export_path(out_dir))):  # finished: run_plan skips it
-            check_resume(resume, out_dir)
-        if cfg.train.init_from:
-            check_export_file(cfg.train.init_from, "train.init_from")
-        elif chained and only_stage is not None and i > 1:
-            check_export_file(str(export_path(Path(base_out) / f"stage{i - 1}")),
-                              f"train.init_from (stage{i - 1}'s export)")
+        check_writable_dir(cfg.train.out_dir, "train.out_dir")
+        if resume in NAMED_MODES and not already_done(plan, cfg, only_stage, resume):  # done: run_plan skips it
+            check_resume(resume, cfg.train.out_dir)
+        init = cfg.train.init_from
+        producer = exported_by(plan, i, init) if init else None
+        # an earlier stage of this same run writes it; with --stage, that stage has run already or it is missing
+        if init and (only_stage is not None or producer is None):
+            check_export_file(init, f"train.init_from ({producer}'s export)" if producer else "train.init_from")
         if cfg.train.data != "latents":
             continue
         ckey = (cfg.data.root, json.dumps(cfg.data.storage_options, sort_keys=True, default=str))

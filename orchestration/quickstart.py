@@ -60,7 +60,7 @@ class Scale:
 
 
 FULL = Scale()
-REDUCED = Scale(train_videos=16, heldout_videos=3, vae_steps=200, stage_steps=40, generate=3)
+REDUCED = Scale(train_videos=24, heldout_videos=6, vae_steps=250, stage_steps=150, generate=3)
 
 
 def log(msg: str) -> None:

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # every GPU benchmark at tiny size, in a fresh interpreter
 def test_bench_gpu_tiny_writes_all_sections(tmp_path):
     out = tmp_path / "bench_gpu.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

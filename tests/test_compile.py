@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -55,6 +56,7 @@ def train(model, cfg) -> tuple[list[float], set[int]]:
     return losses, lengths
 
 
+@pytest.mark.slow  # inductor compiles a handful of graphs: about a minute on 2 cores
 def test_compiled_blocks_train_as_eager():
     cfg = load_config(None, ["--model.attention=blockwise", "--parallel.activation_checkpointing=true",
                              "--train.compile=true", "--train.lr=1e-3", "--train.weight_decay=0"])
@@ -80,6 +82,7 @@ def test_compiled_blocks_train_as_eager():
     assert 0 < graphs <= 8, graphs
 
 
+@pytest.mark.slow  # inductor compiles the blocks
 def test_compile_without_checkpointing_is_idempotent_and_exact():
     cfg = load_config(None, ["--model.attention=blockwise"])
     eager, compiled = make_model(cfg), make_model(cfg)

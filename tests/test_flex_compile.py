@@ -44,6 +44,7 @@ def stage_layouts(count: int, seed: int = 0):
     return out
 
 
+@pytest.mark.slow  # compiles FlexAttention
 def test_compiled_flex_compiles_at_most_twice_over_a_stage():
     torch._dynamo.reset()
     counters.clear()

@@ -44,8 +44,8 @@ from jobconfig.model import ModelConfig
 from orchestration.cli import reports_bad_input
 from parallel.dims import ParallelDims
 from pretrain.checkpoint.export import DEFAULT_MAX_SHARD_SIZE, parse_shard_size, save_export
-from pretrain.checkpoint.integrity import CheckpointError
 from pretrain.checkpoint.formats import Format, open_checkpoint
+from pretrain.checkpoint.integrity import CheckpointError
 from pretrain.checkpoint.manager import CheckpointManager, describe, layout_of, make_portable, write_latest
 from pretrain.checkpoint.storage import CheckpointStore, read_trainer_state, tag_for
 from pretrain.training.parallelize import TP_PLAN

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from orchestration.sweep.fit import LawFit
+from orchestration.sweep.fit import SINGLE_BLAS_THREAD, LawFit
 
 
 def _vertices(x: np.ndarray, Y: np.ndarray) -> np.ndarray:
@@ -33,6 +33,7 @@ def _vertices(x: np.ndarray, Y: np.ndarray) -> np.ndarray:
     return np.where((v >= x.min()) & (v <= x.max()) & (low > 0) & (low < len(x) - 1), v, np.nan)
 
 
+@SINGLE_BLAS_THREAD
 def isoflop_levels(points: list[dict], levels: list[float], fit: LawFit | None, n_boot: int = 200, seed: int = 0,
                    level: float = 0.95) -> dict:
     """IsoFLOP minima per level, with intervals, and the power laws across levels."""
