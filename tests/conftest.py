@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,36 @@ def rendered_torchrun(tmp_path_factory):
     env_.pop("GLOO_SOCKET_IFNAME", None)
     rc, log, seen = run_watching_sockets(["bash", str(tmp / "launch" / "torchrun.sh")], env_)
     return meta, out, rc, log, seen
+
+
+# ---------------------------------------------------------------- order, and the long jobs in the background
+@pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselection: these are the tests that will run
+def pytest_collection_modifyitems(session, config, items):
+    """The quick tier first (a failure there shows in the first minute), then the slow tests, each in
+    collection order; the session's long jobs start now, in a thread beside them (tests/runs.py
+    Background): the quickstart's first run and the example sweep's killed-and-resumed run."""
+    from tests.runs import BACKGROUND
+
+    items[:] = [i for i in items if i.get_closest_marker("slow") is None] + \
+               [i for i in items if i.get_closest_marker("slow") is not None]
+    if config.option.collectonly:
+        return
+    files = {Path(str(i.fspath)).name for i in items}
+    factory = config._tmp_path_factory  # what the tmp_path_factory fixture hands out
+    if "test_quickstart.py" in files:
+        from test_quickstart import quickstart
+
+        workdir = factory.mktemp("quickstart")
+        BACKGROUND.add("quickstart", lambda: (workdir, quickstart(workdir, run=BACKGROUND.run)))
+    if any("full_sweep" in getattr(i, "fixturenames", ()) for i in items):
+        from test_sweep import killed_and_resumed_sweep
+
+        out = factory.mktemp("sweep") / "full"
+        BACKGROUND.add("sweep", lambda: killed_and_resumed_sweep(out, run=BACKGROUND.run))
+    BACKGROUND.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests.runs import BACKGROUND
+
+    BACKGROUND.stop()

@@ -16,8 +16,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,3 +105,75 @@ def rows_by_step(out: Path) -> dict[int, list[int]]:
         m = json.loads(line)
         rows[m["step"]] = m["sample_rows"]
     return rows
+
+
+class Background:
+    """The session's long subprocess jobs (the quickstart, the example sweep), started when collection
+    ends and run one at a time in a thread beside the tests, which run the quick tier first
+    (tests/conftest.py): on 2 cores the quick tier leaves one mostly idle. A fixture takes its job's
+    result (`result(name)`, waiting for it to end); `drain()` waits for every job, for a test that
+    must not share the machine's Ray with them (a job's `vgpt precompute` or sweep starts a local Ray)."""
+
+    def __init__(self):
+        self._jobs: dict[str, tuple[threading.Event, dict]] = {}
+        self._queue: list[tuple[str, Callable[[], object]]] = []
+        self._thread: threading.Thread | None = None
+        self._proc: subprocess.Popen | None = None
+
+    def add(self, name: str, job: Callable[[], object]) -> None:
+        self._jobs[name] = (threading.Event(), {})
+        self._queue.append((name, job))
+
+    def start(self) -> None:
+        if self._queue and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="background-runs", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        for name, job in self._queue:
+            done, out = self._jobs[name]
+            try:
+                out["value"] = job()
+            except BaseException as e:  # noqa: BLE001 - handed to the fixture that waits for it
+                out["error"] = e
+            done.set()
+
+    def queued(self, name: str) -> bool:
+        return name in self._jobs
+
+    def result(self, name: str):
+        done, out = self._jobs[name]
+        done.wait()
+        if "error" in out:
+            raise out["error"]
+        return out["value"]
+
+    def drain(self) -> None:
+        for done, _ in self._jobs.values():
+            done.wait()
+
+    def run(self, cmd: list[str], capture_output: bool = True, text: bool = True, timeout: int = 1200,
+            **kw) -> subprocess.CompletedProcess:
+        """subprocess.run (output captured, as text) for a job, in its own session, so that `stop` ends it
+        with all it started."""
+        assert capture_output and text, "a background job's output is captured as text"
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True, **kw) as proc:
+            self._proc = proc
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, err = proc.communicate()
+            finally:
+                self._proc = None
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    def stop(self) -> None:
+        """End the running job (its whole process group) when the session ends before it does."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+BACKGROUND = Background()

@@ -41,12 +41,16 @@ from throttle_proxy import ThrottleProxy
 from data.precompute_plan import make_key, source_key
 from data.shard_format import DatasetMeta, committed_manifests, decode_sample, read_index
 from jobconfig.precompute import VaeConfig, VideoConfig
+from tests.runs import BACKGROUND
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
+    # the session's background jobs start local Rays of their own (tests/runs.py Background): this head
+    # (a `ray start` cluster, which a local `ray.init()` would join) starts only once they have ended
+    BACKGROUND.drain()
     tmp = tmp_path_factory.mktemp("pc")
     mp = pytest.MonkeyPatch()
     mp.setenv("VGPT_CACHE", str(tmp / "cache"))  # the tiny VAE, shared by the job and this process

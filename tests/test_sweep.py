@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from orchestration.cli.sweep import main as sweep_main
+from tests.runs import BACKGROUND
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/sweep/tiny.yaml")
@@ -47,11 +48,11 @@ def test_bad_model_override_names_the_key(tmp_path, capsys):
 E2E = ["--grid.lrs=[2.0e-2]", "--grid.batch_sizes=[4]"]
 
 
-def _sweep(action: str, out: Path, env: dict | None = None, *extra: str) -> subprocess.CompletedProcess:
+def _sweep(action: str, out: Path, env: dict | None = None, run=subprocess.run) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "orchestration.cli", "sweep", action, "--config", EXAMPLE, f"--out_dir={out}",
-           "--fit.bootstrap=40", *E2E, *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+           "--fit.bootstrap=40", *E2E]
+    return run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
+               env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 def _results(out: Path) -> dict[str, dict]:
@@ -66,19 +67,32 @@ def _plan(*extra: str) -> dict[str, dict]:
     return {t["key"]: t for t in plan(load_config(EXAMPLE, [*E2E, *extra], cls=SweepConfig))}
 
 
+def _mtimes(out: Path, keys) -> dict[str, int]:
+    return {k: (out / "trials" / k / "export" / "config.json").stat().st_mtime_ns for k in keys}
+
+
+def killed_and_resumed_sweep(out: Path, run=subprocess.run) -> tuple:
+    """The example sweep killed after its first two trials (the driver exits 3), then run again to the
+    end: (out, first run, its results, their exports' mtimes, second run)."""
+    killed = _sweep("run", out, {"VGPT_SWEEP_FAULT_EXIT_AFTER": "2"}, run=run)
+    first = _results(out) if (out / "results.jsonl").exists() else {}
+    stamps = _mtimes(out, first)
+    return out, killed, first, stamps, _sweep("run", out, run=run)
+
+
 @pytest.fixture(scope="module")
 def full_sweep(tmp_path_factory):
     """The example sweep, killed after its first two trials and resumed to the end (one Ray sweep serves
-    acceptance 5 and the resume test)."""
-    out = tmp_path_factory.mktemp("sweep") / "full"
-    p = _sweep("run", out, {"VGPT_SWEEP_FAULT_EXIT_AFTER": "2"})
-    assert p.returncode == 3, p.stdout + p.stderr
-    first = _results(out)
+    acceptance 5 and the resume test); started in the background when collection ended
+    (tests/conftest.py)."""
+    if BACKGROUND.queued("sweep"):
+        out, killed, first, stamps, resumed = BACKGROUND.result("sweep")
+    else:
+        out, killed, first, stamps, resumed = killed_and_resumed_sweep(tmp_path_factory.mktemp("sweep") / "full")
+    assert killed.returncode == 3, killed.stdout + killed.stderr
     assert len(first) == 2
-    stamps = {k: (out / "trials" / k / "export" / "config.json").stat().st_mtime_ns for k in first}
-    p = _sweep("run", out)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return out, p.stdout, stamps
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    return out, resumed.stdout, stamps
 
 
 @pytest.mark.slow
@@ -119,7 +133,7 @@ def test_killed_sweep_resumes_to_the_same_results(full_sweep, tmp_path, capsys):
     planned = _plan()
     n = len(planned)
     assert f"2 finished earlier, {n - 2} to run" in log
-    assert {k: (out / "trials" / k / "export" / "config.json").stat().st_mtime_ns for k in stamps} == stamps
+    assert _mtimes(out, stamps) == stamps
     assert len((out / "results.jsonl").read_text().splitlines()) == n  # each trial recorded once
     # a trial run after the kill equals an uninterrupted run of it: rerun the cheapest one from scratch
     results = _results(out)
