@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config", str(REPO / "configs/debug.yaml"), "--parallel.precision=fp32", "--train.tensorboard=false",
         "--synthetic.frames=6", "--model.attention=blockwise"]
 FAULTS = ("VGPT_FAULT_KILL", "VGPT_FAULT_CKPT")
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # stage 1 of the debug model on synthetic latents, 3 steps, for the launch files `vgpt launch` renders
 LAUNCH_TINY = ["--model.preset=debug", "--model.attention=blockwise", "--train.data=synthetic", "--train.steps=3",
@@ -157,7 +158,10 @@ class Background:
         """subprocess.run (output captured, as text) for a job, in its own session, so that `stop` ends it
         with all it started."""
         assert capture_output and text, "a background job's output is captured as text"
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # one thread per math library: beside the tests, an OpenMP pool of one thread per core spins on
+        # a core the tests hold (measured: the quickstart took over 10 minutes instead of 2)
+        env = {**(kw.pop("env", None) or os.environ), **ONE_THREAD}
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               start_new_session=True, **kw) as proc:
             self._proc = proc
             try:

@@ -175,7 +175,7 @@ class Trainer:
         lr = self.engine.get_lr()[0]  # the LR this step trains with (engine.step moves the schedule on)
         loss_sum: torch.Tensor | None = None
         tokens, pairs, step_rows, skipped = 0, 0, [], []
-        for micro in range(tc.grad_accum_steps):
+        for _ in range(tc.grad_accum_steps):
             batch, global_rows = self.data.next_batch()
             batch = batch.to(self.device.device)
             if not batch.clips:
