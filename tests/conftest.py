@@ -1,5 +1,6 @@
-"""Shared fixtures: an S3 server on loopback (moto, as s3fs's own tests do), and a sandbox with no S3
-credentials."""
+"""Shared fixtures: an S3 server on loopback (moto, as s3fs's own tests do), a sandbox with no S3
+credentials, the training runs several files read (trained once per session), the order of the tests
+(the quick tier first) and the session's long jobs in the background (tests/runs.py)."""
 from __future__ import annotations
 
 import os
@@ -8,8 +9,14 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from orchestration.preflight import ASSUME_S3, S3_ENV
+
+# One intra-op thread in the test process, as in every process the tests start (tests/runs.py env):
+# beside a background job or a 2-rank run, a pool of one OpenMP thread per core spins on a core that
+# another process holds, and every parallel region waits for it.
+torch.set_num_threads(1)
 
 
 def free_port() -> int:
