@@ -141,7 +141,8 @@ def rendered_torchrun(tmp_path_factory):
 def pytest_collection_modifyitems(session, config, items):
     """The quick tier first (a failure there shows in the first minute), then the slow tests, each in
     collection order; the session's long jobs start now, in a thread beside them (tests/runs.py
-    Background): the quickstart's first run and the example sweep's killed-and-resumed run."""
+    Background): the quickstart's first run, `bench/gpu.py --tiny` and the example sweep's
+    killed-and-resumed run."""
     from tests.runs import BACKGROUND
 
     items[:] = [i for i in items if i.get_closest_marker("slow") is None] + \
@@ -155,6 +156,11 @@ def pytest_collection_modifyitems(session, config, items):
 
         workdir = factory.mktemp("quickstart")
         BACKGROUND.add("quickstart", lambda: (workdir, quickstart(workdir, run=BACKGROUND.run)))
+    if "test_bench_gpu.py" in files:
+        from test_bench_gpu import bench_gpu_tiny
+
+        workdir = factory.mktemp("bench_gpu")
+        BACKGROUND.add("bench_gpu", lambda: bench_gpu_tiny(workdir, run=BACKGROUND.run))
     if any("full_sweep" in getattr(i, "fixturenames", ()) for i in items):
         from test_sweep import killed_and_resumed_sweep
 
