@@ -3,15 +3,20 @@ credentials, the training runs several files read (trained once per session), th
 (the quick tier first) and the session's long jobs in the background (tests/runs.py)."""
 from __future__ import annotations
 
+import json
 import os
 import socket
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
+from orchestration.launch.plan import plan_launch, render
 from orchestration.preflight import ASSUME_S3, S3_ENV
+from tests.runs import AWS, BACKGROUND, LAUNCH_TINY, ONE_RANK, REPO, TINY, TWO_RANK_ZERO2, env, train
+from tests.sockets import run_watching_sockets
 
 # One intra-op thread in the test process, as in every process the tests start (tests/runs.py env):
 # beside a background job or a 2-rank run, a pool of one OpenMP thread per core spins on a core that
@@ -76,8 +81,6 @@ def one_rank_run(tmp_path_factory):
     """One process, 10 steps, checkpoints at 5 and 10, fake AWS credentials in its environment (tests/runs.py
     ONE_RANK): the run that test_fail_loudly_ckpt, test_checkpoint, test_checkpoint_s3 and test_secrets
     read. Read-only: copy it (runs.copy_run) to change it."""
-    from tests.runs import AWS, ONE_RANK, train
-
     out = tmp_path_factory.mktemp("one_rank_run")
     train(out, *ONE_RANK, env_extra=AWS)
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000005", "step_00000010"]
@@ -89,11 +92,6 @@ def two_rank_zero2_watched(tmp_path_factory):
     """(run dir, every address its process tree listened on): 2 ranks x 1 row under ZeRO-2 through
     `vgpt train --nproc 2` (the loopback torchrun), 20 steps, a checkpoint every 5 (tests/runs.py
     TWO_RANK_ZERO2), its sockets polled while it ran. Read-only."""
-    import sys
-
-    from tests.runs import TINY, TWO_RANK_ZERO2, env
-    from tests.sockets import run_watching_sockets
-
     out = tmp_path_factory.mktemp("two_rank_zero2")
     env_ = env()
     env_.pop("GLOO_SOCKET_IFNAME", None)  # the run must choose loopback itself
@@ -115,13 +113,6 @@ def rendered_torchrun(tmp_path_factory):
     """The torchrun launch of stage 1 rendered for the local-cpu cluster (1 node x 2 processes), run as
     written (`bash torchrun.sh`) with its sockets polled: test_launch checks that it trains, test_loopback
     that it listened on loopback only. Returns (launch.json, run dir, exit code, output, addresses seen)."""
-    import json
-    import sys
-
-    from orchestration.launch.plan import plan_launch, render
-    from tests.runs import LAUNCH_TINY, REPO, env
-    from tests.sockets import run_watching_sockets
-
     tmp = tmp_path_factory.mktemp("rendered_torchrun")
     out = tmp / "run"
     spec = plan_launch(1, str(REPO / "configs/cluster/local-cpu.yaml"),
@@ -141,10 +132,7 @@ def rendered_torchrun(tmp_path_factory):
 def pytest_collection_modifyitems(session, config, items):
     """The quick tier first (a failure there shows in the first minute), then the slow tests, each in
     collection order; the session's long jobs start now, in a thread beside them (tests/runs.py
-    Background): the quickstart's first run, `bench/gpu.py --tiny` and the example sweep's
-    killed-and-resumed run."""
-    from tests.runs import BACKGROUND
-
+    Background): the quickstart's first run and the example sweep's killed-and-resumed run."""
     items[:] = [i for i in items if i.get_closest_marker("slow") is None] + \
                [i for i in items if i.get_closest_marker("slow") is not None]
     if config.option.collectonly:
@@ -156,11 +144,6 @@ def pytest_collection_modifyitems(session, config, items):
 
         workdir = factory.mktemp("quickstart")
         BACKGROUND.add("quickstart", lambda: (workdir, quickstart(workdir, run=BACKGROUND.run)))
-    if "test_bench_gpu.py" in files:
-        from test_bench_gpu import bench_gpu_tiny
-
-        workdir = factory.mktemp("bench_gpu")
-        BACKGROUND.add("bench_gpu", lambda: bench_gpu_tiny(workdir, run=BACKGROUND.run))
     if any("full_sweep" in getattr(i, "fixturenames", ()) for i in items):
         from test_sweep import killed_and_resumed_sweep
 
@@ -170,6 +153,4 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    from tests.runs import BACKGROUND
-
     BACKGROUND.stop()

@@ -9,22 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.runs import BACKGROUND
-
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bench_gpu_tiny(workdir: Path, run=subprocess.run) -> tuple[Path, subprocess.CompletedProcess]:
-    """`python bench/gpu.py --tiny` in `workdir`: (its JSON file, the run)."""
-    out = workdir / "bench_gpu.json"
-    return out, run([sys.executable, str(REPO / "bench" / "gpu.py"), "--tiny", "--out", str(out)], cwd=workdir,
-                    env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-
-
-@pytest.mark.slow  # every GPU benchmark at tiny size (inductor compiles), in a fresh interpreter
+@pytest.mark.slow  # every GPU benchmark at tiny size, in a fresh interpreter
 def test_bench_gpu_tiny_writes_all_sections(tmp_path):
-    """Started in the background when collection ended (tests/conftest.py)."""
-    out, proc = BACKGROUND.result("bench_gpu") if BACKGROUND.queued("bench_gpu") else bench_gpu_tiny(tmp_path)
+    out = tmp_path / "bench_gpu.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--tiny", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
 
