@@ -22,6 +22,8 @@ from tests.sockets import run_watching_sockets
 # beside a background job or a 2-rank run, a pool of one OpenMP thread per core spins on a core that
 # another process holds, and every parallel region waits for it.
 torch.set_num_threads(1)
+# a watched run must pick the loopback interface itself, not inherit it from this environment
+CHOOSES_LOOPBACK = ("GLOO_SOCKET_IFNAME",)
 
 
 def free_port() -> int:
@@ -93,10 +95,8 @@ def two_rank_zero2_watched(tmp_path_factory):
     `vgpt train --nproc 2` (the loopback torchrun), 20 steps, a checkpoint every 5 (tests/runs.py
     TWO_RANK_ZERO2), its sockets polled while it ran. Read-only."""
     out = tmp_path_factory.mktemp("two_rank_zero2")
-    env_ = env()
-    env_.pop("GLOO_SOCKET_IFNAME", None)  # the run must choose loopback itself
     rc, log, seen = run_watching_sockets([sys.executable, "-m", "orchestration.cli", "train", *TINY,
-                                          f"--train.out_dir={out}", *TWO_RANK_ZERO2], env_)
+                                          f"--train.out_dir={out}", *TWO_RANK_ZERO2], env(unset=CHOOSES_LOOPBACK))
     assert rc == 0, log[-3000:]
     return out, seen
 
@@ -121,9 +121,7 @@ def rendered_torchrun(tmp_path_factory):
                                           f"--workdir={REPO}"])
     render(spec, "torchrun", tmp / "launch")
     meta = json.loads((tmp / "launch" / "launch.json").read_text())
-    env_ = env()
-    env_.pop("GLOO_SOCKET_IFNAME", None)
-    rc, log, seen = run_watching_sockets(["bash", str(tmp / "launch" / "torchrun.sh")], env_)
+    rc, log, seen = run_watching_sockets(["bash", str(tmp / "launch" / "torchrun.sh")], env(unset=CHOOSES_LOOPBACK))
     return meta, out, rc, log, seen
 
 

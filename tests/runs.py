@@ -6,8 +6,8 @@ Every other verb runs in process (`cli(...)`), where starting an interpreter
 and importing torch and DeepSpeed would cost more than the command itself.
 
 The runs that several files need are trained once per session by the fixtures
-in tests/conftest.py (`shared_run`): a test that changes a run works on a copy
-(`copy_run`).
+in tests/conftest.py (`one_rank_run`, `two_rank_zero2`, `rendered_torchrun`): a
+test that changes a run works on a copy (`copy_run`).
 """
 from __future__ import annotations
 
@@ -45,10 +45,11 @@ TWO_RANK_ZERO2 = [f"--train.steps={TWO_RANK_STEPS}", "--train.log_every=10", "--
                   "--parallel.zero_stage=2", "--train.checkpoint_every=5"]
 
 
-def env(extra: dict | None = None) -> dict:
-    """The environment of a `vgpt` subprocess: CPU DeepSpeed, one OpenMP thread, no fault injected unless asked."""
-    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    for k in FAULTS:
+def env(extra: dict | None = None, unset: tuple[str, ...] = ()) -> dict:
+    """The environment of a `vgpt` subprocess: CPU DeepSpeed, one thread per math library, no fault injected
+    unless asked; `unset`: variables of this process it must not inherit."""
+    e = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), **ONE_THREAD)
+    for k in (*FAULTS, *unset):
         e.pop(k, None)
     e.update(extra or {})
     return e
