@@ -8,6 +8,7 @@ only an exit code. Bad input (ConfigError) stays one line and exit status 2 (`re
 and is written to the error file too. Elsewhere `@record` would only enable faulthandler, so the
 import of torch's elastic package is skipped and `python -m orchestration.cli --help` stays fast.
 """
+import gc
 import os
 import sys
 
@@ -19,4 +20,9 @@ if os.environ.get("TORCHELASTIC_ERROR_FILE"):
     BAD_INPUT_HOOKS.append(get_error_handler().record_exception)
     main = record(main)
 
-sys.exit(main())
+code = main()
+# Everything this command opened is closed by now; what is left is the interpreter's last garbage
+# collection over torch's and DeepSpeed's module graph (~0.7 s on a 2-core machine, per process and
+# rank). Frozen objects are skipped by it; refcounts and atexit still run as before.
+gc.freeze()
+sys.exit(code)

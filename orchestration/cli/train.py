@@ -18,8 +18,6 @@ group starts, so a bad key in stage 4 fails in the first second.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from jobconfig.curriculum import plan_stages
@@ -28,6 +26,7 @@ from jobconfig.job import JobConfig
 from orchestration import preflight
 from orchestration.cli import CONFIG_HELP, reports_bad_input, verb_parser
 from orchestration.faults import trainer_hooks
+from orchestration.launch.local_torchrun import run_agent
 from orchestration.stages import already_done, chain_stages
 from parallel.device import destroy_process_group, free_port
 from pretrain.checkpoint.export import export_path
@@ -80,7 +79,8 @@ def main(argv: list[str]) -> int:
 
 
 def _spawn_torchrun(nproc: int, max_restarts: int, argv: list[str]) -> int:
-    """Re-run this command under torchrun on loopback (c10d rendezvous, elastic restarts)."""
+    """Re-run this command under torchrun on loopback (c10d rendezvous, elastic restarts), its agent in
+    this process."""
     rest, skip = [], False
     for a in argv:
         if skip:
@@ -92,8 +92,6 @@ def _spawn_torchrun(nproc: int, max_restarts: int, argv: list[str]) -> int:
         if a.startswith(("--nproc=", "--max-restarts=")):
             continue
         rest.append(a)
-    cmd = [sys.executable, "-m", "orchestration.launch.local_torchrun", "torch.distributed.run", "--local-addr=127.0.0.1",
-           f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", f"--max_restarts={max_restarts}",
-           "-m", "orchestration.cli", "train", *rest]
-    return subprocess.call(cmd)
+    return run_agent(["--local-addr=127.0.0.1", f"--nproc_per_node={nproc}", "--nnodes=1",
+                      "--master_addr=127.0.0.1", f"--master_port={free_port()}", f"--max_restarts={max_restarts}",
+                      "-m", "orchestration.cli", "train", *rest])

@@ -6,13 +6,16 @@ except that a store server the agent hosts on a loopback address (--master_addr=
 --rdzv-endpoint=127.0.0.1:PORT, --standalone) is bound to that address: torch's TCPStore
 otherwise listens on every interface ([::]:PORT, no authentication) whatever host it is told.
 Non-loopback addresses (multi-node: the interface the user names) are left to torch.
-`vgpt train --nproc N` and the rendered single-node torchrun use it.
+The rendered single-node torchrun runs it as a module; `vgpt train --nproc N` runs the agent inside
+its own process (`run_agent`), which has torch imported already: one interpreter fewer per launch.
 """
 from __future__ import annotations
 
+import gc
 import sys
 
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 from parallel.device import is_loopback, loopback_store
 
@@ -44,14 +47,28 @@ def patch() -> None:
     dynamic_rendezvous.DynamicRendezvousHandler._create_tcp_store_server = _server
 
 
-def main(argv: list[str] | None = None) -> None:
+def run_agent(argv: list[str]) -> int:
+    """torchrun ARGV in this process, until its workers end: 0, or 1 when they failed for good (after
+    torchrun's failure summary, and the root cause copied to this process's TORCHELASTIC_ERROR_FILE
+    as torchrun's own `@record` does)."""
+    patch()
+    from torch.distributed.run import parse_args, run
+    try:
+        record(run)(parse_args(argv))
+    except ChildFailedError as e:
+        print(e.format_msg(), file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["torch.distributed.run"]:
         argv = argv[1:]
-    patch()
-    from torch.distributed.run import main as torchrun_main
-    torchrun_main(argv)
+    return run_agent(argv)
 
 
 if __name__ == "__main__":
-    main()
+    code = main()
+    gc.freeze()  # see orchestration/cli/__main__.py: skip the final collection over torch's modules
+    sys.exit(code)
