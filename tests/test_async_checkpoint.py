@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.runs import env
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+ENV = env()  # CPU DeepSpeed, one thread per math library, no fault switch inherited
 
 
 def test_sigkill_during_background_saves_always_resumes_the_newest_complete(tmp_path):

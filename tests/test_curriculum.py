@@ -3,7 +3,6 @@ tiny latent dataset, each starting from the previous stage's export."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from test_export_pretrained import load_in_fresh_process
 
 from data.synthetic.shards import write_toy_dataset
 from pretrain.checkpoint.export import read_export_tensors, weights_fingerprint
+from tests.runs import env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,8 +25,7 @@ def run_pretrain(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
            "--data.num_workers=0", "--train.steps=2", "--train.warmup_scheduler_steps=0", "--train.log_every=1",
            "--train.tensorboard=false", f"--train.out_dir={tmp_path / 'run'}", "--parallel.precision=fp32",
            "--parallel.sequence_parallel=1", "--parallel.activation_checkpointing=false", *extra]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=900, cwd=REPO)
 
 
 @pytest.mark.slow
@@ -78,8 +77,7 @@ def test_stages_with_tensor_parallel_chain_in_one_process_group(tmp_path):
                           "stages:\n  - {synthetic: {clip_policy: single_frame}}\n  - {synthetic: {clip_policy: random}}\n")
     cmd = [sys.executable, "-m", "orchestration.cli", "train", "--config", str(curriculum), "--nproc", "2",
            f"--train.out_dir={tmp_path / 'run'}"]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for i in (1, 2):
         assert (tmp_path / "run" / f"stage{i}" / "export" / "config.json").is_file()

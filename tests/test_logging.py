@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from parallel import logs
+from tests.runs import env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,11 +74,11 @@ def wandb_history(run_file: Path) -> list[dict]:
 def test_wandb_offline_run_holds_the_logged_scalars(tmp_path):
     import wandb  # noqa: F401 - a dev dependency: a broken install fails here instead of skipping
     out = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "DS_ACCELERATOR": "cpu"}
     res = subprocess.run([sys.executable, "-m", "orchestration.cli", "train", "--config", str(ROOT / "configs/debug.yaml"),
                           "--parallel.device=cpu", "--train.steps=4", "--train.tensorboard=false",
                           "--train.wandb=vgpt-test", f"--train.out_dir={out}"],
-                         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+                         capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env=env({"WANDB_MODE": "offline", "WANDB_SILENT": "true"}))
     assert res.returncode == 0, res.stderr[-3000:]
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, list((out / "wandb").rglob("*"))

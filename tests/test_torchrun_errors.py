@@ -10,7 +10,6 @@ orchestration/faults.py).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,22 +17,22 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 
+from tests.runs import TORCHRUN_ENV, env
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_a_rank_failure_under_torchrun_writes_an_error_file_naming_the_exception(tmp_path):
     error_file = tmp_path / "torchrun_error.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VGPT_FAULT_RAISE": "1:1", "TORCHELASTIC_ERROR_FILE": str(error_file)}
-    for k in ("VGPT_FAULT_KILL", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    torchrun_env = env({"VGPT_FAULT_RAISE": "1:1", "TORCHELASTIC_ERROR_FILE": str(error_file)}, unset=TORCHRUN_ENV)
     torchrun = [sys.executable, "-m", "orchestration.launch.local_torchrun", "torch.distributed.run",
                 "--local-addr=127.0.0.1", "--nproc-per-node=2", "--nnodes=1", "--master-addr=127.0.0.1",
                 f"--master-port={free_port()}", "--max-restarts=0"]
     res = subprocess.run([*torchrun, "-m", "orchestration.cli", "train", "--config", "configs/debug.yaml",
                           "--train.steps=2", "--train.log_every=1", "--train.tensorboard=false",
                           "--parallel.precision=fp32", "--parallel.zero_stage=0", f"--train.out_dir={tmp_path / 'run'}"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                         cwd=REPO, env=torchrun_env, capture_output=True, text=True, timeout=300)
     log = res.stdout[-3000:] + res.stderr[-3000:]
     assert res.returncode == 1, log
     assert error_file.is_file(), f"torchrun wrote no error file\n{log}"
@@ -53,7 +52,7 @@ def test_bad_input_under_torchrun_stays_one_line_and_exit_2_and_reaches_the_erro
     error_file = tmp_path / "error.json"
     res = subprocess.run([sys.executable, "-m", "orchestration.cli", "config", "--config", "configs/debug.yaml",
                           "--train.steps=many"], cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "TORCHELASTIC_ERROR_FILE": str(error_file)})
+                         env=env({"TORCHELASTIC_ERROR_FILE": str(error_file)}))
     line = "train.steps: got 'many', expected an integer (from the command line: --train.steps)"
     assert res.returncode == 2 and res.stderr.strip() == f"vgpt config: {line}", res.stderr
     assert json.loads(error_file.read_text())["message"]["message"] == f"ConfigError: {line}"
