@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.runs import ONE_RANK, TINY, cli, copy_run, vgpt
+from tests.runs import ONE_RANK, TINY, TWO_RANK_ZERO2, cli, copy_run, vgpt
 
 pytestmark = pytest.mark.slow  # every test here trains through DeepSpeed or reads such a run
 
@@ -82,6 +82,28 @@ def test_resume_with_no_verifying_checkpoint_refuses_and_destroys_nothing(run):
     assert {k: v for k, v in snapshot(aside).items()} == {
         k: v for k, v in before.items() if k.split("/")[0] in ("checkpoints", "metrics.jsonl", "export")}
     assert steps_of(run) == list(range(1, 11))
+
+
+def test_a_refusal_under_torchrun_ends_the_job_at_once_in_one_line(two_rank_zero2, tmp_path):
+    """Every checkpoint bit-flipped, sizes intact: the preflight's size check passes, the ranks' re-hash
+    refuses. The refusal ends the job with exit 2 and one line; none of the 3 restarts is spent on it."""
+    run = copy_run(two_rank_zero2, tmp_path / "run")
+    ckpts = sorted((run / "checkpoints").glob("step_*"))
+    for ckpt in ckpts:
+        flip_bit(biggest_shard(ckpt))
+    before = snapshot(run)
+    # LOGLEVEL=INFO: the agent's own lines ("I<date> ...") say how often it started the workers
+    res = vgpt("train", *TINY, *TWO_RANK_ZERO2, f"--train.out_dir={run}", "--max-restarts=3",
+               env_extra={"LOGLEVEL": "INFO"})
+    agent = [line for line in res.stderr.splitlines() if line[:1] in "IWE" and line[1:5].isdigit()]
+    assert [line for line in agent if "starting workers for entrypoint" in line] and not [
+        line for line in agent if "will restart worker group" in line], "\n".join(agent)
+    assert not [line for line in agent if line[:1] in "WE"], "\n".join(agent)  # no warning or error dump
+    res.stderr = "\n".join(line for line in res.stderr.splitlines() if line not in agent)
+    line = one_line_error(res, 2, "vgpt train: ")
+    assert res.stderr.strip() == line  # the agent's line only, not one per rank
+    assert f"none of the {len(ckpts)} checkpoint(s)" in line and "checksum mismatch" in line
+    assert snapshot(run) == before
 
 
 def test_leftover_of_a_first_save_killed_before_its_commit_is_no_run_to_keep(run):

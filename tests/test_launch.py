@@ -177,10 +177,13 @@ def test_kubernetes_trainjob_validates_against_the_trainjob_crd(rendered, name):
             assert limits["nvidia.com/gpu"] == spec.cluster.devices_per_node
         if spec.cluster.accelerator == "npu":
             assert limits["huawei.com/Ascend910"] == spec.cluster.devices_per_node
-        # sh -c 'cd "$0" && exec "$@"' WORKDIR python -m torch.distributed.run ...: nodes, procs and the
-        # master come from the runtime's PET_* variables, so torchrun's flags for them are absent
-        assert trainer["command"][:4] == ["sh", "-c", 'cd "$0" && exec "$@"', spec.cluster.workdir]
-        args = get_args_parser().parse_args(trainer["command"][7:])
+        # sh -c 'cd "$0" && exec "$@"' WORKDIR python -m orchestration.launch.local_torchrun torch.distributed.run
+        # ...: nodes, procs and the master come from the runtime's PET_* variables, so torchrun's flags for
+        # them are absent
+        command = trainer["command"]
+        assert command[:4] == ["sh", "-c", 'cd "$0" && exec "$@"', spec.cluster.workdir]
+        assert command[5:8] == ["-m", "orchestration.launch.local_torchrun", "torch.distributed.run"]
+        args = get_args_parser().parse_args(command[8:])
         assert args.module and args.training_script == "orchestration.cli"
         assert (args.nnodes, args.nproc_per_node, args.max_restarts) == ("1:1", "1", spec.cluster.elastic.max_restarts)
         assert "--nnodes" not in " ".join(trainer["command"]) and args.training_script_args[0] == "train"
@@ -209,7 +212,8 @@ def test_kubernetes_pytorchjob_validates_against_the_pytorchjob_crd(rendered, na
         if spec.cluster.accelerator == "npu":
             env = {e["name"]: e["value"] for e in c["env"]}
             assert env["ASCEND_RT_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7" and "HCCL_CONNECT_TIMEOUT" in env
-        parse_torchrun(c["command"][3:])
+        assert c["command"][1:4] == ["-m", "orchestration.launch.local_torchrun", "torch.distributed.run"]
+        parse_torchrun(c["command"][4:])
 
 
 def test_torchrun_script_takes_the_rendezvous_from_master_addr_and_port(tmp_path):

@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import os
 import sys
 from typing import Callable
 
-from jobconfig.errors import ConfigError
+from jobconfig.errors import AGENT_REPORTS_BAD_INPUT, BAD_INPUT, ConfigError
 from jobconfig.help import OVERRIDE_FORM, format_keys
 from parallel import logs
 
@@ -41,9 +42,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("orchestration.cli.convert", "the authors' released checkpoint <-> an export: from-reference, "
                                              "to-reference"),
 }
-BAD_INPUT = 2  # exit status of every verb for a ConfigError
-# Called with each ConfigError before it becomes that exit status. Under torchrun, __main__.py adds
-# torch elastic's error handler, so the rank's error file names bad input as it names exceptions.
+# Called with each ConfigError before it becomes exit status BAD_INPUT. Under torchrun, __main__.py adds
+# torch elastic's error handler, so the rank's error file names bad input as it names exceptions; under
+# our own agent (AGENT_REPORTS_BAD_INPUT) that file is the only report, and the agent prints it once.
 BAD_INPUT_HOOKS: list[Callable[[ConfigError], None]] = []
 
 
@@ -55,7 +56,8 @@ def reports_bad_input(verb: str) -> Callable:
             try:
                 return int(main(argv) or 0)
             except ConfigError as e:
-                print(f"vgpt {verb}: {e}", file=sys.stderr, flush=True)
+                if not (BAD_INPUT_HOOKS and os.environ.get(AGENT_REPORTS_BAD_INPUT)):
+                    print(f"vgpt {verb}: {e}", file=sys.stderr, flush=True)
                 for hook in BAD_INPUT_HOOKS:
                     hook(e)
                 return BAD_INPUT

@@ -133,11 +133,11 @@ class LaunchSpec:
                    f'{c.rendezvous.port})}}"'
         return f"{addr}\n{port}\n", Raw(f'--rdzv-endpoint="${{{ADDR_VAR}}}:${{{PORT_VAR}}}"')
 
-    def python_run(self, loopback: bool = False) -> list[str]:
-        # Local runs: torchrun whose store listens on loopback only (torch's own listens on [::]).
-        if loopback and self.local:
-            return [self.cluster.python, "-m", "orchestration.launch.local_torchrun", "torch.distributed.run"]
-        return [self.cluster.python, "-m", "torch.distributed.run"]
+    def python_run(self) -> list[str]:
+        # torchrun through orchestration/launch/local_torchrun.py: a refusal (bad input, a refused resume)
+        # ends the job without spending its restarts, and a store on a loopback address (local runs)
+        # listens on loopback only (torch's own listens on [::]); other addresses are torch's business.
+        return [self.cluster.python, "-m", "orchestration.launch.local_torchrun", "torch.distributed.run"]
 
 
 def render_torchrun(spec: LaunchSpec) -> dict[str, str]:
@@ -147,9 +147,9 @@ def render_torchrun(spec: LaunchSpec) -> dict[str, str]:
     rdzv, endpoint = spec.rendezvous_shell(host)
     shell_args = [endpoint if a.startswith("--rdzv-endpoint=") else a for a in args]
     script = ("#!/usr/bin/env bash\n" + spec.header("torchrun on every node") + spec.preamble() + rdzv
-              + "exec " + sh_join([*spec.python_run(loopback=True), *shell_args]) + "\n")
+              + "exec " + sh_join([*spec.python_run(), *shell_args]) + "\n")
     # the argv with the cluster's rendezvous; torchrun.sh puts $MASTER_ADDR:$MASTER_PORT in its place when set
-    meta = {"stage": spec.stage, "layout": spec.layout.__dict__, "launcher": spec.python_run(loopback=True)[1:],
+    meta = {"stage": spec.stage, "layout": spec.layout.__dict__, "launcher": spec.python_run()[1:],
             "torchrun_argv": args, "env": spec.env(),
             "rendezvous": {ADDR_VAR: host or None, PORT_VAR: spec.cluster.rendezvous.port}}
     return {"torchrun.sh": script, "launch.json": json.dumps(meta, indent=2) + "\n"}  # render() redacts every file

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from pretrain.checkpoint.full_state import MOMENTS, ConsolidateError, FullState, merge_tensor_parallel
-from pretrain.checkpoint.integrity import CheckpointError, HashingWriter
+from pretrain.checkpoint.integrity import CheckpointError, HashingWriter, RefusedFile
 
 _MODEL_Z012 = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _MODEL_Z3 = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
@@ -73,7 +73,7 @@ def load_legacy(path: str | Path, map_location="cpu", mmap: bool = True):
             # mmap: tensors are paged in when sliced, not all at once (zip format only)
             return torch.load(str(path), map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused: it holds objects other than tensors and DeepSpeed's known "
+        raise RefusedFile(f"{path}: refused: it holds objects other than tensors and DeepSpeed's known "
                               f"types ({str(e).splitlines()[0][:200]})") from None
 
 

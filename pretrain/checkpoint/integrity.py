@@ -35,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from jobconfig.errors import ConfigError
+
 BLOCK = 64 << 20
 _POOL: ThreadPoolExecutor | None = None
 
@@ -224,6 +226,12 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt; the message names the file."""
+
+
+class RefusedFile(CheckpointError, ConfigError):
+    """A checkpoint file we will not read: it holds objects other than the ones allowed (a pickled
+    payload). No retry can change that, so it is bad input: one line, exit status 2, and under torchrun
+    no restart is spent on it (orchestration/launch/local_torchrun.py)."""
 
 
 def atomic_write(path: Path, text: str) -> None:
