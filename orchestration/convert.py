@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from jobconfig.errors import ConfigError
 from jobconfig.loader import CONFIG_ROOT, from_dict, model_presets
@@ -40,6 +39,7 @@ from pretrain.checkpoint.export import (
     export_exists,
     read_export_metadata,
     save_export,
+    write_safetensors,
 )
 from pretrain.model.backbone import phi3_fields
 from pretrain.model.videogpt import SPECIAL_TOKENS, VideoGPT, sincos_2d_table
@@ -427,7 +427,7 @@ def export_reference(export: str | Path, out_dir: str | Path, tokenizer: str | P
 
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "model.safetensors"
-    save_file(final, str(weights), metadata=(ref or {}).get("safetensors_metadata") or {"format": "pt"})
+    write_safetensors(final, weights, metadata=(ref or {}).get("safetensors_metadata") or {"format": "pt"})
     (out_dir / "config.json").write_bytes(config_bytes)
     for name, data in tok_files.items():
         (out_dir / name).write_bytes(data)

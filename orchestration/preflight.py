@@ -227,6 +227,7 @@ def check_precompute(cfg) -> None:
 
 def check_predict(checkpoint: str, videos: list[str], out: str) -> dict:
     meta = check_export_file(checkpoint, "--checkpoint")
+    check_s3_credentials({"--video": list(videos)})
     for v in videos:
         if is_remote(v):
             continue

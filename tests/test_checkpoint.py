@@ -72,6 +72,13 @@ def test_ckpt_export_equals_the_live_model_and_loads_with_safetensors_alone(unin
     assert config["hidden_size"] == 64 and config["_videogpt"]["step"] == TWO_RANK_STEPS
     a, b = load_file(str(out / "diffusion_pytorch_model.safetensors")), read_export_tensors(uninterrupted / "export")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # every file published gets the mode open() gives a new file here (safetensors alone would make it 0600)
+    (tmp_path / "probe").write_text("")
+    mode = (tmp_path / "probe").stat().st_mode & 0o777
+    published = [p for root in (out, uninterrupted / "export", uninterrupted / "checkpoints") for p in root.rglob("*")
+                 if p.is_file() and not p.is_symlink()]
+    assert len(published) > 5 and {str(p): oct(p.stat().st_mode & 0o777) for p in published
+                                   if p.stat().st_mode & 0o777 != mode} == {}
     inspect = cli("ckpt", "inspect", str(uninterrupted)).stdout
     assert f"step {TWO_RANK_STEPS}" in inspect and "(192, 64)" in inspect
     assert "backbone.layers.0.self_attn.qkv_proj.weight" in inspect

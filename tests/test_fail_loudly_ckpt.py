@@ -173,6 +173,24 @@ def test_ckpt_verbs_fall_back_by_one_rule(run, tmp_path, damage):
     assert snapshot(run) == before
 
 
+def test_ckpt_prune_never_removes_the_newest_checkpoint_that_verifies(run):
+    """Newest checkpoints bit-flipped (sizes intact): they count for nothing, and the good one stays."""
+    ckpts = run / "checkpoints"
+    shutil.copytree(ckpts / "step_00000010", ckpts / "step_00000015")  # a third checkpoint, verifying
+    assert cli("ckpt", "verify", str(run), "--step", "15").returncode == 0
+    for tag in ("step_00000010", "step_00000015"):
+        flip_bit(biggest_shard(ckpts / tag))
+    res = cli("ckpt", "prune", str(run), "--keep-last", "1")
+    assert res.returncode == 0 and "removed 0 checkpoint(s)" in res.stdout, res.stdout + res.stderr
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000005", "step_00000010", "step_00000015"]
+    # once a newer one verifies again, the older good one is pruned and the broken ones are left alone
+    shutil.rmtree(ckpts / "step_00000015")
+    shutil.copytree(ckpts / "step_00000005", ckpts / "step_00000020")
+    res = cli("ckpt", "prune", str(run), "--keep-last", "1")
+    assert res.returncode == 0 and "removed 1 checkpoint(s): step_00000005" in res.stdout, res.stdout
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000010", "step_00000020"]
+
+
 def test_ckpt_verify_without_checkpoints_fails_naming_the_folder(run, tmp_path):
     empty = tmp_path / "typo"
     empty.mkdir()

@@ -100,3 +100,15 @@ def test_launch_refuses_credentials_in_cluster_env_and_redacts_written_files(tmp
         for p in render(spec, target, tmp_path / target):
             data = p.read_bytes()
             assert all(v.encode() not in data for v in AWS.values()), p
+
+
+@pytest.mark.slow  # the shared one-rank run's export
+def test_ckpt_and_predict_on_s3_without_credentials_exit_2_with_one_line(no_s3_credentials, one_rank_run):
+    export = one_rank_run / "export"
+    for verb, args, key in (("ckpt", ("list", "s3://bucket/run"), "ROOT: s3://bucket/run"),
+                            ("predict", ("--checkpoint", str(export), "--video", "clip.mp4", "s3://bucket/x.mp4",
+                                         "--out", str(no_s3_credentials / "out")), "--video[1]: s3://bucket/x.mp4")):
+        res = cli(verb, *args)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert res.stderr.strip().startswith(f"vgpt {verb}: {key} is on S3 but no AWS credentials were found"), \
+            res.stderr

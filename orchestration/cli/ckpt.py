@@ -42,6 +42,7 @@ from jobconfig.errors import ConfigError
 from jobconfig.loader import from_dict
 from jobconfig.model import ModelConfig
 from orchestration.cli import reports_bad_input
+from orchestration.preflight import check_s3_credentials
 from parallel.dims import ParallelDims
 from pretrain.checkpoint.export import DEFAULT_MAX_SHARD_SIZE, parse_shard_size, save_export
 from pretrain.checkpoint.formats import Format, open_checkpoint
@@ -183,7 +184,7 @@ def cmd_reshard(store: CheckpointStore, args) -> int:
 
 def cmd_prune(store: CheckpointStore, args) -> int:
     manager = CheckpointManager(store.root, keep_last=args.keep_last, keep_every=args.keep_every)
-    removed = manager.prune()
+    removed = manager.prune(full=True)  # files may have changed since they were written: re-hash them
     print(f"removed {len(removed)} checkpoint(s): {' '.join(removed) or '-'}")
     return 0
 
@@ -247,6 +248,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.command == "reshard" and min(args.dp, args.tp, args.sp) < 1:
         parser.error(f"reshard: --dp/--tp/--sp: got {args.dp}/{args.tp}/{args.sp}, expected positive integers")
+    check_s3_credentials({"ROOT": args.root})  # before any request: one line, not botocore's traceback
     store = CheckpointStore.of_run(args.root, args.endpoint_url)
     if store.remote and args.command not in REMOTE_COMMANDS:
         print(f"vgpt ckpt {args.command}: works on local checkpoints only; on object storage use "

@@ -122,6 +122,15 @@ def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[s
     return shards
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' `save_file`, the file then given the mode `open()` gives a new file here (0o666 less the
+    umask): `save_file` creates its files 0600, which teammates on a shared filesystem cannot read."""
+    save_file(tensors, str(path), metadata=metadata)
+    mask = os.umask(0o077)  # reading the umask means setting it: restored at once
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _save_directory(tensors: dict[str, torch.Tensor], path: Path, config: dict, max_bytes: int) -> Path:
     # replaced: an earlier export (or, in a run's out_dir, the older layout's export/model.safetensors);
     # anything else is someone's directory
@@ -136,7 +145,7 @@ def _save_directory(tensors: dict[str, torch.Tensor], path: Path, config: dict, 
     names = [WEIGHTS_NAME] if len(shards) == 1 else [SHARD_NAME.format(i, len(shards)) for i in
                                                       range(1, len(shards) + 1)]
     for file, shard in zip(names, shards, strict=True):
-        save_file({k: tensors[k] for k in shard}, str(tmp / file), metadata={"format": "pt"})
+        write_safetensors({k: tensors[k] for k in shard}, tmp / file, metadata={"format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {k: file for file, shard in zip(names, shards) for k in shard}}
@@ -158,7 +167,7 @@ def _save_single_file(tensors: dict[str, torch.Tensor], path: Path, model_cfg: M
     meta = {"model_config": json.dumps(asdict(model_cfg)), "format": EXPORT_FORMAT,
             **{k: json.dumps(v) for k, v in (extra or {}).items()}}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=redact(meta))  # a config value never lands in a file
+    write_safetensors(tensors, tmp, metadata=redact(meta))  # a config value never lands in a file
     tmp.replace(path)
     return path
 

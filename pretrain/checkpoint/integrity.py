@@ -163,7 +163,7 @@ class HashingWriter:
 
     def __init__(self, path: str | Path, on_write=None, stable_buffers: bool = False):
         self.on_write, self.stable = on_write, stable_buffers
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # less the umask, as open() does
         self.pos = 0
         self.blocks: list[str] = []
         self._queue: queue.SimpleQueue = queue.SimpleQueue()

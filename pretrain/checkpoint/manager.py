@@ -330,15 +330,21 @@ class CheckpointManager:
             raise CheckpointError(f"{what} on rank 0 failed: {error}")
 
     # ------------------------------------------------------------ retention
-    def prune(self, background: bool = False) -> list[str]:
-        """Keep the newest `keep_last` complete checkpoints and every `keep_every`-th step.
+    def prune(self, background: bool = False, full: bool = False) -> list[str]:
+        """Keep the newest `keep_last` checkpoints that verify and every `keep_every`-th step.
 
+        Only checkpoints that verify count towards the ones kept, or are removed: a broken one is left
+        for a person to look at, so the newest checkpoint that verifies is never removed. At a save
+        (the trainer) they verify by their sizes: the newest is the one just written and hashed. `full`
+        (`vgpt ckpt prune`, on a folder whose files may have changed since) re-hashes every file, so
+        that a bit-flipped checkpoint neither counts as one of the `keep_last` nor pushes a good one out.
         Pruned checkpoints are renamed out of sight at once and deleted after; with
         `background` (at a save) in a thread, since unlinking GBs is part of the training stall."""
         if self.keep_last <= 0:
             return []
-        # sizes match the manifest (a broken checkpoint never counts towards the ones kept, nor is removed)
         complete = [t for t in self.tags() if not self.store.verify(t, full=False)]
+        if full:
+            complete = [t for t in complete if not self.store.verify(t, full=True)]
         keep = set(complete[-self.keep_last:])
         if self.keep_every:
             keep |= {t for t in complete if int(t.split("_")[1]) % self.keep_every == 0}

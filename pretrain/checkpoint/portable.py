@@ -43,10 +43,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from parallel.tensor_parallel import shard_tensor, tensor_parallel_modules
-from pretrain.checkpoint.export import save_export
+from pretrain.checkpoint.export import save_export, write_safetensors
 from pretrain.checkpoint.full_state import MOMENTS, FullState, PortableError, jsonable
 from pretrain.checkpoint.optimizer_fragments import prepare_optimizer_state, restore_engine_info, set_full_parameter
 
@@ -67,7 +67,7 @@ def write_portable(full: FullState, ckpt: Path, model_cfg) -> None:
     for kind in MOMENTS:
         if kind not in full.moments:
             raise PortableError(f"{ckpt}: no {kind} to write (the source was read without optimizer state)")
-        save_file({k: v.contiguous() for k, v in full.moments[kind].items()}, str(ckpt / f"{kind}.safetensors"))
+        write_safetensors({k: v.contiguous() for k, v in full.moments[kind].items()}, ckpt / f"{kind}.safetensors")
     meta = {"format": FORMAT, "optimizer": jsonable(full.optimizer, "optimizer"), "source": full.source}
     (ckpt / OPTIMIZER).write_text(json.dumps(meta, indent=1))
 
