@@ -1,7 +1,20 @@
-"""Loader throughput vs the raw read bandwidth of the same shard files, measured in one run.
+"""Loader throughput vs the raw read bandwidth of the same shard files, measured in one run; or,
+with --samples, the dataset index at scale (start-up and resident memory per process kind).
 
     python bench/loader.py [--root DIR] [--shards 12] [--videos 32] [--frames 64] [--workers 0 1 2]
                            [--shapes 22x40 30x30 40x22]
+    python bench/loader.py --samples 10000000 [--shard-size 1000] [--legacy]
+
+Index mode (bench/loader_index.py) publishes a synthetic index (data/synthetic/shards.py
+`write_synthetic_index`: no tensors, no tars) and prints its build time, then one line per process
+kind, each measured in a fresh interpreter: the trainer's rank (index read -> first batch planned:
+DatasetMeta + build_buckets + the first window of data/order.py's Schedule), a DataLoader worker
+(what it is handed, unpickled, and its first window's reads planned), the preflight, and two
+DataLoader workers side by side; each with `start-up <seconds> s` and `resident <MB> MB` (RSS the
+index adds to the process), next to a raw read of the same columns (np.load of every array) as a
+ratio. --legacy adds the same figures for the index.json of format 1 (every shard inline).
+
+Throughput mode:
 
 Writes a toy latent dataset (bf16 latents of 4x22x40, i.e. 320x176 video, in the
 real shard format; --shapes for several aspect ratios, batched by shape bucket)
@@ -33,8 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.disk import drop_cache, raw_read  # noqa: E402
+from bench.loader_index import index_bench  # noqa: E402
+from data.dataset_index import open_dataset  # noqa: E402
 from data.loader import LatentLoader  # noqa: E402
-from data.shard_format import decode_sample, get_fs, iter_tar, read_index  # noqa: E402
+from data.shard_format import decode_sample, get_fs, iter_tar  # noqa: E402
 from data.synthetic.shards import write_toy_dataset  # noqa: E402
 from jobconfig.data import DataConfig, StageSamplingConfig  # noqa: E402
 
@@ -81,7 +96,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--repeats", type=int, default=3, help="best of this many runs (the machine is shared)")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per cached-mode run (amortises worker start)")
+    ap.add_argument("--samples", type=int, help="index mode: a synthetic index of this many samples")
+    ap.add_argument("--shard-size", type=int, default=1000, help="index mode: samples per shard")
+    ap.add_argument("--legacy", action="store_true", help="index mode: also the format-1 index.json")
     args = ap.parse_args()
+    if args.samples:
+        index_bench(args.samples, args.shard_size, args.legacy, args.root)
+        return
 
     tmp = None
     root = args.root
@@ -93,10 +114,10 @@ def main() -> None:
         write_toy_dataset(root, [args.videos] * args.shards, frames=args.frames, shape=shapes,
                           dtype=torch.bfloat16)
     fs, path = get_fs(root)
-    index = read_index(fs, path)
-    paths = [f"{path}/shards/{s['name']}.tar" for s in index["shards"]]
+    meta = open_dataset(root)
+    paths = [f"{path}/shards/{name}.tar" for name in meta.names]
     total = sum(os.path.getsize(p) for p in paths)
-    n = index["num_samples"]
+    n = meta.num_samples
     print(f"dataset: {len(paths)} shards, {n} videos, {total / 1e6:.1f} MB; cpus={os.cpu_count()} "
           f"load average {os.getloadavg()[0]:.1f} (other work on the machine skews every figure)")
 

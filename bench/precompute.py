@@ -1,6 +1,7 @@
 """Bench of the latent-precompute farm: decode speed, pipeline efficiency, worker and node scaling.
 
     python bench/precompute.py [--part all|decode|encode|nodes] [--vae tiny|sdxl-shape] [--videos 12] [--frames 24]
+    python bench/precompute.py --part plan [--inputs 1000000] [--new 10000]
 
 Prints, from one run on this machine:
 - decode (part `decode`): frames/s of `data.video.decode_video` (decode + bicubic resize to 320 px
@@ -18,6 +19,10 @@ Prints, from one run on this machine:
   local Ray started beforehand, excluding only Ray's own start; and the same
   counted from when the encoders are up (the steady rate a long job sees);
 - efficiency = job(1) / bare (goal >= 0.85) and scaling = job(2) / job(1).
+- plan (part `plan`, not in `all`): `vgpt precompute --plan-only` in its own process over a list
+  file of `--inputs` URIs (an empty root: generation 1), then, with generation 1 pinned, over the
+  same plus `--new` (a growth: reads generation 1's file back as digests): planning seconds, the
+  driver's peak memory and its memory before listing, and bytes per input (goal: 1M under 30 s).
 `sdxl-shape` is the SDXL VAE architecture with random weights (no download):
 the encode cost of production, at a smaller frame size to keep the bench short.
 """
@@ -178,9 +183,59 @@ def bench_nodes(tmp: Path, videos: Path, video_cfg: VideoConfig, vae_cfg: VaeCon
           f"after start-up {rates[2][1] / rates[1][1]:4.2f}")
 
 
+def bench_plan(tmp: Path, inputs: int, new: int) -> None:
+    import re
+    import shutil
+
+    from jobconfig.loader import load_config
+
+    def list_file(n: int) -> Path:
+        path = tmp / f"uris-{n}.txt"
+        with open(path, "w") as f:
+            f.writelines(f"s3://videos/raw/part-{i % 1000:04d}/clip_{i:08d}.mp4\n" for i in range(n))
+        return path
+
+    root = tmp / "plan-root"
+    args = ["--precompute.inputs.dir=null", f"--precompute.output.root={root}",
+            "--precompute.output.videos_per_shard=64"]
+
+    def plan_only(path: Path) -> tuple[float, float, float, str]:
+        out = subprocess.run([sys.executable, "-m", "orchestration.cli", "precompute", "--config",
+                              "configs/precompute/tiny.yaml", "--plan-only", f"--precompute.inputs.list_file={path}",
+                              *args], check=False, capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1])
+        line = next((ln for ln in out.stdout.splitlines() if "plan only:" in ln), None)
+        if out.returncode or line is None:
+            raise RuntimeError(out.stdout[-2000:] + out.stderr[-2000:])
+        m = re.search(r"planned in ([\d.]+) s, driver peak memory (\d+) MB \((\d+) MB before", line)
+        return float(m[1]), float(m[2]), float(m[3]), line
+
+    first, grown = list_file(inputs), list_file(inputs + new)
+    s1, peak1, base1, line1 = plan_only(first)
+    from data.precompute_plan import record_generation
+    from orchestration.precompute.job import plan_job
+
+    fs, root_, plan, _, _ = plan_job(load_config("configs/precompute/tiny.yaml",
+                                                 [*args, f"--precompute.inputs.list_file={first}"]).precompute)
+    record_generation(fs, root_, plan)  # generation 1 pinned (nothing committed)
+    del plan
+    s2, peak2, base2, line2 = plan_only(grown)
+    shutil.rmtree(tmp)  # ~200 MB of list and generation files
+    print(f"\nbench/precompute.py --part plan: cpus={os.cpu_count()} load average {os.getloadavg()[0]:.1f}")
+    print(f"  {line1.strip()}")
+    print(f"  {line2.strip()}")
+    for what, n, sec, peak, base in (("generation 1", inputs, s1, peak1, base1),
+                                     (f"growth +{new}", inputs + new, s2, peak2, base2)):
+        print(f"  plan-only {what:>16}: {n} inputs in {sec:6.2f} s ({sec / n * 1e6:5.2f} s per 1M; goal 1M < 30 s), "
+              f"peak {peak:6.0f} MB = {base:4.0f} MB before listing + {peak - base:5.0f} MB "
+              f"({(peak - base) * 2**20 / n:5.0f} bytes per input)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", default="all", choices=["all", "decode", "encode", "nodes"])
+    ap.add_argument("--part", default="all", choices=["all", "decode", "encode", "nodes", "plan"])
+    ap.add_argument("--inputs", type=int, default=1_000_000, help="part plan: URIs in the list file")
+    ap.add_argument("--new", type=int, default=10_000, help="part plan: URIs added for the growth")
     ap.add_argument("--decode-frames", type=int, default=90)
     ap.add_argument("--vae", default="tiny", choices=["tiny", "sdxl-shape"])
     ap.add_argument("--videos", type=int, default=12)
@@ -193,6 +248,9 @@ def main() -> int:
     # One box: keep Ray on loopback and its token auth off (nothing else can reach it).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if args.part == "plan":
+        bench_plan(tmp, args.inputs, args.new)
+        return 0
     vae_path = "tiny" if args.vae == "tiny" else str(sdxl_shape_vae(tmp / "sdxl-shape"))
     if args.part in ("all", "decode"):
         bench_decode(tmp, args.decode_frames)

@@ -2,8 +2,8 @@
 
 A stage can use a stored video only if it has enough frames (data/stage.py,
 `interval_bounds`) and if its sample can fit `max_tokens`. Both are known
-from the latents shape [T, C, h, w] that index.json records per sample
-(data/shard_format.py), so such a sample is a *known skip*: the loader
+from the latents shape [T, C, h, w] that the dataset index records per
+sample (data/dataset_index.py), so such a sample is a *known skip*: the loader
 reports it, counted like any skip, without reading it, and a shard holding
 only known skips is never fetched. The token limit is known only when even
 the shortest sequence the clip policy can draw exceeds it (`token_range`);
@@ -34,7 +34,7 @@ from functools import cached_property
 import numpy as np
 
 from data.batch import patches_per_frame, sequence_length
-from data.shard_format import DatasetMeta
+from data.dataset_index import DatasetMeta
 from data.stage import SamplePlan, interval_bounds, plan_sample, sample_rng, sample_tokens
 from jobconfig.data import DataConfig, StageSamplingConfig
 from jobconfig.errors import ConfigError
@@ -47,21 +47,46 @@ SKIP_BAD_SAMPLE = "corrupt_sample"    # a verified shard's sample would not deco
 SKIP_CODES = {-1: SKIP_SHORT, -2: SKIP_TOKENS}  # Buckets.code of a known skip -> its reason
 
 
+_CHUNK = 1 << 20  # samples per pass over the index columns: temporaries stay ~10 MB at any size
+
+
+def _chunks(n: int) -> range:
+    return range(0, n, _CHUNK)
+
+
 @dataclass(frozen=True, eq=False)  # compared by identity: `code` is an array
 class Buckets:
     """Every sample's bucket: `code` per flat sample index (DatasetMeta.offsets + index in shard) is a
-    bucket number >= 0, or a key of SKIP_CODES for a known skip."""
+    bucket number >= 0, or a key of SKIP_CODES for a known skip.
+
+    `code` is a function of each sample's frame count and latent shape; `recipe` (meta, short-by-frames
+    table, code-by-shape table) recomputes it, so Buckets pickles without its [N] array: a DataLoader
+    worker started by spawn remaps the index and rebuilds `code` instead of receiving a copy."""
     code: np.ndarray
     names: tuple[str, ...]
     batch: tuple[int, ...]   # per-rank batch size of each bucket
+    recipe: tuple | None = None
+
+    def __reduce__(self):
+        if self.recipe is None:
+            return Buckets, (self.code, self.names, self.batch)
+        return _rebuilt, (self.recipe, self.names, self.batch)
 
     @cached_property  # `code` never changes; these are read at every schedule and loader state
+    def _counts(self) -> np.ndarray:
+        """Samples per code + 2 (known skips first), counted in passes (no [N]-sized temporaries)."""
+        out = np.zeros(len(self.names) + 2, dtype=np.int64)
+        for lo in _chunks(len(self.code)):
+            out += np.bincount(self.code[lo:lo + _CHUNK] + 2, minlength=len(out))
+        return out
+
+    @cached_property
     def sizes(self) -> tuple[int, ...]:
-        return tuple(np.bincount(self.code[self.code >= 0], minlength=len(self.names)).tolist())
+        return tuple(self._counts[2:].tolist())
 
     @cached_property
     def num_known_skips(self) -> int:
-        return int((self.code < 0).sum())
+        return int(self._counts[:2].sum())
 
     @cached_property
     def flat(self) -> bool:
@@ -71,7 +96,11 @@ class Buckets:
     @cached_property
     def fingerprint(self) -> str:
         """Changes when the bucket streams would (shapes, or which samples the stage can use)."""
-        return hashlib.sha256(self.code.astype(np.int32).tobytes() + json.dumps(self.names).encode()).hexdigest()[:16]
+        h = hashlib.sha256()
+        for lo in _chunks(len(self.code)):  # the digest of the whole code as int32, then the names
+            h.update(self.code[lo:lo + _CHUNK].astype(np.int32).tobytes())
+        h.update(json.dumps(self.names).encode())
+        return h.hexdigest()[:16]
 
 
 def bucket_name(h: int, w: int) -> str:
@@ -101,11 +130,27 @@ def plan_or_skip(stage: StageSamplingConfig, seed: int, epoch: int, position: in
     return plan
 
 
+def _code(meta: DatasetMeta, short_of_frames: np.ndarray | None, code_of_shape: np.ndarray | None) -> np.ndarray:
+    """Each sample's code from the lookup tables: -1 if its frame count is too short, else its shape's."""
+    dtype = np.int16 if code_of_shape is None or len(code_of_shape) < 2 ** 15 else np.int32
+    code = np.zeros(meta.num_samples, dtype=dtype)
+    if short_of_frames is not None:
+        by_shape = code_of_shape.astype(dtype)
+        for lo in _chunks(len(code)):
+            hi = lo + _CHUNK
+            code[lo:hi] = np.where(short_of_frames[meta.frames[lo:hi]], -1, by_shape[meta.shape_ids[lo:hi]])
+    return code
+
+
+def _rebuilt(recipe: tuple, names: tuple[str, ...], batch: tuple[int, ...]) -> Buckets:
+    return Buckets(_code(*recipe), names, batch, recipe)
+
+
 def build_buckets(meta: DatasetMeta, cfg: DataConfig, where: str = "index.json") -> Buckets:
     """Buckets of the dataset for the stage `cfg.stage`, with their per-rank batch sizes; a ConfigError
-    naming the key when the stage can use no sample at all."""
-    N = meta.num_samples
-    if meta.shapes is None:
+    naming the key when the stage can use no sample at all. Decided per distinct frame count and per
+    distinct shape (few), then looked up per sample in passes of _CHUNK samples over the index columns."""
+    if not meta.has_shapes:
         if cfg.bucket_batch_size:
             raise ConfigError(f"data.bucket_batch_size: {where} records no per-sample shapes (written before "
                               "they were recorded); rebuild the index with the precompute job, or drop the key")
@@ -114,49 +159,67 @@ def build_buckets(meta: DatasetMeta, cfg: DataConfig, where: str = "index.json")
             raise ConfigError(f"data.batch_tokens: {where} records no latent shape to size batches by tokens; "
                               "use data.batch_size")
         name = bucket_name(*hw) if hw else "any"
-        return Buckets(np.zeros(N, dtype=np.int32), (name,), (_batch(cfg, name, hw),))
-    frames, shapes = meta.frames, meta.shapes
-    channels = np.unique(shapes[:, 1])
+        recipe = (meta, None, None)
+        return Buckets(_code(*recipe), (name,), (_batch(cfg, name, hw),), recipe)
+    N, k = meta.num_samples, len(meta.shape_table)
+    count_of_length = np.zeros(int(meta.frames.max()) + 1, dtype=np.int64)
+    for lo in _chunks(N):
+        count_of_length += np.bincount(meta.frames[lo:lo + _CHUNK], minlength=len(count_of_length))
+    lengths = np.flatnonzero(count_of_length)
+    short_of_frames = np.ones(len(count_of_length), dtype=bool)
+    short_of_frames[lengths] = [interval_bounds(cfg.stage, int(f)) is None for f in lengths]
+    count_of_shape, long_of_shape = np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64)
+    for lo in _chunks(N):
+        ids = meta.shape_ids[lo:lo + _CHUNK]
+        count_of_shape += np.bincount(ids, minlength=k)
+        long_of_shape += np.bincount(ids[~short_of_frames[meta.frames[lo:lo + _CHUNK]]], minlength=k)
+    table = meta.shape_table.astype(np.int64)
+    channels = np.unique(table[count_of_shape > 0, 0])
     if len(channels) > 1:
         raise ConfigError(f"{where}: samples have latents of {channels.tolist()} channels; one dataset must "
                           "have one latent channel count (one VAE)")
-    lengths, length_of = np.unique(frames, return_inverse=True)
-    short = ~np.array([interval_bounds(cfg.stage, int(f)) is not None for f in lengths], dtype=bool)[length_of]
-    keys, hw_of = np.unique(shapes[:, 2] << 32 | shapes[:, 3], return_inverse=True)  # (h, w) order
-    hws = [(int(k) >> 32, int(k) & 0xFFFFFFFF) for k in keys]
+    # distinct (h, w) of the shape table, in (h, w) order; each shape's hw class
+    keys, hw_of_shape = np.unique(table[:, 1] << 32 | table[:, 2], return_inverse=True)
+    hw_of_shape = hw_of_shape.reshape(-1)
+    hws = [(int(x) >> 32, int(x) & 0xFFFFFFFF) for x in keys]
     fewest = np.array([token_range(cfg.stage, hw)[0] for hw in hws], dtype=np.int64)
-    too_long = (fewest > cfg.stage.max_tokens)[hw_of]
-    ok = ~short & ~too_long
-    usable = np.unique(hw_of[ok])  # shapes with a usable sample, in (h, w) order
+    too_long_hw = fewest > cfg.stage.max_tokens
+    long_of_hw = np.bincount(hw_of_shape, weights=long_of_shape, minlength=len(hws))
+    usable = np.flatnonzero((long_of_hw > 0) & ~too_long_hw)  # shapes with a usable sample, in (h, w) order
     bucket_of_hw = np.full(len(hws), -9, dtype=np.int32)
     bucket_of_hw[usable] = np.arange(len(usable), dtype=np.int32)
-    code = np.where(short, -1, np.where(too_long, -2, bucket_of_hw[hw_of])).astype(np.int32)
+    code_of_shape = np.where(too_long_hw, -2, bucket_of_hw)[hw_of_shape]
     if not len(usable):
-        _refuse(cfg.stage, where, int(frames.max()), short, fewest[hw_of[~short]], hws, hw_of[~short])
+        num_long = int(long_of_shape.sum())
+        present = np.flatnonzero(long_of_hw > 0)
+        _refuse(cfg.stage, where, int(lengths.max()), num_long == 0, fewest[present], hws, present,
+                N - num_long, num_long)
+    recipe = (meta, short_of_frames, code_of_shape)
     usable = [hws[u] for u in usable.tolist()]
     names = tuple(bucket_name(*hw) for hw in usable)
     unknown = sorted(set(cfg.bucket_batch_size) - set(names))
     if unknown:
         raise ConfigError(f"data.bucket_batch_size: {unknown} name no shape bucket of this stage; the dataset's "
                           f"usable latent shapes are {list(names)} (HxW)")
-    return Buckets(code, names, tuple(_batch(cfg, n, hw) for n, hw in zip(names, usable)))
+    return Buckets(_code(*recipe), names, tuple(_batch(cfg, n, hw) for n, hw in zip(names, usable)), recipe)
 
 
-def _refuse(stage: StageSamplingConfig, where: str, longest: int, short: np.ndarray, fewest: np.ndarray,
-            hws: list[tuple[int, int]], hw_of_long: np.ndarray) -> None:
+def _refuse(stage: StageSamplingConfig, where: str, longest: int, all_short: bool, fewest: np.ndarray,
+            hws: list[tuple[int, int]], present: np.ndarray, num_short: int, num_long: int) -> None:
     """Why no sample is usable, naming the key to change: frames/interval when every video is too short,
-    max_tokens when every long enough one cannot fit."""
+    max_tokens when every long enough one cannot fit. `fewest`: the shortest draw of each latent size
+    `present` among the long enough samples."""
     d = stage.interval_value if stage.interval == "fixed" else stage.interval_min
-    if short.all():
+    if all_short:
         raise ConfigError(f"data.stage.frames={stage.frames} at interval >= {d} needs videos of >= "
                           f"{stage.min_video_frames()} frames, but the longest video in {where} has {longest} "
                           "frames; every sample would be skipped (lower data.stage.frames or the interval)")
     i = int(np.argmin(fewest))
-    h, w = hws[int(hw_of_long[i])]
+    h, w = hws[int(present[i])]
     raise ConfigError(f"data.stage.max_tokens={stage.max_tokens}: no sample of {where} fits; the shortest "
                       f"sequence data.stage (frames={stage.frames}, clips={stage.clips}) can draw is {int(fewest[i])} "
                       f"tokens (latent {h}x{w}, patch {stage.patch_size}); every sample would be skipped "
-                      f"({int(short.sum())} too short, {int((~short).sum())} too many tokens)")
+                      f"({num_short} too short, {num_long} too many tokens)")
 
 
 def _batch(cfg: DataConfig, name: str, hw: tuple[int, int] | None) -> int:

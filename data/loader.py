@@ -19,6 +19,11 @@ sizes or worker count: resume on any number of ranks serves every bucket's
 stream exactly from where it stopped (same samples, same frames and clips).
 The state is counted in the main process from the steps *handed out*, so
 samples prefetched by workers but not consumed are served again after resume.
+It also records the index version (shard count, columns file) its epoch uses
+and the epoch of the last step: a run resumed on a dataset that grew since
+finishes the epoch in progress over the old shards and takes the new samples
+from the next epoch on; a dataset whose old shards changed is refused
+(data/growth.py).
 
 Early filtering (data/buckets.py decides, this module only reads): with the
 shapes index.json records per sample, a video too short for the stage (or
@@ -59,6 +64,7 @@ import logging
 import pickle
 import traceback
 from collections import Counter
+from dataclasses import replace
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -68,8 +74,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data.batch import patches_per_frame
 from data.batching import LatentBatch, SampleRecord, collate, copy_serial, numpy_view
 from data.buckets import SKIP_BAD_SAMPLE, SKIP_CODES, SKIP_CORRUPT, Buckets, build_buckets, plan_or_skip, token_range
+from data.dataset_index import DatasetMeta, read_index
+from data.growth import Growth, grown_prefix, growth_epoch, log_growth
 from data.order import Schedule, Window, bucket_streams, epoch_order, reader_items, resolve_num_streams
-from data.shard_format import DatasetMeta, ShardFormatError, decode_sample, get_fs, read_index
+from data.shard_format import ShardFormatError, decode_sample, get_fs
 from data.shards import CorruptShardError, ShardSource
 from data.stage import SamplePlan
 from jobconfig.data import DataConfig
@@ -194,8 +202,8 @@ class _Readers(IterableDataset):
             p = int(streams[b][m])
             shard, idx = int(sh[p]), int(ix[p])
             outcome = None
-            if meta.shapes is not None:
-                T, _, h, w = meta.shapes[int(meta.offsets[shard]) + idx].tolist()
+            if meta.has_shapes:
+                T, _, h, w = meta.sample_shape(int(meta.offsets[shard]) + idx)
                 if token_range(stage, (h, w))[1] > stage.max_tokens:  # only its draw says if it fits: plan now
                     outcome = plan_or_skip(stage, self.cfg.seed, epoch, p, T, (h, w))
             todo.append((step, epoch, p, shard, idx, outcome))
@@ -229,7 +237,7 @@ class _Readers(IterableDataset):
         rec.key, members = got
         try:
             latents, _ = decode_sample(members, where=f"shard {rec.shard} sample {rec.key}")
-            recorded = None if self.meta.shapes is None else self.meta.shapes[self.meta.offsets[shard] + idx].tolist()
+            recorded = self.meta.sample_shape(int(self.meta.offsets[shard]) + idx) if self.meta.has_shapes else None
             if recorded is not None and list(latents.shape) != recorded:
                 raise ShardFormatError(f"shard {rec.shard} sample {rec.key}: latents of shape "
                                        f"{list(latents.shape)}, index.json records {recorded}")
@@ -264,7 +272,12 @@ class LatentLoader:
             raise ConfigError(f"rank: got {rank}, expected 0 <= rank < world_size={world_size}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         where = f"{cfg.root}/index.json"
-        self.meta = DatasetMeta.from_index(read_index(*get_fs(cfg.root, cfg.storage_options)), where=where)
+        index = read_index(*get_fs(cfg.root, cfg.storage_options))
+        self.meta = DatasetMeta.load(*get_fs(cfg.root, cfg.storage_options), index=index, where=where)
+        # the index version the current epoch uses (data/growth.py: a resumed epoch keeps its own)
+        self.index_version, self.columns = self.meta.version, index.get("columns")
+        self._growth: Growth | None = None  # set while a resumed epoch finishes over the old shards
+        self.epoch = -1                     # the epoch of the last step served (its window's)
         self.buckets = build_buckets(self.meta, cfg, where=where)
         self.num_streams = resolve_num_streams(cfg.num_streams, len(self.meta.names))
         self.cursors: tuple[int, ...] = (0,) * len(self.buckets.names)
@@ -286,7 +299,8 @@ class LatentLoader:
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "cursors": dict(zip(self.buckets.names, self.cursors)),
-                "skips": self.skips_reported, **self._order_fields()}
+                "skips": self.skips_reported, "epoch": self.epoch, "index_version": self.index_version,
+                "num_shards": len(self.meta.names), "columns": self.columns, **self._order_fields()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") == 1 and self.buckets.flat:  # before buckets: one cursor over the epoch order
@@ -297,6 +311,11 @@ class LatentLoader:
             raise ConfigError(f"loader state: version {state.get('version')!r}, expected {STATE_VERSION}"
                               + (" (a state from before shape buckets resumes only a dataset of one shape "
                                  "without recorded frame counts)" if state.get("version") == 1 else ""))
+        if self._growth is not None:  # loaded before: start again from today's index
+            g, self._growth = self._growth, None
+            self._use(g.meta, g.version, g.columns)
+        if state.get("dataset") != self.meta.fingerprint:
+            self._resume_grown(state)
         for key, want in self._order_fields().items():
             if state.get(key) != want:
                 same = {"dataset": "dataset (index.json)", "num_samples": "dataset (index.json)",
@@ -313,18 +332,66 @@ class LatentLoader:
             raise ConfigError(f"loader state: skips {state.get('skips')!r}, expected a non-negative count")
         self.cursors = tuple(cursors[n] for n in self.buckets.names)
         self.skips_reported = state.get("skips", 0)
+        self.epoch = state.get("epoch", -1) if isinstance(state.get("epoch", -1), int) else -1
+        if self._growth is not None:
+            sched = self._schedule()
+            nxt = min(sched.normalize(b, c) // n for b, (c, n) in enumerate(zip(self.cursors, sched.sizes)) if n)
+            self._growth = replace(self._growth, epoch=growth_epoch(state, nxt))
+            log_growth(self.meta, self._growth.meta, self.index_version, self._growth.epoch)
+
+    def _resume_grown(self, state: dict) -> None:
+        """The checkpoint's dataset is an older version of today's (data/growth.py): finish its epoch over
+        its own shards, then move to today's index; else refuse, naming the first differing shard."""
+        where, full = f"{self.cfg.root}/index.json", self.meta
+        old = grown_prefix(full, state, *get_fs(self.cfg.root, self.cfg.storage_options), where)
+        self._growth = Growth(-1, full, full.version, self.columns)  # epoch set once the cursors are loaded
+        self._use(old, state.get("index_version", full.version), state.get("columns"))
+
+    def _use(self, meta: DatasetMeta, version: int, columns: dict | None) -> None:
+        """Make `meta` the dataset of the epochs to come (its buckets, its streams)."""
+        where = f"{self.cfg.root}/index.json"
+        self.meta, self.index_version, self.columns = meta, version, columns
+        self.buckets = build_buckets(meta, self.cfg, where=where)
+        self.num_streams = resolve_num_streams(self.cfg.num_streams, len(meta.names))
+
+    def _grow(self) -> None:
+        """The resumed epoch is over: today's index from its first epoch on, every bucket from its start."""
+        g, self._growth = self._growth, None
+        self._use(g.meta, g.version, g.columns)
+        self.cursors = tuple(g.epoch * n for n in self.buckets.sizes)
+        self.skips_reported = g.epoch * self.buckets.num_known_skips
 
     # ------------------------------------------------------------ iteration
     def _schedule(self) -> Schedule:
-        b = self.buckets
+        b, epochs = self.buckets, self.cfg.epochs
+        if self._growth is not None:  # the resumed epoch ends the old dataset's schedule
+            epochs = min(epochs or self._growth.epoch, self._growth.epoch)
         return Schedule(b.sizes, b.num_known_skips, b.batch, self.world_size, self.cursors,
-                        self.cfg.epoch_tail, self.cfg.epochs, self.skips_reported)
+                        self.cfg.epoch_tail, epochs, self.skips_reported)
 
     def num_steps(self) -> int | None:
         """Steps left until data.epochs is reached (the same on every rank); None when endless."""
-        return self._schedule().num_steps()
+        if self._growth is None:
+            return self._schedule().num_steps()
+        if not self.cfg.epochs:
+            return None
+        g = self._growth
+        grown = build_buckets(g.meta, self.cfg)
+        rest = Schedule(grown.sizes, grown.num_known_skips, grown.batch, self.world_size,
+                        tuple(g.epoch * n for n in grown.sizes), self.cfg.epoch_tail, self.cfg.epochs,
+                        g.epoch * grown.num_known_skips).num_steps() if self.cfg.epochs > g.epoch else 0
+        return (self._schedule().num_steps() if g.epoch > 0 else 0) + rest  # epochs=0 would be endless
 
     def __iter__(self) -> Iterator[LatentBatch]:
+        if self._growth is not None:
+            if self._growth.epoch > 0:
+                yield from self._iterate()
+            if self.cfg.epochs and self.cfg.epochs <= self._growth.epoch:
+                return
+            self._grow()
+        yield from self._iterate()
+
+    def _iterate(self) -> Iterator[LatentBatch]:
         cfg = self.cfg
         schedule = self._schedule()
         dataset = _Readers(cfg, self.meta, self.buckets, self.num_streams, schedule, self.rank)
@@ -362,4 +429,5 @@ class LatentLoader:
                 self.stats["samples"] += len(buf) - len(batch.skipped)
                 # before yielding: state_dict() now includes this step
                 self.cursors, self.skips_reported = schedule.advance(self.cursors, window, t)
+                self.epoch = window.epoch
                 yield batch

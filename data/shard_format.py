@@ -3,8 +3,8 @@ by the precompute farm (writer) and the streaming loader (reader).
 
     <root>/shards/<name>-NNNNNN.tar    WebDataset: <key>.latents.safetensors, <key>.meta.json
     <root>/shards/<name>-NNNNNN.json   manifest, written only after the tar is complete (the commit)
-    <root>/index.json                  committed shards (with each sample's latents shape [T, C, h, w]),
-                                       counts, latent dtype, VAE identity, config hash
+    <root>/index.json                  the dataset index (data/dataset_index.py): committed shards, each
+                                       sample's latents shape [T, C, h, w], counts, dtype, VAE, config hash
     <root>/errors/<key>.json           one record per rejected input, with its reason
 
 `root` is anything fsspec understands: `/path`, `file:///path`, `s3://bucket/prefix`.
@@ -12,8 +12,8 @@ Tars are built in memory with a fixed mtime so that the same inputs give
 byte-identical shards, hashed, uploaded in one PUT, and only then is the
 manifest written: a reader that sees a manifest sees a complete tar.
 
-`DatasetMeta` is index.json as every reader uses it (the loader, the trainer's
-data source, the preflight): read once per process, never re-parsed.
+The index over the committed shards, and `DatasetMeta` that every reader uses,
+live in data/dataset_index.py.
 """
 from __future__ import annotations
 
@@ -22,20 +22,17 @@ import io
 import json
 import re
 import tarfile
-from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import fsspec
-import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from data.object_store import open_fs
-from jobconfig.errors import ConfigError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of a shard manifest
 LATENTS_MEMBER = "latents.safetensors"
 META_MEMBER = "meta.json"
 FIXED_MTIME = 1_700_000_000  # any constant: byte-identical tars across runs
@@ -205,93 +202,6 @@ def committed_manifests(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, S
         m = ShardManifest.from_json(fs.cat_file(p).decode(), where=p)
         out[m.name] = m
     return out
-
-
-def write_index(fs: fsspec.AbstractFileSystem, root: str, manifests: dict[str, ShardManifest], **info: Any) -> dict:
-    """index.json: committed shards in name order plus dataset-wide facts (latent shape, dtype, VAE, config hash)."""
-    shards = [{"name": m.name, "num_samples": m.num_samples, "num_frames": m.num_frames,
-               "bytes": m.bytes, "sha256": m.sha256,
-               **({"sample_shapes": m.sample_shapes} if m.sample_shapes is not None else {})}
-              for m in sorted(manifests.values(), key=lambda m: m.name)]
-    index = {"format_version": FORMAT_VERSION, "num_shards": len(shards),
-             "num_samples": sum(s["num_samples"] for s in shards),
-             "num_frames": sum(s["num_frames"] for s in shards), "shards": shards, **info}
-    fs.pipe_file(f"{root}/index.json", json.dumps(index, sort_keys=True, indent=1).encode())
-    return index
-
-
-def read_index(fs: fsspec.AbstractFileSystem, root: str) -> dict:
-    path = f"{root}/index.json"
-    fs.invalidate_cache(root)
-    if not fs.exists(path):
-        raise ShardFormatError(f"{path}: no index.json (has the precompute job finished?)")
-    try:
-        index = json.loads(fs.cat_file(path))
-    except Exception as e:
-        raise ShardFormatError(f"{path}: unreadable index: {e}") from None
-    if index.get("format_version") != FORMAT_VERSION:
-        raise ShardFormatError(f"{path}: format_version {index.get('format_version')!r}, expected {FORMAT_VERSION}")
-    return index
-
-
-@dataclass(frozen=True)
-class DatasetMeta:
-    """What readers need from index.json. `shapes`: per sample (flat index: `offsets` of its shard + its
-    index in the shard) the recorded latents shape [T, C, h, w]; None when index.json predates it.
-    `latent_shape`: the dataset-wide [C, h, w] some writers record (data/synthetic), else None."""
-    names: tuple[str, ...]
-    sizes: tuple[int, ...]
-    sha256: tuple[str, ...]
-    num_bytes: tuple[int, ...]
-    shapes: np.ndarray | None = field(default=None, compare=False)  # [num_samples, 4] by flat index
-    latent_shape: tuple[int, ...] | None = None
-
-    @classmethod
-    def from_index(cls, index: dict, where: str = "index.json") -> "DatasetMeta":
-        try:
-            shards = [s for s in index["shards"] if int(s["num_samples"]) > 0]
-            names, sizes = tuple(s["name"] for s in shards), tuple(int(s["num_samples"]) for s in shards)
-            sha, nbytes = tuple(s["sha256"] for s in shards), tuple(int(s["bytes"]) for s in shards)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"{where}: shard list lacks {e} (expected name, num_samples, sha256, bytes)") from None
-        if not names:
-            raise ConfigError(f"{where}: the dataset has no samples")
-        shapes = None
-        if all("sample_shapes" in s for s in shards):  # else: an older index
-            shapes = []
-            for s, n in zip(shards, sizes):
-                try:
-                    sh = np.asarray(s["sample_shapes"], dtype=np.int64)
-                except (TypeError, ValueError):
-                    sh = None
-                if sh is None or sh.shape != (n, 4):
-                    raise ConfigError(f"{where}: shard {s['name']}: sample_shapes must list one [T, C, h, w] per "
-                                      f"sample ({n} samples)")
-                shapes.append(sh)
-            shapes = np.concatenate(shapes)
-        recorded = index.get("latent_shape")
-        latent_shape = tuple(int(x) for x in recorded) if isinstance(recorded, list) and len(recorded) >= 2 else None
-        return cls(names, sizes, sha, nbytes, shapes, latent_shape)
-
-    @property
-    def frames(self) -> np.ndarray | None:
-        """Stored frames of every sample (by flat index), or None when index.json predates shapes."""
-        return None if self.shapes is None else self.shapes[:, 0]
-
-    @property
-    def num_samples(self) -> int:
-        return sum(self.sizes)
-
-    @cached_property
-    def offsets(self) -> np.ndarray:
-        """Flat sample index of each shard's first sample (shards in index order)."""
-        return np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
-
-    @cached_property
-    def fingerprint(self) -> str:
-        """Changes when any shard is added, removed or rewritten: a resumed run must see the same data."""
-        blob = json.dumps([self.names, self.sizes, self.sha256]).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def write_error(fs: fsspec.AbstractFileSystem, root: str, key: str, source: str, reason: str) -> None:

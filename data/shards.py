@@ -31,8 +31,9 @@ from typing import Iterable
 
 import fsspec
 
+from data.dataset_index import DatasetMeta
 from data.object_store import retrying
-from data.shard_format import DatasetMeta, ShardFormatError, iter_tar
+from data.shard_format import ShardFormatError, iter_tar
 
 
 class CorruptShardError(ShardFormatError):

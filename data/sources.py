@@ -7,24 +7,30 @@ its state (`state_dict`), saved with every checkpoint and restored on resume,
 so the trainer never tells it which step it is at. Two sources exist:
 
   LatentSource     the streaming latent loader (data/loader.py) over precomputed
-                   shards; its cursor is the loader's per-bucket cursors.
+                   shards, one per dataset of data.sources blended step by step
+                   (data/blend.py; data.root is one source); its cursor is the
+                   blend's step and each loader's per-bucket cursors.
   SyntheticSource  moving-square latents (data/synthetic/latents.py), a pure
                    function of (seed, global row index); its cursor is the count
                    of micro batches served.
 
-`make_source` picks one from `train.data`.
+`make_source` picks one from `train.data`. `source_counts` reports the
+samples each dataset of a blend served (host integers, no device sync).
 """
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import torch
 
 from data.batch import Batch
-from data.loader import LatentLoader
+from data.blend import describe_line, open_blend
 from data.stage import clip_sizes, sample_rng, uniform_int
 from data.synthetic.latents import moving_square_latents
 from jobconfig.job import JobConfig
+
+log = logging.getLogger(__name__)
 
 
 class DataSource(Protocol):
@@ -39,6 +45,9 @@ class DataSource(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+    def source_counts(self) -> dict[str, int]:
+        """Samples served per dataset of a blend since the last call, this rank ({}: one dataset)."""
 
 
 class SyntheticSource:
@@ -87,42 +96,60 @@ class SyntheticSource:
                              "(a checkpoint of before the source kept its cursor: resume it with --resume fresh)")
         self.rows_served = n
 
+    def source_counts(self) -> dict[str, int]:
+        return {}
+
 
 class LatentSource:
-    """The streaming latent loader (data/loader.py) as the trainer's data source."""
+    """The streaming latent loader (data/loader.py) as the trainer's data source: the blend of
+    data.sources (data/blend.py), or of data.root alone, which is that one loader batch for batch."""
 
     def __init__(self, cfg: JobConfig, dp_rank: int, dp_size: int):
-        self.loader = LatentLoader(cfg.data, rank=dp_rank, world_size=dp_size)
-        self.rows_per_micro = self.loader.max_batch_size  # shape buckets may differ: the largest
-        self._it = None
-        meta, p = self.loader.meta, cfg.model.patch_size
-        # shape of a zero-weight placeholder row, until a real batch has shown the latent size
-        self._shape = (tuple(meta.shapes[0, 1:].tolist()) if meta.shapes is not None else meta.latent_shape) \
-            or (cfg.model.latent_channels, 2 * p, 2 * p)
+        self.blend = open_blend(cfg.data, rank=dp_rank, world_size=dp_size)
+        self.rows_per_micro = self.blend.max_batch_size  # shape buckets and sources may differ: the largest
+        for d in self.blend.describe():
+            log.info(describe_line(d))
+        # shape of a zero-weight placeholder row, until a real batch has shown the latent size: the first
+        # shape bucket's "HxW" (from the index, nothing read), else any size the patch grid takes
+        h, _, w = self.blend.loaders[0].buckets.names[0].partition("x")
+        p = cfg.model.patch_size
+        hw = (int(h), int(w)) if h.isdigit() and w.isdigit() else (2 * p, 2 * p)
+        self._shape = (cfg.model.latent_channels, *hw)
+        self._reported: dict[str, int] = {}
+
+    @property
+    def loader(self):
+        """The loader of the first (for data.root, the only) dataset."""
+        return self.blend.loaders[0]
 
     def next_batch(self) -> tuple[Batch, list[int]]:
-        if self._it is None:
-            self._it = iter(self.loader)
         try:
-            b = next(self._it)
+            i, b = self.blend.next()
         except StopIteration:
             raise RuntimeError("data: the loader ran out of samples (data.epochs reached) before train.steps; "
                                "raise data.epochs (0 = endless) or lower train.steps") from None
         if b.clips:
             self._shape = tuple(b.latents.shape[2:])
-        return b, b.row_index
+        return b, self.blend.rows(i, b)
 
     def placeholder(self) -> Batch:
         return Batch(torch.zeros(1, 1, *self._shape), [[[1]]])
 
     def state_dict(self) -> dict:
-        return {"kind": "latents", **self.loader.state_dict()}
+        return {"kind": "latents", **self.blend.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "latents":
             raise ValueError(f"loader state of kind {state.get('kind')!r} cannot resume the latent loader")
-        self.loader.load_state_dict({k: v for k, v in state.items() if k != "kind"})
-        self._it = None
+        self.blend.load_state_dict({k: v for k, v in state.items() if k != "kind"})
+
+    def source_counts(self) -> dict[str, int]:
+        if len(self.blend) == 1:
+            return {}
+        now = dict(self.blend.drawn)
+        out = {name: now.get(name, 0) - self._reported.get(name, 0) for name in self.blend.names}
+        self._reported = now
+        return out
 
 
 def make_source(cfg: JobConfig, dp_rank: int, dp_size: int) -> DataSource:

@@ -19,9 +19,22 @@ batch_size; pack_tokens then packs a batch's samples into rows.
 The fields that define the order of the data (seed, shuffle_buffer,
 num_streams, epoch_tail, the dataset itself) are stored in the loader state and
 checked on resume; batch sizes, workers and world size may change freely.
+
+Datasets: `root` names one; `sources: [{root, weight, storage_options?,
+name?}, ...]` blends several (data/blend.py: each global step is served by one
+source, chosen by a fixed schedule that keeps each source's share of the steps
+at its normalised weight). The two are exclusive: a config that gives both is
+refused (a `root` next to `sources` is a dataset the user meant to list, or
+one left over from a curriculum's shared sections or a launcher's override;
+guessing either way trains on other data than asked for); `root: X` alone
+is the blend `sources: [{root: X, weight: 1}]`, batch for batch. Every other
+key here applies to every source. A curriculum whose shared sections set
+`data.root` gives its blending stages `data.root: null`.
 """
 from __future__ import annotations
 
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -63,9 +76,49 @@ class StageSamplingConfig:
         return (self.frames - 1) * d + 1
 
 
+DEFAULT_ROOT = "runs/latents"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass
+class SourceConfig:
+    """One dataset of a blend (`data.sources`)."""
+    root: str = ""                           # latent dataset root: /path, file://..., s3://bucket/prefix
+    weight: float = 1.0                      # share of the steps, relative to the other sources' weights
+    storage_options: dict[str, Any] | None = None  # fsspec options of this root; null: data.storage_options
+    name: str = ""                           # in metrics and skip reports; '': the root's last path component
+
+    def validate(self) -> None:
+        if not self.root:
+            raise ConfigError("root: empty, expected a dataset root (/path, file://..., s3://bucket/prefix)")
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ConfigError(f"weight: got {self.weight:g}, expected a positive number")
+        if self.storage_options is not None:
+            check_no_credentials(self.storage_options, "storage_options")
+        if self.name and not _NAME.fullmatch(self.name):
+            raise ConfigError(f"name: got {self.name!r}, expected letters, digits, '_', '.' or '-'")
+
+    @property
+    def label(self) -> str:
+        """The name metrics and skip reports use: `name`, else the root's last path component."""
+        return self.name or root_key(self.root).rsplit("/", 1)[-1] or self.root
+
+
+def root_key(root: str) -> str:
+    """A root in one spelling, to find a dataset listed twice: local paths absolute, no trailing '/'."""
+    if "://" in root and not root.startswith("file://"):
+        return root.rstrip("/")
+    return os.path.normpath(os.path.abspath(root.removeprefix("file://")))
+
+
 @dataclass
 class DataConfig:
-    root: str = "runs/latents"               # latent dataset root: /path, file://..., s3://bucket/prefix
+    # latent dataset root: /path, file://..., s3://bucket/prefix (runs/latents when neither it nor
+    # data.sources is given; null when data.sources is)
+    root: str | None = None
+    # several datasets blended by weight (data/blend.py), instead of root (never with it): each a root, its
+    # weight (relative share of the steps), storage_options (null: data.storage_options) and name (for metrics)
+    sources: list[SourceConfig] = field(default_factory=list)
     storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec (e.g. endpoint); never keys
     seed: int = 0
     shuffle_buffer: int = 256                # bounded shuffle window per stream, in samples (0: no shuffle)
@@ -83,9 +136,26 @@ class DataConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # latents handed to the trainer
     stage: StageSamplingConfig = field(default_factory=StageSamplingConfig)
 
+    def __post_init__(self):
+        if self.root is None and not self.sources:  # given neither: the default dataset
+            self.root = DEFAULT_ROOT
+
     def validate(self) -> None:
-        if not self.root:
+        if self.sources and self.root is not None:
+            raise ConfigError(f"root: {self.root!r} given together with data.sources; give one of them "
+                              f"(a single root is data.sources: [{{root: {self.root}}}]; a curriculum that "
+                              "shares data.root gives a blending stage data.root: null)")
+        if self.root is not None and not self.root:
             raise ConfigError("root: empty, expected a dataset root (/path, file://..., s3://bucket/prefix)")
+        seen: dict[str, int] = {}
+        names: dict[str, int] = {}
+        for i, src in enumerate(self.sources):
+            if (j := seen.setdefault(root_key(src.root), i)) != i:
+                raise ConfigError(f"sources[{i}].root: {src.root} is also data.sources[{j}].root "
+                                  f"({self.sources[j].root}); list each dataset once, with the sum of its weights")
+            if (j := names.setdefault(src.label, i)) != i:
+                raise ConfigError(f"sources[{i}].name: {src.label!r} is also the name of data.sources[{j}] "
+                                  f"({self.sources[j].root}); give each source its own name: key")
         for name in ("shuffle_buffer", "num_streams", "num_workers", "pack_tokens", "epochs", "prefetch_shards",
                      "batch_tokens"):
             if getattr(self, name) < 0:
@@ -100,6 +170,16 @@ class DataConfig:
             raise ConfigError(f"storage_options: got {type(self.storage_options).__name__}, expected a mapping "
                               "of fsspec options (e.g. {endpoint_url: ...})")
         check_no_credentials(self.storage_options, "storage_options")
+
+    def blend(self) -> list[SourceConfig]:
+        """The datasets to read: `sources`, or `root` as the one source of weight 1."""
+        if self.sources:
+            return list(self.sources)
+        return [SourceConfig(root=self.root or DEFAULT_ROOT, weight=1.0)]
+
+    def options_of(self, source: SourceConfig) -> dict[str, Any]:
+        """The fsspec options of one source: its own, else data.storage_options."""
+        return self.storage_options if source.storage_options is None else source.storage_options
 
 
 @dataclass

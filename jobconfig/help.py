@@ -52,6 +52,8 @@ def type_name(tp: Any) -> str:
         return "mapping"
     if tp is Any:
         return "any"
+    if dataclasses.is_dataclass(tp):  # an item of a list of mappings (data.sources): its keys
+        return "{" + ",".join(f.name for f in dataclasses.fields(tp) if f.init) + "}"
     return getattr(tp, "__name__", str(tp))
 
 

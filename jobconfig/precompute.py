@@ -157,7 +157,9 @@ class PrecomputeConfig:
             raise ConfigError(f"progress_every_s: got {self.progress_every_s}, expected a positive number")
 
     def dataset_dict(self) -> dict:
-        """The fields that decide the dataset's bytes: hashed into index.json."""
+        """The fields that decide the dataset's bytes: hashed into index.json. A root that grows
+        (data/precompute_plan.py) pins these without `inputs`: its later jobs list more inputs,
+        possibly elsewhere (a longer list file), under the same settings."""
         d = dataclasses.asdict(self)
         for k in ("ray", "progress_every_s"):
             d.pop(k)

@@ -2,7 +2,8 @@
 
 The production code has no fault code of its own: it exposes hook points
 (`TrainerHooks`, the checkpoint manager's `before_commit`, the precompute
-committer's `after_commit`, the sweep driver's `after_record`) and the
+committer's `after_commit` and the filesystem it publishes the index through,
+the sweep driver's `after_record`) and the
 commands that run it install these hooks. Each switch is an environment
 variable, so it reaches torchrun workers and Ray workers:
 
@@ -13,6 +14,8 @@ variable, so it reaches torchrun workers and Ray workers:
   VGPT_FAULT_CKPT=before_manifest:STEP `vgpt train`: rank 0 exits (17) when the checkpoint of that
                                        step is written but its manifest is not
   VGPT_FAULT_KILL_AFTER_SHARDS=N       `vgpt precompute`: the driver exits (13) after N committed shards
+  VGPT_FAULT_KILL_PUBLISHING=1         `vgpt precompute`: the driver exits (14) while publishing the index,
+                                       when it writes index.json (after the columns file it points to)
   VGPT_FAULT_PAUSE_NODES_DECODED=K:<dir> `vgpt precompute`: once K nodes have each decoded a video, the
                                        driver writes <dir>/paused.json (work per node) and waits for <dir>/resume
   VGPT_FAULT_DECODE_EXIT=<dir>         `vgpt precompute`: the first decode task kills its worker
@@ -85,6 +88,39 @@ def exit_after_commits() -> Callable[[int], None] | None:
             print(f"[precompute] FAULT INJECTION: exiting after {count} committed shard(s)", flush=True)
             os._exit(13)
     return hook
+
+
+class _DiesAtIndexJson:
+    """A filesystem that passes every call through to `fs`, but exits the process (14) at the first
+    write of index.json (or of a temporary file named after it): the point between a new index
+    version's columns file and the pointer that publishes it."""
+
+    _WRITES = ("pipe_file", "pipe", "put_file", "open", "mv", "rename", "copy", "write_bytes", "write_text")
+
+    def __init__(self, fs):
+        self._fs = fs
+
+    def __getattr__(self, name):
+        attr = getattr(self._fs, name)
+        if name not in self._WRITES:
+            return attr
+
+        def call(*args, **kwargs):
+            mode = kwargs.get("mode", args[1] if name == "open" and len(args) > 1 else "rb")
+            targets = args[1:2] if name in ("mv", "rename", "copy", "put_file") else args[:1]
+            if (name != "open" or "r" not in mode) and any("index.json" in str(t).rsplit("/", 1)[-1]
+                                                           for t in targets):
+                print("[precompute] FAULT INJECTION: exiting while publishing the index (before index.json)",
+                      flush=True)
+                os._exit(14)
+            return attr(*args, **kwargs)
+        return call
+
+
+def kill_while_publishing(fs):
+    """The filesystem the precompute driver publishes the index through: `fs` itself, or with
+    VGPT_FAULT_KILL_PUBLISHING set, one that dies before index.json is written."""
+    return _DiesAtIndexJson(fs) if os.environ.get("VGPT_FAULT_KILL_PUBLISHING") else fs
 
 
 def pause_when_nodes_decoded() -> Callable[[dict], None] | None:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from data.buckets import build_buckets
-from data.shard_format import DatasetMeta, ShardFormatError, get_fs, read_index
+from data.dataset_index import DatasetMeta
+from data.shard_format import ShardFormatError, get_fs
 from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
 from orchestration.stages import already_done, exported_by
@@ -129,7 +130,7 @@ def check_resume(resume: str, out_dir: str | None = None) -> None:
 
 
 # ---------------------------------------------------------------- dataset
-def read_dataset_index(root: str, storage_options: dict, key: str = "data.root") -> dict:
+def read_dataset_index(root: str, storage_options: dict, key: str = "data.root") -> DatasetMeta:
     if not is_remote(root):
         p = local_path(root)
         if not p.exists():
@@ -137,35 +138,29 @@ def read_dataset_index(root: str, storage_options: dict, key: str = "data.root")
         if not p.is_dir():
             raise ConfigError(f"{key}: {root} is a file, expected a latent dataset directory")
     try:
-        index = read_index(*get_fs(root, storage_options))
-    except ShardFormatError as e:
+        return DatasetMeta.load(*get_fs(root, storage_options), where=f"{root}/index.json")
+    except (ShardFormatError, ConfigError) as e:  # ConfigError: no samples, a bad shard list
         raise ConfigError(f"{key}: {e}") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: {root}/index.json cannot be read: {e}") from None
-    if not isinstance(index.get("shards"), list):
-        raise ConfigError(f"{key}: {root}/index.json has no list of shards (corrupt index)")
-    return index
 
 
-def check_dataset(name: str, cfg: JobConfig, index: dict) -> None:
+def check_dataset(name: str, cfg: JobConfig, meta: DatasetMeta, root: str | None = None, source: str = "") -> None:
     """The stage can use some sample of the dataset, decided as the loader decides it: its own shape
     buckets (data/buckets.py), built from the shapes index.json records per sample, refuse a stage
     whose videos are all too short, or none of whose samples fits data.stage.max_tokens even at its
     shortest draw, naming the key. An index of before per-sample shapes gives only shard totals: a
-    stage longer than every shard's frames in all is refused, the rest is left to the loader."""
-    st, root = cfg.data.stage, cfg.data.root
+    stage longer than every shard's frames in all is refused, the rest is left to the loader.
+    `root`: the dataset's (default data.root); `source` names a dataset of data.sources in the error."""
+    st, root = cfg.data.stage, root or cfg.data.root
     if st.max_tokens > cfg.model.max_tokens:
         raise ConfigError(f"{name}: data.stage.max_tokens={st.max_tokens} exceeds model.max_tokens="
                           f"{cfg.model.max_tokens}; the loader would hand the model sequences it refuses")
-    shards = [s for s in index["shards"] if isinstance(s, dict)]
-    if not shards or not index.get("num_samples"):
-        raise ConfigError(f"{name}: data.root: {root}/index.json lists no samples (has the precompute job finished?)")
     where = f"{root}/index.json"
     try:
-        meta = DatasetMeta.from_index(index, where=where)
-        if meta.shapes is None:
+        if not meta.has_shapes:
             need = st.min_video_frames()
-            longest_possible = max(int(s.get("num_frames", 0)) for s in shards)
+            longest_possible = max(meta.shard_frames)
             if longest_possible < need:
                 d = st.interval_value if st.interval == "fixed" else st.interval_min
                 raise ConfigError(f"data.stage.frames={st.frames} at interval >= {d} needs videos of >= {need} "
@@ -173,7 +168,7 @@ def check_dataset(name: str, cfg: JobConfig, index: dict) -> None:
                                   f"{longest_possible}); every sample would be skipped")
         build_buckets(meta, cfg.data, where=where)
     except ConfigError as e:
-        raise ConfigError(f"{name}: {e}") from None
+        raise ConfigError(f"{name}: {source}: {e}" if source else f"{name}: {e}") from None
 
 
 # ---------------------------------------------------------------- commands
@@ -197,10 +192,14 @@ def check_train(plan: list[tuple[str, JobConfig]], only_stage: int | None = None
             check_export_file(init, f"train.init_from ({producer}'s export)" if producer else "train.init_from")
         if cfg.train.data != "latents":
             continue
-        ckey = (cfg.data.root, json.dumps(cfg.data.storage_options, sort_keys=True, default=str))
-        if ckey not in indexes:
-            indexes[ckey] = read_dataset_index(cfg.data.root, cfg.data.storage_options)
-        check_dataset(name, cfg, indexes[ckey])
+        for j, src in enumerate(cfg.data.blend()):  # data.root, or each dataset of data.sources
+            key, source = ("data.root", "") if not cfg.data.sources else \
+                (f"data.sources[{j}].root", f"data.sources[{j}] ({src.label})")
+            options = cfg.data.options_of(src)
+            ckey = (src.root, json.dumps(options, sort_keys=True, default=str))
+            if ckey not in indexes:
+                indexes[ckey] = read_dataset_index(src.root, options, key)
+            check_dataset(name, cfg, indexes[ckey], src.root, source)
 
 
 def check_precompute(cfg) -> None:

@@ -20,9 +20,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.sockets import descendants, listening
 
 REPO = Path(__file__).resolve().parents[1]
 # the debug model (2 layers, width 64) on synthetic latents, fp32 so that runs of other layouts compare closely
@@ -114,13 +117,17 @@ class Background:
     ends and run one at a time in a thread beside the tests, which run the quick tier first
     (tests/conftest.py): on 2 cores the quick tier leaves one mostly idle. A fixture takes its job's
     result (`result(name)`, waiting for it to end); `drain()` waits for every job, for a test that
-    must not share the machine's Ray with them (a job's `vgpt precompute` or sweep starts a local Ray)."""
+    must not share the machine's Ray with them (a job's `vgpt precompute` or sweep starts a local Ray).
+    While a job's process runs, the TCP sockets its process tree listens on are polled (tests/sockets.py):
+    `listened(name)`, for the tests that show a local Ray listens on loopback only."""
 
     def __init__(self):
         self._jobs: dict[str, tuple[threading.Event, dict]] = {}
         self._queue: list[tuple[str, Callable[[], object]]] = []
         self._thread: threading.Thread | None = None
         self._proc: subprocess.Popen | None = None
+        self._current = ""
+        self._listened: dict[str, set[str]] = {}
 
     def add(self, name: str, job: Callable[[], object]) -> None:
         self._jobs[name] = (threading.Event(), {})
@@ -134,6 +141,7 @@ class Background:
     def _run(self) -> None:
         for name, job in self._queue:
             done, out = self._jobs[name]
+            self._current = name
             try:
                 out["value"] = job()
             except BaseException as e:  # noqa: BLE001 - handed to the fixture that waits for it
@@ -150,6 +158,10 @@ class Background:
             raise out["error"]
         return out["value"]
 
+    def listened(self, name: str) -> set[str]:
+        """Every address the processes of job `name` were seen listening on (after `result(name)`)."""
+        return self._listened.get(name, set())
+
     def drain(self) -> None:
         for done, _ in self._jobs.values():
             done.wait()
@@ -165,14 +177,21 @@ class Background:
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               start_new_session=True, **kw) as proc:
             self._proc = proc
+            seen = self._listened.setdefault(self._current, set())
+            result: dict = {}
+            reader = threading.Thread(target=lambda: result.update(zip(("out", "err"), proc.communicate())))
+            reader.start()
             try:
-                out, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                out, err = proc.communicate()
+                deadline = time.monotonic() + timeout
+                while proc.poll() is None and time.monotonic() < deadline:  # bounded; ends with the process
+                    seen.update(listening(descendants(proc.pid)))
+                    time.sleep(0.25)
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                reader.join()
             finally:
                 self._proc = None
-        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        return subprocess.CompletedProcess(cmd, proc.returncode, result.get("out", ""), result.get("err", ""))
 
     def stop(self) -> None:
         """End the running job (its whole process group) when the session ends before it does."""
@@ -182,3 +201,14 @@ class Background:
 
 
 BACKGROUND = Background()
+
+
+def background_result(name: str, job: Callable[[Background], object]) -> tuple[object, set[str]]:
+    """(result, addresses listened on) of the session's background job `name`; run now, in a Background of
+    its own, when the session did not queue it (a file run alone). `job(bg)` runs it through `bg.run`."""
+    bg = BACKGROUND
+    if not bg.queued(name):
+        bg = Background()
+        bg.add(name, lambda: job(bg))
+        bg.start()
+    return bg.result(name), bg.listened(name)

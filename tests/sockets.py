@@ -50,8 +50,10 @@ def listening(pids) -> list[str]:
 
 
 def is_loopback(addr: str) -> bool:
-    host = addr.rsplit(":", 1)[0].strip("[]")
-    return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1")
+    """127.0.0.0/8 or ::1, also as an IPv4-mapped IPv6 address ([::ffff:7f00:1], how Ray's servers bind)."""
+    ip = ipaddress.ip_address(addr.rsplit(":", 1)[0].strip("[]"))
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 def descendants(root: int) -> set[int]:

@@ -312,3 +312,12 @@ def test_two_simulated_nodes_rendezvous_on_loopback(tmp_path):
                 a.kill()
     assert [a.returncode for a in agents] == [0, 0], "\n----\n".join(x[-3000:] for x in logs)
     assert _steps(out) == [1, 2, 3]
+
+
+def test_a_blending_stage_reads_its_own_sources_not_the_cluster_dataset():
+    spec = plan_launch(1, cluster("local-cpu.yaml"), config="configs/stages/stage2_blend.yaml")
+    args = get_args_parser().parse_args(spec.torchrun_args("127.0.0.1"))
+    assert not [a for a in args.training_script_args if a.startswith("--data.root")], args.training_script_args
+    plain = plan_launch(1, cluster("local-cpu.yaml"), config="configs/stages/stage2.yaml")
+    assert [a for a in get_args_parser().parse_args(plain.torchrun_args("127.0.0.1")).training_script_args
+            if a.startswith("--data.root=")]

@@ -228,12 +228,16 @@ def test_exact_resume_of_a_bucketed_run_with_workers(root):
 def test_a_recorded_shape_that_differs_from_the_data_is_an_undecodable_sample(tmp_path):
     import json
 
-    from data.shard_format import ShardFormatError
+    from data.dataset_index import dataset_info, read_index, write_index
+    from data.shard_format import ShardFormatError, committed_manifests, get_fs
 
     write_toy_dataset(str(tmp_path), [3, 3], frames=8, shape=(1, 4, 4))
-    index = json.load(open(tmp_path / "index.json"))
-    index["shards"][1]["sample_shapes"][0] = [8, 1, 4, 6]  # v000003 is stored as 4x4
-    (tmp_path / "index.json").write_text(json.dumps(index))
+    manifest = tmp_path / "shards" / "train-000001.json"
+    recorded = json.loads(manifest.read_text())
+    recorded["sample_shapes"][0] = [8, 1, 4, 6]  # v000003 is stored as 4x4
+    manifest.write_text(json.dumps(recorded))
+    fs, root = get_fs(str(tmp_path))  # the index, republished from the manifests, records it too
+    write_index(fs, root, committed_manifests(fs, root), **dataset_info(read_index(fs, root)))
     with pytest.raises(ShardFormatError, match=r"train-000001 sample v000003: latents of shape \[8, 1, 4, 4\], "
                                                r"index.json records \[8, 1, 4, 6\]"):
         list(LatentLoader(make_cfg(str(tmp_path), corrupt_shards="fail")))

@@ -36,13 +36,16 @@ def _flip(root):
 
 def _not_a_tar(root):
     import hashlib
+
+    from data.dataset_index import dataset_info, read_index, write_index
+    from data.shard_format import committed_manifests, get_fs
     junk = b"\x13" * 4096
     open(f"{root}/shards/{BAD}.tar", "wb").write(junk)
-    index = json.load(open(f"{root}/index.json"))
-    for s in index["shards"]:
-        if s["name"] == BAD:
-            s["sha256"], s["bytes"] = hashlib.sha256(junk).hexdigest(), len(junk)
-    open(f"{root}/index.json", "w").write(json.dumps(index))
+    manifest = json.load(open(f"{root}/shards/{BAD}.json"))
+    manifest["sha256"], manifest["bytes"] = hashlib.sha256(junk).hexdigest(), len(junk)
+    open(f"{root}/shards/{BAD}.json", "w").write(json.dumps(manifest))
+    fs, path = get_fs(root)  # the index, republished from the manifests, vouches for the junk
+    write_index(fs, path, committed_manifests(fs, path), **dataset_info(read_index(fs, path)))
 
 
 def _missing(root):
@@ -104,7 +107,8 @@ def test_skip_policy_reports_and_skips_the_whole_shard(damaged, workers, caplog)
 
 def test_an_undecodable_sample_in_a_verified_shard(tmp_path):
     """A shard whose hash is right but one sample's latents are junk (a writer bug): the same policy."""
-    from data.shard_format import build_tar, commit_shard, committed_manifests, encode_sample, get_fs, write_index
+    from data.dataset_index import write_index
+    from data.shard_format import build_tar, commit_shard, committed_manifests, encode_sample, get_fs
     from data.synthetic.shards import video_latents
 
     fs, root = get_fs(str(tmp_path))

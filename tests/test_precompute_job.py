@@ -38,8 +38,10 @@ from precompute_harness import (
 )
 from throttle_proxy import ThrottleProxy
 
+from data.columns_file import map_columns
+from data.dataset_index import DatasetMeta, read_index
 from data.precompute_plan import make_key, source_key
-from data.shard_format import DatasetMeta, committed_manifests, decode_sample, read_index
+from data.shard_format import committed_manifests, decode_sample
 from jobconfig.precompute import VaeConfig, VideoConfig
 from tests.runs import BACKGROUND
 
@@ -92,14 +94,16 @@ def test_local_dataset_every_valid_video_once_and_latents_decode(env, full_run):
     assert index["num_samples"] == len(GOOD) + 1 and index["num_shards"] == 5
     assert index["latent_channels"] == 4 and index["latent_dtype"] == "bfloat16"
     assert index["vae"]["name"] == "tiny" and index["num_inputs"] == len(GOOD) + len(BAD)
-    # index.json records every sample's latents shape (its frame count first), as the tars hold them,
-    # in one field: no second copy of the frame counts to disagree with it
-    recorded = {k: s for sh in index["shards"] for k, s in zip(
-        committed_manifests(fs, root)[sh["name"]].keys, sh["sample_shapes"])}
-    assert not [sh["name"] for sh in index["shards"] if "sample_frames" in sh]
+    # the index records every sample's latents shape (its frame count first), as the tars hold them,
+    # in one column: no second copy of the frame counts to disagree with it
+    meta, manifests = DatasetMeta.load(fs, root), committed_manifests(fs, root)
+    keys = [k for name in meta.names for k in manifests[name].keys]
+    assert [meta.key(i) for i in range(meta.num_samples)] == keys
+    recorded = {k: meta.sample_shape(i) for i, k in enumerate(keys)}
+    cols = map_columns(f"{root}/{index['columns']['path']}")
+    assert sorted(k for k in cols if k.startswith("sample_")) == ["sample_frames", "sample_shape"]
     assert {k: list(decode_sample(m)[0].shape) for k, m in data.items()} == recorded
-    assert DatasetMeta.from_index(index).frames.tolist() == [recorded[k][0] for sh in index["shards"]
-                                                              for k in committed_manifests(fs, root)[sh["name"]].keys]
+    assert meta.frames.tolist() == [recorded[k][0] for k in keys]
 
     vae = LatentVae(VaeConfig(path="tiny", batch_size=8))
     video_cfg = VideoConfig(max_image_size=128, min_frames=4)

@@ -10,12 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from data.precompute_plan import PlanError, build_plan, config_hash, list_inputs, make_key, pin_plan, plan_hash
+from data.precompute_plan import (
+    PlanError,
+    build_plan,
+    config_hash,
+    list_inputs,
+    make_key,
+    plan_growth,
+    plan_hash,
+    record_generation,
+)
 from data.synthetic.videos import pattern_frames, write_video
 from data.video import VideoRejected, check_source, decode_video, target_geometry
 from jobconfig.errors import ConfigError
 from jobconfig.loader import load_config
-from jobconfig.precompute import PrecomputeConfig, VaeConfig, VideoConfig
+from jobconfig.precompute import OutputConfig, PrecomputeConfig, VaeConfig, VideoConfig
 from orchestration.precompute.progress import Progress
 
 
@@ -177,17 +186,21 @@ def test_inputs_from_dir_glob_and_list_file_and_plan(tmp_path):
         list_inputs(InputsConfig(dir=str(tmp_path / "nope")))
 
 
-def test_plan_pin_refuses_a_different_plan(tmp_path):
+def test_plan_of_before_generations_is_adopted_or_refused(tmp_path):
+    # a plan.json of format 1 (one plan hash, no generations): adopted as generation 1 by a job over
+    # exactly its inputs, so that the root can grow; other inputs are refused (tests/test_dataset_growth.py)
     fs = fsspec.filesystem("file")
-    plan = build_plan(["/v/a.mp4", "/v/b.mp4"], "train", 1)
-    h = plan_hash(plan, "cfg")
-    pin_plan(fs, str(tmp_path), {"plan_hash": h, "config_hash": "cfg", "num_inputs": 2})
-    pin_plan(fs, str(tmp_path), {"plan_hash": h, "config_hash": "cfg", "num_inputs": 2})  # same plan: fine
-    other = plan_hash(build_plan(["/v/a.mp4", "/v/b.mp4", "/v/c.mp4"], "train", 1), "cfg")
-    assert other != h != plan_hash(plan, "cfg2")
-    with pytest.raises(PlanError, match="inputs or the dataset settings changed"):
-        pin_plan(fs, str(tmp_path), {"plan_hash": other, "config_hash": "cfg", "num_inputs": 3})
-    assert json.loads((tmp_path / "plan.json").read_text())["plan_hash"] == h
+    cfg = PrecomputeConfig(output=OutputConfig(videos_per_shard=1))
+    listed = ["/v/a.mp4", "/v/b.mp4"]
+    h = plan_hash(build_plan(listed, "train", 1), config_hash(cfg))
+    (tmp_path / "plan.json").write_text(json.dumps({"plan_hash": h, "config_hash": config_hash(cfg), "num_inputs": 2}))
+    with pytest.raises(PlanError, match="inputs or the dataset settings changed.*exactly its original inputs"):
+        plan_growth(fs, str(tmp_path), listed + ["/v/c.mp4"], cfg)
+    plan = plan_growth(fs, str(tmp_path), listed, cfg)
+    assert [s.stem for s in plan.new] == ["train-000000", "train-000001"] and plan.record
+    record_generation(fs, str(tmp_path), plan)
+    assert json.loads((tmp_path / "plan.json").read_text())["format"] == 2
+    assert [s.stem for s in plan_growth(fs, str(tmp_path), listed + ["/v/c.mp4"], cfg).new] == ["train-000002"]
 
 
 def test_progress_line_reports_rate_eta_and_rejections():

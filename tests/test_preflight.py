@@ -126,7 +126,7 @@ def test_an_index_without_per_sample_shapes_still_reads(env, capsys):
     check_train(plan)
     from data.loader import LatentLoader
     loader = LatentLoader(plan[0][1].data)
-    assert loader.meta.shapes is None and loader.buckets.names == ("any",)
+    assert not loader.meta.has_shapes and loader.buckets.names == ("any",)
     assert sum(len(b.clips) for b in loader) > 0
 
 

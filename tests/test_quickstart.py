@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from pretrain.checkpoint.export import read_export_metadata, read_export_tensors
-from tests.runs import BACKGROUND
+from tests.runs import background_result
+from tests.sockets import is_loopback
 
 pytestmark = pytest.mark.slow
 
@@ -33,17 +34,16 @@ def quickstart(workdir: Path, run=subprocess.run) -> subprocess.CompletedProcess
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     """The first run, started in the background when collection ended (tests/conftest.py)."""
-    if BACKGROUND.queued("quickstart"):
-        workdir, proc = BACKGROUND.result("quickstart")
-    else:
+    def job(bg):
         workdir = tmp_path_factory.mktemp("quickstart")
-        proc = quickstart(workdir)
+        return workdir, quickstart(workdir, run=bg.run)
+    (workdir, proc), listened = background_result("quickstart", job)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return workdir, proc.stdout
+    return workdir, proc.stdout, listened
 
 
 def test_report_files(first_run):
-    workdir, out = first_run
+    workdir, out, _ = first_run
     rep = workdir / "report"
     for name in ("loss.png", "strip.png"):
         with Image.open(rep / name) as im:
@@ -69,7 +69,7 @@ def test_prediction_beats_repeating_the_last_frame(first_run):
 
 
 def test_rerun_resumes_instead_of_redoing(first_run):
-    workdir, _ = first_run
+    workdir, _, _ = first_run
     fit = (workdir / "vae" / "fit.json").stat().st_mtime_ns
     lines = {i: len((workdir / "train" / f"stage{i}" / "metrics.jsonl").read_text().splitlines())
              for i in range(1, 5)}
@@ -95,3 +95,11 @@ def test_rerun_resumes_instead_of_redoing(first_run):
 
 def _read_export(path: Path):
     return read_export_tensors(path), read_export_metadata(path)
+
+
+def test_the_local_ray_of_its_precompute_listens_on_loopback_only(first_run):
+    """The quickstart's `vgpt precompute` starts a local Ray (GCS, raylet, agents, workers): every socket its
+    process tree listened on, polled while it ran (tests/runs.py Background), is on loopback."""
+    listened = first_run[2]
+    assert len(listened) >= 4, sorted(listened)  # Ray's servers were seen, not an empty listing
+    assert all(is_loopback(a) for a in listened), sorted(a for a in listened if not is_loopback(a))

@@ -5,13 +5,14 @@ import pytest
 import torch
 import webdataset as wds
 
+from data.dataset_index import open_dataset
 from data.shard_format import ShardFormatError, build_tar, decode_sample, encode_sample, iter_tar
 from data.synthetic.shards import write_toy_dataset
 
 
 def test_webdataset_library_reads_our_shards(tmp_path):
-    index = write_toy_dataset(str(tmp_path), [3], frames=5, shape=(4, 2, 2))
-    url = str(tmp_path / "shards" / f"{index['shards'][0]['name']}.tar")
+    write_toy_dataset(str(tmp_path), [3], frames=5, shape=(4, 2, 2))
+    url = str(tmp_path / "shards" / f"{open_dataset(str(tmp_path)).names[0]}.tar")
     samples = list(wds.WebDataset(url, shardshuffle=False))
     assert [s["__key__"] for s in samples] == ["v000000", "v000001", "v000002"]
     for v, s in enumerate(samples):
@@ -38,11 +39,15 @@ def test_tar_bytes_and_stream_parse_alike_and_truncation_is_caught():
 def test_frame_counts_are_recorded_once_and_older_records_still_read(tmp_path):
     """index.json and the manifests record each sample's shape [T, C, h, w] only (T is its frame count);
     manifests and indexes written when a second copy, sample_frames, was kept still read."""
-    from data.shard_format import DatasetMeta, ShardManifest, committed_manifests, get_fs, write_index
+    from data.columns_file import map_columns
+    from data.dataset_index import DatasetMeta, legacy_index
+    from data.shard_format import ShardManifest, committed_manifests, get_fs
 
     index = write_toy_dataset(str(tmp_path), [2, 1], frames=[5, 7, 3], shape=(4, 2, 2))
-    assert all("sample_frames" not in s for s in index["shards"])
-    assert DatasetMeta.from_index(index).frames.tolist() == [5, 7, 3]
+    cols = map_columns(tmp_path / index["columns"]["path"])  # frames: one column, the shape table [C, h, w] only
+    assert sorted(k for k in cols if k.startswith("sample_")) == ["sample_frames", "sample_shape"]
+    assert cols["shape_table"].tolist() == [[4, 2, 2]]
+    assert open_dataset(str(tmp_path)).frames.tolist() == [5, 7, 3]
     fs, root = get_fs(str(tmp_path))
     for name in ("train-000000", "train-000001"):  # as the earlier writer left them
         path = tmp_path / "shards" / f"{name}.json"
@@ -51,7 +56,7 @@ def test_frame_counts_are_recorded_once_and_older_records_still_read(tmp_path):
     manifests = committed_manifests(fs, root)
     assert manifests["train-000000"] == ShardManifest.from_json((tmp_path / "shards" / "train-000000.json").read_text())
     assert [m.sample_shapes for m in manifests.values()] == [[[5, 4, 2, 2], [7, 4, 2, 2]], [[3, 4, 2, 2]]]
-    rewritten = write_index(fs, root, manifests)
+    rewritten = legacy_index(manifests)  # index.json of format 1, shards inline
     older = {**rewritten, "shards": [{**s, "sample_frames": [x[0] for x in s["sample_shapes"]]}
                                      for s in rewritten["shards"]]}
     assert DatasetMeta.from_index(older).frames.tolist() == [5, 7, 3]

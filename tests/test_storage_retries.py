@@ -167,7 +167,8 @@ def test_loader_rides_out_a_burst(proxy, s3_bucket, caplog):
 
 
 def test_precompute_outputs_ride_out_a_burst(proxy, caplog):
-    from data.shard_format import committed_manifests, get_fs, read_index, write_error
+    from data.dataset_index import read_index
+    from data.shard_format import committed_manifests, get_fs, write_error
     from data.synthetic.shards import write_toy_dataset
 
     p, bucket, opts = proxy

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from orchestration.cli.sweep import main as sweep_main
-from tests.runs import BACKGROUND
+from tests.runs import background_result
+from tests.sockets import is_loopback
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/sweep/tiny.yaml")
@@ -85,13 +86,13 @@ def full_sweep(tmp_path_factory):
     """The example sweep, killed after its first two trials and resumed to the end (one Ray sweep serves
     acceptance 5 and the resume test); started in the background when collection ended
     (tests/conftest.py)."""
-    if BACKGROUND.queued("sweep"):
-        out, killed, first, stamps, resumed = BACKGROUND.result("sweep")
-    else:
-        out, killed, first, stamps, resumed = killed_and_resumed_sweep(tmp_path_factory.mktemp("sweep") / "full")
+    (out, killed, first, stamps, resumed), listened = background_result(
+        "sweep", lambda bg: killed_and_resumed_sweep(tmp_path_factory.mktemp("sweep") / "full", run=bg.run))
     assert killed.returncode == 3, killed.stdout + killed.stderr
     assert len(first) == 2
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    # its local Ray (`vgpt sweep run` without resources.address) listened on loopback only
+    assert len(listened) >= 4 and all(is_loopback(a) for a in listened), sorted(listened)
     return out, resumed.stdout, stamps
 
 

@@ -25,11 +25,16 @@ def plan_launch(stage: int, cluster_path: str, config: str = "configs/pretrain.y
                 overrides: list[str] = (), cluster_overrides: list[str] = ()) -> LaunchSpec:
     """Load the cluster and the stage, derive the layout; raises ConfigError naming the stage."""
     cluster = load_config(cluster_path, list(cluster_overrides), cls=ClusterConfig, flag_prefix="cluster.")
-    storage = [f"--data.root={cluster.storage.latents}", f"--train.out_dir={cluster.storage.checkpoints}",
-               f"--parallel.device={cluster.accelerator}"]
+    storage = [f"--train.out_dir={cluster.storage.checkpoints}", f"--parallel.device={cluster.accelerator}"]
+    # the cluster's dataset (storage.latents) is the stage's data.root, unless the stage blends its own
+    # data.sources (a root next to them would be refused)
+    blend = bool(plan_stages(config, [*storage, *overrides], stage)[stage - 1][1].data.sources)
+    if not blend:
+        storage.append(f"--data.root={cluster.storage.latents}")
     name, cfg = plan_stages(config, [*storage, *overrides], stage)[stage - 1]
     layout: StageLayout = stage_layout(name, cfg, cluster)
-    return LaunchSpec(cluster=cluster, stage=stage, layout=layout, config=config, overrides=list(overrides))
+    return LaunchSpec(cluster=cluster, stage=stage, layout=layout, config=config, overrides=list(overrides),
+                      cluster_data_root=not blend)
 
 
 def render(spec: LaunchSpec, target: str, out: str | Path) -> list[Path]:

@@ -51,6 +51,7 @@ class LaunchSpec:
     layout: StageLayout
     config: str                      # the curriculum YAML, relative to workdir
     overrides: list[str] = field(default_factory=list)
+    cluster_data_root: bool = True   # the stage reads the cluster's storage.latents (False: its data.sources)
 
     @property
     def job_name(self) -> str:
@@ -60,7 +61,8 @@ class LaunchSpec:
     def train_args(self) -> list[str]:
         c = self.cluster
         return ["-m", "orchestration.cli", "train", "--config", self.config, "--stage", str(self.stage),
-                f"--parallel.device={c.accelerator}", f"--data.root={c.storage.latents}",
+                f"--parallel.device={c.accelerator}",
+                *([f"--data.root={c.storage.latents}"] if self.cluster_data_root else []),
                 f"--train.out_dir={c.storage.checkpoints}", *self.overrides, *self.layout.overrides()]
 
     @property

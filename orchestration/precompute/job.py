@@ -18,11 +18,22 @@ replaces nothing and duplicates nothing. Each shard is committed as soon as its
 last segment is done, in a background thread: rejected inputs go to errors/
 first, then the tar, then the manifest (the commit). A job killed at any point
 is finished by submitting it again; nothing is redone or duplicated, and
-index.json is written only when every shard of the plan is committed. Ray Jobs
+the index is published only when every shard of the plan is committed. Ray Jobs
 do not retry a failed job, so this idempotence is what makes a days-long job
 survivable.
 
-Fault injection for tests: orchestration/faults.py (the committer's `after_commit`, the driver's pause).
+Growth: a job over more inputs than the root's earlier jobs adds a generation
+(data/precompute_plan.py; planning and publishing around the pipeline are in
+generation.py): shards for the new inputs only, after the existing ones, then
+a new index version (`write_index`: the versioned columns file, then
+index.json replaced whole, so a reader sees the old version or the new one).
+A job killed while publishing leaves the old version readable; its
+resubmission publishes the same version an uninterrupted job would. A rerun
+with nothing new publishes nothing. `--plan-only` (`run(plan_only=True)`)
+stops after planning: no Ray, nothing written.
+
+Fault injection for tests: orchestration/faults.py (the committer's `after_commit`, the driver's pause,
+the publishing filesystem).
 """
 from __future__ import annotations
 
@@ -33,27 +44,16 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from data.object_store import retry_count, retrying
-from data.precompute_plan import (
-    PlanError,
-    ShardPlan,
-    build_plan,
-    config_hash,
-    list_inputs,
-    pin_plan,
-    plan_hash,
-    source_key,
-)
-from data.shard_format import build_tar, commit_shard, committed_manifests, get_fs, write_error, write_index
+from data.precompute_plan import ShardPlan, record_generation
+from data.shard_format import build_tar, commit_shard, write_error
 from data.vae import vae_info
 from jobconfig.precompute import PrecomputeConfig
 from orchestration.faults import exit_after_commits, pause_when_nodes_decoded
+from orchestration.local_ray import start_local_ray
+from orchestration.precompute.generation import log, peak_rss_mb, plan_job, publish, rss_mb
 from orchestration.precompute.placement import NodeSlots
 from orchestration.precompute.progress import Progress
 from orchestration.precompute.workers import decode_threads, make_encoders, remote_decode
-
-
-def log(msg: str) -> None:
-    print(f"[precompute] {msg}", flush=True)
 
 
 class _ShardWork:
@@ -128,13 +128,13 @@ class _Committer:
 
 def _init_ray(cfg: PrecomputeConfig):
     local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-    if local:
-        # A one-box run: keep Ray on loopback (by default it binds the routable interface).
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or None, include_dashboard=False if local else None)
+        if local:  # a one-box run: Ray on loopback only (by default it binds the routable interface)
+            start_local_ray()
+        else:
+            ray.init(address=cfg.ray.address or None)
     res = ray.cluster_resources()
     need_cpu = cfg.ray.encode_actors * cfg.ray.encode_cpus + cfg.ray.decode_cpus
     need_gpu = cfg.ray.encode_actors * cfg.ray.encode_gpus
@@ -291,62 +291,43 @@ def _drive(cfg: PrecomputeConfig, ray, decode, encoders: list, encoder_nodes: li
         progress.shard_committed(stem)
 
 
-def _count_rejected(fs, root: str, keys: set[str]) -> int:
-    fs.invalidate_cache(f"{root}/errors")
-    try:
-        names = fs.glob(f"{root}/errors/*.json")
-    except FileNotFoundError:
-        return 0
-    return sum(1 for p in names if p.rsplit("/", 1)[-1][:-5] in keys)
-
-
-def run(cfg: PrecomputeConfig) -> dict:
-    """Run (or finish) the job described by `cfg`; returns a summary (also printed)."""
-    t0, retries_before = time.monotonic(), retry_count()
-    fs, root = get_fs(cfg.output.root, cfg.output.storage_options)
-    uris = list_inputs(cfg.inputs)
-    if not uris:
-        raise PlanError(f"precompute.inputs: no input matched {cfg.inputs.dir or cfg.inputs.glob or cfg.inputs.list_file!r} "
-                        f"with extensions {cfg.inputs.extensions}")
-    plan = build_plan(uris, cfg.output.shard_name, cfg.output.videos_per_shard)
-    chash = config_hash(cfg)
-    phash = plan_hash(plan, chash)
+def run(cfg: PrecomputeConfig, plan_only: bool = False) -> dict:
+    """Run (or finish) the job described by `cfg`; returns a summary (also printed). `plan_only`: list,
+    plan and compare with the committed shards, print the plan's size, time and peak memory; no Ray,
+    nothing decoded or written."""
+    t0, retries_before, rss0 = time.monotonic(), retry_count(), rss_mb()
+    fs, root, plan, todo, committed = plan_job(cfg)
+    if plan_only:
+        summary = {"num_listed": plan.num_listed, "num_inputs": plan.num_inputs, "num_shards": plan.num_shards,
+                   "generations": len(plan.generations), "new_inputs": sum(len(s.items) for s in plan.new),
+                   "new_shards": len(plan.new), "committed": len(committed), "todo": len(todo),
+                   "gone": plan.num_gone, "seconds": time.monotonic() - t0, "peak_rss_mb": peak_rss_mb(),
+                   "start_rss_mb": rss0}
+        log(f"plan only: {summary['num_listed']} inputs listed, {summary['new_inputs']} new in "
+            f"{summary['new_shards']} new shards; {summary['num_shards']} shards planned in "
+            f"{summary['generations']} generation(s), {summary['committed']} committed, {summary['todo']} to do; "
+            f"planned in {summary['seconds']:.2f} s, driver peak memory {summary['peak_rss_mb']:.0f} MB "
+            f"({summary['start_rss_mb']:.0f} MB before listing)")
+        return summary
     vae = vae_info(cfg.vae.path)
-    pin_plan(fs, root, {"plan_hash": phash, "config_hash": chash, "num_inputs": len(uris), "num_shards": len(plan),
-                        "config": cfg.dataset_dict()})
-    committed = committed_manifests(fs, root)
-    for s in plan:
-        m = committed.get(s.stem)
-        if m is not None and not {source_key(k) for k in m.keys} <= {k for k, _ in s.items}:
-            raise PlanError(f"{root}/shards/{s.stem}.json: committed keys are not in this plan's shard")
-    todo = [s for s in plan if s.stem not in committed]
-    done_videos = sum(len(s.items) for s in plan if s.stem in committed)
-    log(f"plan {phash}: {len(uris)} inputs -> {len(plan)} shards of <= {cfg.output.videos_per_shard} videos; "
-        f"{len(plan) - len(todo)} already committed, {len(todo)} to do; output {cfg.output.root}")
-    progress = Progress(len(uris), done_videos, len(plan), len(plan) - len(todo), cfg.progress_every_s)
+    record_generation(fs, root, plan)  # pinned before any shard of the new generation is written
+    total_videos = plan.num_inputs
+    progress = Progress(total_videos, total_videos - sum(len(s.items) for s in todo), plan.num_shards,
+                        plan.num_shards - len(todo), cfg.progress_every_s)
     nodes = {}
     if todo:
         nodes = _run_pipeline(cfg, fs, root, todo, vae, progress)
     else:
-        log(f"nothing to do: all {len(plan)} shards are already committed; no video decoded or encoded")
-    manifests = committed_manifests(fs, root)
-    missing = [s.stem for s in plan if s.stem not in manifests]
-    if missing:
-        raise RuntimeError(f"{root}: shards {missing[:5]} of the plan are not committed after the run")
-    keys = {k for s in plan for k, _ in s.items}
-    rejected = _count_rejected(fs, root, keys)
-    index = retrying(lambda: write_index(
-        fs, root, {s.stem: manifests[s.stem] for s in plan}, plan_hash=phash, config_hash=chash, vae=vae,
-        latent_channels=vae["latent_channels"], downsample=vae["downsample"], latent_layout="TCHW",
-        latent_dtype="bfloat16" if cfg.output.latent_dtype == "bf16" else "float16", num_inputs=len(uris),
-        num_rejected=rejected), f"{root}/index.json")
+        log(f"nothing to do: all {plan.num_shards} shards are already committed; no video decoded or encoded")
+    index, rejected = publish(cfg, fs, root, plan, vae)
     seconds = time.monotonic() - t0
     summary = {"encoded_videos": progress.videos - progress.rejected, "rejected_this_run": progress.rejected,
                "frames": progress.frames, "seconds": seconds, "frames_per_s": progress.frames_per_s(),
                "pipeline_seconds": progress.seconds() if todo else 0.0,
-               "num_samples": index["num_samples"], "num_rejected": rejected, "num_shards": len(plan),
+               "num_samples": index["num_samples"], "num_rejected": rejected, "num_shards": plan.num_shards,
+               "index_version": index.get("version", 1), "generations": len(plan.generations),
                "nodes": nodes, "storage_retries": retry_count() - retries_before}
-    log(f"done: {index['num_samples']} samples ({index['num_frames']} frames) in {len(plan)} shards, "
+    log(f"done: {index['num_samples']} samples ({index['num_frames']} frames) in {plan.num_shards} shards, "
         f"{rejected} inputs rejected (see {cfg.output.root}/errors/); this run encoded "
         f"{summary['encoded_videos']} videos, {progress.frames} frames at {summary['frames_per_s']:.1f} frames/s "
         f"(after encoder start-up; whole job {seconds:.1f} s), rejected {progress.rejected}; "

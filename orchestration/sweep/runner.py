@@ -33,13 +33,14 @@ from pathlib import Path
 import fsspec
 
 from orchestration.faults import exit_after_records
+from orchestration.local_ray import LOOPBACK_ENV, start_local_ray
 from orchestration.sweep.analysis import analyse
 from orchestration.sweep.config import SweepConfig
 from orchestration.sweep.fit import BOOTSTRAP_CHUNK
 from orchestration.sweep.report import write_outputs
 from orchestration.sweep.trial import plan, run_trial
 
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+RAY_ENV = {**LOOPBACK_ENV, "RAY_AUTH_MODE": "disabled"}
 
 
 class ResultsStore:
@@ -94,15 +95,14 @@ def _trials_root(cfg: SweepConfig, store: ResultsStore) -> Path:
 def _start_ray(cfg: SweepConfig):
     """Connect to `resources.address`, or start a local Ray on loopback in its own temp dir;
     returns (ray, that temp dir or None)."""
-    import ray
-
     os.environ.update(RAY_ENV)
     if cfg.resources.address:
+        import ray
         ray.init(address=cfg.resources.address, log_to_driver=False)
         return ray, None
     temp = tempfile.mkdtemp(prefix="vgsr", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(num_cpus=cfg.resources.local_num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             _temp_dir=temp, log_to_driver=False, object_store_memory=100 * 1024 * 1024)
+    ray = start_local_ray(num_cpus=cfg.resources.local_num_cpus, _temp_dir=temp, log_to_driver=False,
+                          object_store_memory=100 * 1024 * 1024)
     return ray, temp
 
 

@@ -2,7 +2,8 @@
 
 A step never waits for the device: its loss and grad norm stay device
 tensors, its token, attention-pair and sample counts and its sample rows are
-host numbers (from the loader's clip sizes). The window holds those records
+host numbers (from the loader's clip sizes), and so are, for a blend of
+datasets (data/blend.py), its samples per dataset (`source_samples`). The window holds those records
 and reads them back in one batch on flush steps only: every
 `train.log_every` steps, the first and last step of a run, and before a
 checkpoint (so metrics.jsonl holds every step a checkpoint covers). A flush
@@ -90,7 +91,8 @@ class MetricsWindow:
         norms = torch.stack([_as_tensor(p["grad_norm"], dev) for p in pending])
         values = torch.cat([stats.flatten(), norms]).tolist()  # the one device-to-host sync
         consumed: list = [None] * self.world_size
-        dist.all_gather_object(consumed, [(p["sample_rows"], p.get("skipped", [])) for p in pending])
+        dist.all_gather_object(consumed, [(p["sample_rows"], p.get("skipped", []), p.get("source_samples"))
+                                          for p in pending])
         # every rank of one data-parallel replica (its TP and SP ranks) trains the same rows
         replicas = self.world_size // self.dp
         n = len(pending)
@@ -101,7 +103,12 @@ class MetricsWindow:
                         "samples": samples / replicas, "attention_pairs": pairs / replicas,
                         "grad_norm": values[4 * n + i], "lr": p["lr"],
                         "sample_rows": sorted({r for rank_rows in consumed for r in rank_rows[i][0]})})
-        reasons = [reason for rank_rows in consumed for _, rank_reasons in rank_rows for reason in rank_reasons]
+            if p.get("source_samples"):  # a blend (data/blend.py): samples per dataset, summed like "samples"
+                drawn = Counter()
+                for rank_rows in consumed:
+                    drawn.update(rank_rows[i][2] or {})
+                out[-1]["source_samples"] = {k: v // replicas for k, v in drawn.items()}
+        reasons = [reason for rank_rows in consumed for _, rank_reasons, _ in rank_rows for reason in rank_reasons]
         if problem := skipped_window_error(out, reasons, replicas, self.cfg.train.max_skipped_fraction):
             raise ConfigError(problem)
         return out

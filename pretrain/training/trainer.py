@@ -177,6 +177,7 @@ class Trainer:
         tokens, pairs, step_rows, skipped = 0, 0, [], []
         for _ in range(tc.grad_accum_steps):
             batch, global_rows = self.data.next_batch()
+            skipped += [reason for _, _, reason in getattr(batch, "skipped", [])]  # host data of the loader
             batch = batch.to(self.device.device)
             if not batch.clips:
                 # every sample of this rank's share was skipped: a zero-weight step that still
@@ -195,11 +196,13 @@ class Trainer:
                 tokens += sum(sequence_length(row, patches) for row in batch.clips)
                 pairs += sum(allowed_attention_pairs(row, patches) for row in batch.clips)
             step_rows += list(global_rows)
-            skipped += [reason for _, _, reason in getattr(batch, "skipped", [])]  # host data of the loader
         self.step += 1
-        return {"step": self.step, "loss": loss_sum / tc.grad_accum_steps, "tokens": tokens, "samples": len(step_rows),
-                "attention_pairs": pairs, "grad_norm": self.engine.get_global_grad_norm(), "lr": lr,
-                "sample_rows": step_rows, "skipped": skipped}
+        record = {"step": self.step, "loss": loss_sum / tc.grad_accum_steps, "tokens": tokens,
+                  "samples": len(step_rows), "attention_pairs": pairs, "grad_norm": self.engine.get_global_grad_norm(),
+                  "lr": lr, "sample_rows": step_rows, "skipped": skipped}
+        if drawn := getattr(self.data, "source_counts", dict)():  # samples per dataset of a blend: host ints
+            record["source_samples"] = drawn
+        return record
 
     def run(self, resume: str = "auto") -> Path:
         """Train to `train.steps`, checkpointing; returns the path of the final export."""
@@ -262,7 +265,7 @@ class Trainer:
         """Where the training latents came from, for `vgpt predict` to make its context the same way."""
         if self.cfg.train.data != "latents":
             return {}
-        root, st = self.cfg.data.root, self.cfg.data.stage
+        root, st = self.cfg.data.blend()[0].root, self.cfg.data.stage  # a blend: its first dataset's recipe
         if "://" not in root:
             root = str(Path(root).resolve())
         return {"data_root": root, "frame_interval": st.interval_value if st.interval == "fixed" else st.interval_min}

@@ -1,0 +1,30 @@
+"""A Ray that a command starts on this box listens on loopback only.
+
+Ray decides when it is imported (`ray._private.ray_constants.ENABLE_RAY_CLUSTER`, from
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER) whether a node started here is a box of its own, addressed as
+127.0.0.1 with every server bound there, or a cluster member, addressed by the routable interface
+with its servers on the wildcard address (measured with Ray 2.60: the GCS, raylet, dashboard and
+runtime-env agents, workers and the driver on `[::]`, `0.0.0.0` or the routable address). Setting the
+variable after `import ray` changes nothing in this process, and a module that imports Ray at its top
+(the precompute workers) makes any later setting too late; so `start_local_ray` sets it for the
+processes Ray starts (they import Ray afresh) and sets the decision in this process too.
+`vgpt precompute` without a cluster and `vgpt sweep run` without `resources.address` use it; the
+quickstart runs both.
+"""
+from __future__ import annotations
+
+import os
+
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def start_local_ray(**init_kwargs):
+    """`ray.init(**init_kwargs)` of a new one-box Ray (no dashboard) on loopback only; returns the module."""
+    os.environ.update(LOOPBACK_ENV)
+    import ray
+    from ray._private import ray_constants
+
+    # this process may have imported Ray before the variable was set: its decision, made then, is set here
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **init_kwargs)
+    return ray
