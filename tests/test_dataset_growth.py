@@ -5,8 +5,8 @@ The quick tests build datasets through the precompute job's own planning and pub
 (`plan_job`, `record_generation`, `publish`) with toy latents committed in place of the encoder's
 (data/synthetic/shards.py), so the plan, the shards and the index are the real ones without Ray:
 
-2. 40 inputs, then the same 40 plus 12: the second job plans (and would encode) only the 12, the
-   first 40's shards stay byte-identical, the index lists 52 in a new version; a rerun plans nothing
+2. 40 inputs, then the same 40 plus 12: the second job plans (and, in the slow test on real mp4s,
+   encodes) only the 12, the first 40's shards stay byte-identical, the index lists 52 in a new version; a rerun plans nothing
    and publishes nothing; changed settings are refused; a loader resumed mid-epoch on the grown
    dataset finishes the epoch over the old shards and takes the 52 from the next epoch (continue
    path), and one whose old shard was rewritten is refused naming it (refuse path);
@@ -297,7 +297,7 @@ out = []
 for listed in sys.argv[2:]:
     cfg = load_config("configs/precompute/tiny.yaml", ["--precompute.inputs.dir=null",
         f"--precompute.inputs.list_file={listed}", f"--precompute.output.root={sys.argv[1]}",
-        "--precompute.output.videos_per_shard=2", "--precompute.progress_every_s=60"]).precompute
+        "--precompute.output.videos_per_shard=4", "--precompute.progress_every_s=60"]).precompute
     out.append(run(cfg))  # the second job reuses the first one's local Ray
 print("SUMMARIES " + json.dumps([{k: s[k] for k in ("encoded_videos", "num_samples", "index_version")} for s in out]))
 """
@@ -305,7 +305,8 @@ print("SUMMARIES " + json.dumps([{k: s[k] for k in ("encoded_videos", "num_sampl
 
 @pytest.mark.slow
 def test_real_job_over_more_videos_encodes_only_the_new_ones(tmp_path):
-    """6 real mp4s, then the same 6 plus 3, through the job's Ray pipeline (one local Ray for both jobs)."""
+    """40 real mp4s, then the same 40 plus 12 (acceptance 2), through the job's Ray pipeline (one local Ray for
+    both jobs)."""
     import subprocess
     import sys
 
@@ -313,25 +314,25 @@ def test_real_job_over_more_videos_encodes_only_the_new_ones(tmp_path):
     from tests.runs import BACKGROUND, REPO, env
 
     BACKGROUND.drain()  # the session's background jobs start local Rays of their own
-    videos = [write_video(tmp_path / f"v{i}.mp4", pattern_frames(128, 128, 4, seed=i), 24) for i in range(9)]
+    videos = [write_video(tmp_path / f"v{i}.mp4", pattern_frames(128, 128, 4, seed=i), 24) for i in range(52)]
     first, both = tmp_path / "first.txt", tmp_path / "both.txt"
-    first.write_text("".join(f"{p}\n" for p in videos[:6]))
+    first.write_text("".join(f"{p}\n" for p in videos[:40]))
     both.write_text("".join(f"{p}\n" for p in videos))
     root = tmp_path / "latents"
     res = subprocess.run([sys.executable, "-c", GROW_TWICE, str(root), str(first), str(both)], check=False, cwd=REPO,
-                         env=env({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}), capture_output=True, text=True,
+                         env=env(), capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summaries = json.loads(res.stdout.split("SUMMARIES ", 1)[1])
-    assert summaries == [{"encoded_videos": 6, "num_samples": 6, "index_version": 1},
-                         {"encoded_videos": 3, "num_samples": 9, "index_version": 2}], res.stdout
-    assert "generation 2: 3 new inputs -> shards train-000003..train-000004" in res.stdout, res.stdout
+    assert summaries == [{"encoded_videos": 40, "num_samples": 40, "index_version": 1},
+                         {"encoded_videos": 12, "num_samples": 52, "index_version": 2}], res.stdout
+    assert "generation 2: 12 new inputs -> shards train-000010..train-000012" in res.stdout, res.stdout
     plan = json.loads((root / "plan.json").read_text())
-    assert [g["num_inputs"] for g in plan["generations"]] == [6, 3]
+    assert [g["num_inputs"] for g in plan["generations"]] == [40, 12]
     now = DatasetMeta.load(fsspec.filesystem("file"), str(root))
-    assert now.names == tuple(f"train-{i:06d}" for i in range(5)) and now.version == 2
+    assert now.names == tuple(f"train-{i:06d}" for i in range(13)) and now.version == 2
     # the first job's shards, as its index version (whose columns file stays) recorded them: unchanged
     v1 = map_columns(next((root / "index").glob("v000001-*.npz")))
-    assert [s.decode() for s in v1["shard_sha256"].astype(bytes).tolist()] == list(now.sha256[:3])
+    assert [s.decode() for s in v1["shard_sha256"].astype(bytes).tolist()] == list(now.sha256[:10])
     assert all(hashlib.sha256((root / "shards" / f"{n}.tar").read_bytes()).hexdigest() == h
                for n, h in zip(now.names, now.sha256))
