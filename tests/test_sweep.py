@@ -119,6 +119,12 @@ def test_example_sweep_runs_is_identifiable_and_checks_extrapolation(full_sweep)
     assert ex["held_out"] and all(r["predicted"] > 0 and r["measured"] > 0 for r in ex["held_out"])
     assert f"mean |error| {ex['mean_abs_rel_err']:.2%}" in report
     assert fit["compute_optimal"] and len(fit["isoflop"]["levels"]) == 3
+    # its one-point sub-grid (E2E) determines no lr or batch law, and the report says why (issue 27)
+    for name in ("lr", "batch"):
+        assert fit["lr_batch"]["laws"][name]["determined"] is False and "exp_N" not in fit["lr_batch"]["laws"][name]
+        assert (f"- optimal {name}: **NOT DETERMINED**: the sub-grid has 1 {name} value per point (at least 3 are "
+                "needed for an interior optimum)") in report
+    assert not (out / "fit" / "lr_batch.png").exists()
 
 
 RERUN = """

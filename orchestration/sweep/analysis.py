@@ -3,7 +3,8 @@
 Best trial per (N, D) point (lr_batch.py) -> L(N, D) with bootstrap intervals
 (fit.py) -> identifiability (identifiability.py) -> IsoFLOP minima and their
 power laws, compared with the parametric fit (isoflop.py) -> extrapolation to
-the largest compute level -> optimal-lr and optimal-batch laws. A compute-optimal
+the largest compute level -> optimal-lr and optimal-batch laws, each fitted only where the
+sub-grid determines it (else `not_determined_because`, lr_batch.py). A compute-optimal
 recommendation is made only when the law is identifiable.
 """
 from __future__ import annotations

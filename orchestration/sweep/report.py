@@ -8,6 +8,7 @@ import numpy as np
 
 from orchestration.sweep.analysis import to_json
 from orchestration.sweep.fit import HUBER_DELTA, PARAMS, LawFit
+from orchestration.sweep.lr_batch import AXES, INTERIOR, MIN_INTERIOR_SHARE, MIN_VALUES
 
 
 def _save(fig, path: Path) -> Path:
@@ -83,16 +84,45 @@ def write_plots(out_dir: Path, a: dict) -> list[Path]:
     ax.legend(fontsize=7)
     paths.append(_save(fig, out_dir / "frontier.png"))
 
-    laws = a["lr_batch"]["laws"]
-    if any("exp_N" in laws.get(k, {}) for k in ("lr", "batch")):
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-        for ax, name in zip(axes, ("lr", "batch")):
-            o = a["lr_batch"]["optima"]
-            ax.scatter([r["N"] for r in o], [r[f"{name}_opt"] for r in o], c=np.log([r["D"] for r in o]))
-            ax.set(xscale="log", yscale="log", xlabel="parameters N (colour: log D)", ylabel=f"optimal {name}",
-                   title=f"optimal {name} per (N, D)")
+    fig = lr_batch_figure(a["lr_batch"])
+    if fig is not None:
         paths.append(_save(fig, out_dir / "lr_batch.png"))
     return paths
+
+
+def lr_batch_figure(lb: dict):
+    """The optimal lr and batch per (N, D) point (hollow: not interior, so not an optimum), with the fitted
+    law joined along each compute level (or budget) only where the law is determined; None without a
+    sub-grid."""
+    import matplotlib.pyplot as plt
+
+    o = lb["optima"]
+    if not any(r[f"{name}_values"] > 1 for r in o for name, _ in AXES):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, (name, _) in zip(axes, AXES):
+        law = lb["laws"][name]
+        logd = np.log([r["D"] for r in o])
+        inner = np.array([r[f"{name}_where"] == INTERIOR for r in o])
+        x, y = np.array([r["N"] for r in o]), np.array([r[f"{name}_opt"] for r in o])
+        if inner.any():
+            ax.scatter(x[inner], y[inner], c=logd[inner], vmin=logd.min(), vmax=logd.max())
+        if not inner.all():
+            ax.scatter(x[~inner], y[~inner], facecolors="none", edgecolors="0.4",
+                       label="best grid value, not interior")
+        if law.get("determined"):
+            for i, g in enumerate(sorted({r["group"] for r in o})):
+                rs = sorted((r for r in o if r["group"] == g), key=lambda r: r["N"])
+                pred = [law["coef"] * r["N"] ** law["exp_N"] * r["D"] ** law.get("exp_D", 0.0) for r in rs]
+                ax.plot([r["N"] for r in rs], pred, "k-", lw=1, label=None if i else "fitted law")
+            title = f"optimal {name}: law fitted on {law['fitted_on']} of {law['points']} points"
+        else:
+            title = f"optimal {name}: NOT DETERMINED (no law drawn)"
+        ax.set(xscale="log", yscale="log", xlabel="parameters N (colour: log D)", ylabel=f"optimal {name}",
+               title=title)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return fig
 
 
 def _ci(x) -> str:
@@ -181,24 +211,7 @@ def write_report(path: Path, a: dict, plots: list[Path]) -> Path:
         lines.append("They agree (every level's parametric N_opt inside its IsoFLOP interval; exponent intervals "
                      "overlap).")
 
-    lb = a["lr_batch"]
-    lines += ["", "## Learning rate and batch size", "",
-              ("Per (N, D) point the best trial of the lr x batch sub-grid is what the law above is fitted on; "
-               "optimal values: parabola vertex in log around the best grid value."), ""]
-    for name in ("lr", "batch"):
-        law = lb["laws"][name]
-        if law.get("skipped"):
-            lines.append(f"- optimal {name}: {law['skipped']}")
-            continue
-        terms = " ".join(f"{v}^{law[f'exp_{v}']:.3f} {_ci(law[f'exp_{v}_ci'])}" for v in law["in"])
-        lines.append(f"- optimal {name} = {law['coef']:.3g} {_ci(law['coef_ci'])} x {terms} ({pct}% intervals, "
-                     f"{law['dof']} dof, RMS log residual {law['rmse_log']:.3g}; {law['at_edge']} point(s) at a "
-                     f"sub-grid edge){'; ' + law['note'] if law.get('note') else ''}")
-    lines += ["", "| size | N | D | trials | best lr | best batch | lr_opt | batch_opt | loss |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for o in sorted(lb["optima"], key=lambda o: (o["N"], o["D"])):
-        lines.append(f"| {o['size']} | {o['N']:.3g} | {o['D']:.3g} | {o['trials']} | {o['best_lr']:.3g} | "
-                     f"{o['best_batch']} | {o['lr_opt']:.3g} | {o['batch_opt']:.3g} | {o['best_loss']:.5f} |")
+    lines += lr_batch_lines(a["lr_batch"], pct)
 
     lines += ["", "## Points (best trial per (N, D))", "",
               "| key | size | N | D | FLOPs | level | lr | batch | held-out loss |", "|---|---|---|---|---|---|---|---|---|"]
@@ -209,6 +222,39 @@ def write_report(path: Path, a: dict, plots: list[Path]) -> Path:
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def lr_batch_lines(lb: dict, pct: int) -> list[str]:
+    """The report's "Learning rate and batch size" section: each law, or why it is not determined, and the
+    optimum per point with where it lies."""
+    lines = ["", "## Learning rate and batch size", "",
+             ("Per (N, D) point the best trial of the lr x batch sub-grid is what the law above is fitted on. "
+              f"An optimum is interior when its axis has at least {MIN_VALUES} values at the point and the best "
+              "is neither end (then: the parabola vertex in log around it); a law is fitted only when more than "
+              f"{MIN_INTERIOR_SHARE:.0%} of the points have an interior optimum, on those points alone."), ""]
+    for name, _ in AXES:
+        law = lb["laws"][name]
+        if not law["determined"]:
+            lines.append(f"- optimal {name}: **NOT DETERMINED**: {'; '.join(law['not_determined_because'])}")
+            continue
+        terms = " ".join(f"{v}^{law[f'exp_{v}']:.3f} {_ci(law[f'exp_{v}_ci'])}" for v in law["in"])
+        left = law["points"] - law["fitted_on"]
+        left = (f"; {left} left out ({law['at_edge']} at a sub-grid edge, {law['too_few_values']} with fewer than "
+                f"{MIN_VALUES} values)") if left else ""
+        lines.append(f"- optimal {name} = {law['coef']:.3g} {_ci(law['coef_ci'])} x {terms} ({pct}% intervals, "
+                     f"{law['dof']} dof, RMS log residual {law['rmse_log']:.3g}; fitted on the {law['fitted_on']} of "
+                     f"{law['points']} points with an interior optimum{left})"
+                     f"{'; ' + law['note'] if law.get('note') else ''}")
+
+    def opt(o, name):
+        return f"{o[f'{name}_opt']:.3g}" + ("" if o[f"{name}_where"] == INTERIOR else f" ({o[f'{name}_where']})")
+
+    lines += ["", "| size | N | D | trials | best lr | best batch | lr_opt | batch_opt | loss |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for o in sorted(lb["optima"], key=lambda o: (o["N"], o["D"])):
+        lines.append(f"| {o['size']} | {o['N']:.3g} | {o['D']:.3g} | {o['trials']} | {o['best_lr']:.3g} | "
+                     f"{o['best_batch']} | {opt(o, 'lr')} | {opt(o, 'batch')} | {o['best_loss']:.5f} |")
+    return lines
 
 
 def write_outputs(out: Path, a: dict) -> Path:
