@@ -94,8 +94,12 @@ def cmd_list(store: CheckpointStore, args) -> int:
     print(HEADER)
     for tag in tags:
         files = store.files(tag)  # one listing gives the sizes of both columns: no request per file
-        print(_row(tag, store.trainer_state(tag), store.size(tag, files), store.verify(tag, args.verify, files=files),
-                   latest))
+        problems = store.verify(tag, args.verify, files=files)
+        try:
+            st = store.trainer_state(tag)
+        except CheckpointError as e:  # a row of its own, not the end of the listing
+            st, problems = {}, problems + [str(e)] * (str(e) not in problems)
+        print(_row(tag, st, store.size(tag, files), problems, latest))
     return 0
 
 
@@ -150,7 +154,7 @@ def cmd_export(store: CheckpointStore, args) -> int:
         fetch = (lambda t: store.fetch(t, Path(tmp) / t)) if store.remote else None
         tag = _pick(store, args, problems=fetch)
         ckpt = Path(tmp) / tag if store.remote else store.local_dir(tag)
-        st = read_trainer_state(ckpt)
+        st = read_trainer_state(ckpt, resumable=True)
         model_cfg = from_dict(ModelConfig, st["config"]["model"], "model")
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         out = save_export(consolidated_weights(ckpt, verified=True), args.out, model_cfg, dtype=dtype,
@@ -163,7 +167,7 @@ def cmd_export(store: CheckpointStore, args) -> int:
 
 def cmd_reshard(store: CheckpointStore, args) -> int:
     src = store.local_dir(_pick(store, args))
-    st = read_trainer_state(src)
+    st = read_trainer_state(src, resumable=True)
     dims = ParallelDims(args.dp * args.tp * args.sp, args.tp, args.sp)
     dims.check_model(from_dict(ModelConfig, st["config"]["model"], "model"))
     dst_root = Path(args.out)

@@ -43,6 +43,7 @@ from jobconfig.errors import ConfigError
 from jobconfig.loader import from_dict
 from jobconfig.model import ModelConfig
 from jobconfig.secrets import redact, redact_text
+from pretrain.checkpoint import schema
 from pretrain.model.videogpt import build_model
 
 # 2: the reference's model (frame-causal clean stream, <img>/</img> rows, raw t); 1 trained another model.
@@ -185,6 +186,7 @@ def read_export_metadata(path: str | Path) -> dict:
         raise ConfigError(f"{path}: export format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}; earlier "
                           "formats hold a model that differs from the authors' Video-GPT (attention rule, "
                           "delimiter tokens, time scale), which this version cannot run: retrain it")
+    _model_config(meta.get("model_config"), path / CONFIG_NAME if path.is_dir() else path)
     return meta
 
 
@@ -193,32 +195,48 @@ def _read_directory_metadata(path: Path) -> dict:
     if not cfg_file.is_file():
         raise ConfigError(f"{path}: a directory without {CONFIG_NAME} (expected {EXPECTED}; for a checkpoint "
                           "directory run `vgpt ckpt export` first)")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
+    config = schema.read_json(cfg_file)  # not JSON, too large or too deep: refused
     if not isinstance(config, dict) or not isinstance(config.get(PROVENANCE_KEY), dict):
         raise ConfigError(f"{cfg_file}: not a Video-GPT export (no {PROVENANCE_KEY!r} object with its format "
                           f"and provenance; expected {EXPECTED})")
     model_config = {f.name: config[f.name] for f in fields(ModelConfig) if f.name in config}
-    return {"model_config": model_config, **config[PROVENANCE_KEY]}
+    return {**config[PROVENANCE_KEY], "model_config": model_config}
+
+
+def _model_config(model_config, where: Path) -> dict:
+    """The export's model config, refused (naming the file) unless it is one ModelConfig accepts."""
+    if not isinstance(model_config, dict):
+        raise schema.refuse(where, "model_config", "a JSON object of model.* keys", model_config)
+    try:
+        from_dict(ModelConfig, dict(model_config), "model")
+    except ConfigError as e:
+        raise schema.RefusedFile(f"{where}: {e}") from None
+    return model_config
 
 
 def _read_file_metadata(path: Path) -> dict:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # noqa: BLE001 safetensors raises its own error types for other files
-        raise ConfigError(f"{path} is not a safetensors export: {e} (expected {EXPECTED})") from None
+    meta = _open_safetensors(path, "{file} is not a safetensors export: {detail} (expected " + EXPECTED + ")"
+                             ).metadata  # the header only, parsed and checked by us
     if "model_config" not in meta:
         raise ConfigError(f"{path}: not a Video-GPT export (no model_config in its header; expected {EXPECTED})")
     out = {}
     for k, v in meta.items():
         try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
+            out[k] = schema.parse_json(v, f"{path} (header __metadata__.{k})")
+        except ConfigError:
             out[k] = v
     return out
+
+
+def _open_safetensors(file: Path, refusal: str = "{file}: not a readable safetensors file ({detail})"
+                      ) -> schema.Header:
+    """A weights file's header, checked (schema.safetensors_header) before safetensors opens the file;
+    refused with `refusal` (the file, and the field and what was expected as its detail)."""
+    try:
+        return schema.safetensors_header(file)
+    except (ConfigError, OSError) as e:
+        detail = str(e).removeprefix(f"{file}: ") if isinstance(e, ConfigError) else e.strerror
+        raise schema.RefusedFile(refusal.format(file=file, detail=detail)) from None
 
 
 def read_export_config(path: str | Path) -> dict:
@@ -235,8 +253,10 @@ class ExportTensors:
         self.path = Path(path)
         self._stack = ExitStack()
         self._where: dict[str, object] = {}
+        self._file: dict[str, Path] = {}
         try:
             for file, expected in _weight_files(self.path).items():
+                _open_safetensors(file)  # length, offsets, dtypes and shapes of the header first
                 try:
                     handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
                 except Exception as e:  # noqa: BLE001 safetensors raises its own error types
@@ -246,6 +266,7 @@ class ExportTensors:
                     raise ConfigError(f"{file}: lacks {sorted(expected - names)[:4]}, which "
                                       f"{self.path / WEIGHTS_INDEX_NAME} places there")
                 self._where.update(dict.fromkeys(names if expected is None else expected, handle))
+                self._file.update(dict.fromkeys(names if expected is None else expected, file))
         except BaseException:
             self._stack.close()
             raise
@@ -265,6 +286,10 @@ class ExportTensors:
     def get(self, name: str) -> torch.Tensor:
         return self._where[name].get_tensor(name)
 
+    def file(self, name: str) -> Path:
+        """The weights file that holds tensor `name` (how messages name it)."""
+        return self._file[name]
+
 
 def _weight_files(path: Path) -> dict[Path, set[str] | None]:
     """The export's weight files, each with the names its index places there (None: all it holds)."""
@@ -274,10 +299,8 @@ def _weight_files(path: Path) -> dict[Path, set[str] | None]:
         return {path: None}
     index_file = path / WEIGHTS_INDEX_NAME
     if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text()).get("weight_map")
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            weight_map = None
+        index = schema.read_json(index_file)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ConfigError(f"{index_file}: expected JSON with a 'weight_map' object of tensor name -> "
                               "shard file")
@@ -323,7 +346,8 @@ def load_export(model: torch.nn.Module, path: str | Path) -> None:
         for k, v in own.items():
             shape = f.shape(k)
             if shape != tuple(v.shape):
-                raise ConfigError(f"{path}: {k} has shape {shape}, this model expects {tuple(v.shape)}")
+                raise schema.RefusedFile(f"{f.file(k)}: tensor {k!r} has shape {shape}, this model expects "
+                                         f"{tuple(v.shape)}")
             v.copy_(f.get(k).to(v.dtype))
 
 

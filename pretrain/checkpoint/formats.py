@@ -15,7 +15,10 @@ never depends on its trainer state.
 Why: the manager's resume, its conversion on a layout change and `vgpt ckpt
 inspect/export/reshard` all need "which format is this, and read it"; each
 asks `open_checkpoint`, which verifies the directory against its manifest once
-and returns a reader offering what every format can do: `read_full_state`
+(checksums, then the files' schemas: storage.py, structure.py), checks its
+tensors' shapes against the model its trainer state records (`check_model_fit`:
+a tensor that fits the files but not the model is refused before any path reads
+or skips it), and returns a reader offering what every format can do: `read_full_state`
 (full-size fp32 tensors of the plain model, offline, full_state.py) and
 `load_into` (a live engine of a layout the checkpoint fits).
 """
@@ -26,12 +29,16 @@ from pathlib import Path
 
 import torch
 
+from jobconfig.loader import from_dict
+from jobconfig.model import ModelConfig
 from pretrain.checkpoint.deepspeed_files import install, read_checkpoint
 from pretrain.checkpoint.full_state import FullState
 from pretrain.checkpoint.integrity import CheckpointError
 from pretrain.checkpoint.portable import is_portable, load_portable, read_portable
-from pretrain.checkpoint.sharded import is_sharded, load_sharded, read_sharded
-from pretrain.checkpoint.storage import verify_checkpoint
+from pretrain.checkpoint.schema import META_KEY, WEIGHTS, Header, refuse, safetensors_header, show
+from pretrain.checkpoint.sharded import is_sharded, load_sharded, model_file, rank_file, read_sharded
+from pretrain.checkpoint.storage import read_trainer_state, verify_checkpoint
+from pretrain.model.videogpt import VideoGPT
 
 
 class Format(StrEnum):
@@ -106,9 +113,62 @@ READERS: dict[Format, type[CheckpointReader]] = {r.format: r for r in (ShardedRe
 
 
 def open_checkpoint(ckpt: str | Path, verified: bool = False) -> CheckpointReader:
-    """The reader for checkpoint directory `ckpt`, after every file is re-hashed against its manifest
-    (unless the caller has just done that: `verified`); a missing or corrupt file is refused."""
+    """The reader for checkpoint directory `ckpt`, after every file is re-hashed against its manifest and
+    checked against its schema (unless the caller has just done that: `verified`), and its tensors against
+    the model its trainer state names; a missing, corrupt or unfitting file is refused."""
     ckpt = Path(ckpt)
     if not verified and (problems := verify_checkpoint(ckpt, full=True)):
         raise CheckpointError(f"{ckpt} is not a complete checkpoint: " + "; ".join(problems))
-    return READERS[format_of(ckpt)](ckpt)
+    reader = READERS[format_of(ckpt)](ckpt)
+    check_model_fit(reader)
+    return reader
+
+
+def check_model_fit(reader: CheckpointReader) -> None:
+    """The full-size tensors of a sharded (one TP rank) or portable checkpoint against the model that
+    trainer_state.json's config.model builds (on the meta device: no memory, milliseconds): none it
+    lacks, none of another shape, every parameter there. Headers only; after `verify` (structure.py)."""
+    ckpt = reader.ckpt
+    state = read_trainer_state(ckpt)
+    model = state.get("config", {}).get("model")
+    if model is None or reader.format == Format.LEGACY_PT:
+        return
+    cfg = from_dict(ModelConfig, dict(model), "model")  # validated with the trainer state
+    cfg.phi3_checkpoint = None
+    with torch.device("meta"):
+        built = VideoGPT(cfg)
+    known = {k: list(v.shape) for k, v in built.state_dict().items()}
+    params = {n for n, _ in built.named_parameters()}
+    if reader.format == Format.PORTABLE:
+        _against_model(safetensors_header(ckpt / WEIGHTS), known, params)
+        return
+    # two headers, whatever the world size (every rank opens the checkpoint): rank 0's fragments (ZeRO-3: a
+    # piece of every parameter) and TP rank 0's module (ZeRO-0/1/2: every parameter whole); structure.py has
+    # checked that the other ranks record the same shapes
+    if (ckpt / model_file(1)).is_file():
+        return  # tensor-parallel shards: checked against each other only (structure.py)
+    info = safetensors_header(ckpt / rank_file(0)).meta_json(META_KEY)
+    shapes = {name: frag[2] for name, frag in info["fragments"].items()}
+    _against_model(shapes, known, None, where=ckpt / rank_file(0), what="fragments of")
+    module = safetensors_header(ckpt / model_file(0)) if (ckpt / model_file(0)).is_file() else None
+    if module is not None:
+        _against_model(module, known, params=None)
+    held = set(shapes) | (set(module.tensors) if module is not None else set())
+    _against_model({n: known[n] for n in held}, known, params, where=ckpt, what="tensors of")
+
+
+def _against_model(tensors, known: dict[str, list[int]], params: set[str] | None, where: Path | None = None,
+                   what: str = "tensor") -> None:
+    """Tensors (a header, or {name: shape}) against the model's: none it lacks, none of another shape, and
+    each of `params` there."""
+    if isinstance(tensors, Header):
+        where, tensors = tensors.path, {n: dims for n, (_, dims) in tensors.tensors.items()}
+    for name, dims in tensors.items():
+        if name not in known:
+            raise refuse(where, f"{what} {show(name)}", "a tensor of the model that trainer_state.json's "
+                                                        "config.model builds (it has none of that name)")
+        if list(dims) != known[name]:
+            raise refuse(where, f"{what} {show(name)} shape", f"{known[name]}, the model's", dims)
+    if params and (missing := sorted(params - set(tensors))):
+        raise refuse(where, what.removesuffix(" of") + "s", f"every parameter of the model, but "
+                                                              f"{show(missing[0])} has none")

@@ -19,15 +19,17 @@ from typing import Any
 import torch
 
 from parallel.tensor_parallel import plan_style, unshard_tensor
+from pretrain.checkpoint.integrity import RefusedFile
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-class ConsolidateError(RuntimeError):
-    """The checkpoint's files do not hold what this reader expects; the message names file and key."""
+class ConsolidateError(RefusedFile):
+    """The checkpoint's files do not hold what this reader expects; the message names file and key.
+    No retry changes a file: a refusal (one line; exit 2 and no restart under `vgpt train`)."""
 
 
-class PortableError(RuntimeError):
+class PortableError(RefusedFile):
     """A portable checkpoint does not fit the model or engine; the message names file and key."""
 
 

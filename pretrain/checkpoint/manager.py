@@ -55,7 +55,7 @@ from jobconfig.loader import from_dict
 from jobconfig.model import ModelConfig
 from pretrain.checkpoint.deepspeed_files import install
 from pretrain.checkpoint.formats import Format, open_checkpoint
-from pretrain.checkpoint.integrity import MANIFEST, CheckpointError, atomic_write, write_manifest
+from pretrain.checkpoint.integrity import MANIFEST, CheckpointError, RefusedFile, atomic_write, write_manifest
 from pretrain.checkpoint.portable import write_portable
 from pretrain.checkpoint.safetensors_stream import write_safetensors
 from pretrain.checkpoint.sharded import HostBuffers, capture, write_captured
@@ -131,10 +131,8 @@ def make_portable(src: Path, dst: Path, layout: dict[str, Any] | None = None, ve
 
 
 def _trainer_state(ckpt: Path) -> dict[str, Any]:
-    state = read_trainer_state(ckpt)
-    if not state:
-        raise CheckpointError(f"{ckpt / TRAINER_STATE}: missing or empty (not a checkpoint this trainer wrote)")
-    return state
+    """What a resume or a conversion reads of trainer_state.json, refused unless it is all there."""
+    return read_trainer_state(ckpt, resumable=True)
 
 
 def _world() -> tuple[int, int]:
@@ -315,19 +313,21 @@ class CheckpointManager:
 
     def _on_rank0(self, fn, what: str) -> None:
         """Run `fn` on rank 0 while the others wait; an error on rank 0 is raised on every rank."""
-        error = None
+        error, refused = None, False
         if self.rank == 0:
             try:
                 fn()
+            except RefusedFile as e:  # a file no retry will change: its one line says it all
+                error, refused = str(e), True
             except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
                 traceback.print_exc()
                 error = f"{type(e).__name__}: {e}"
         if dist.is_initialized() and dist.get_world_size() > 1:
-            box = [error]
+            box = [error, refused]
             dist.broadcast_object_list(box, src=0)
-            error = box[0]
+            error, refused = box
         if error:
-            raise CheckpointError(f"{what} on rank 0 failed: {error}")
+            raise (RefusedFile if refused else CheckpointError)(f"{what} on rank 0 failed: {error}")
 
     # ------------------------------------------------------------ retention
     def prune(self, background: bool = False, full: bool = False) -> list[str]:

@@ -46,17 +46,23 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from parallel.tensor_parallel import shard_tensor, tensor_parallel_modules
+from pretrain.checkpoint import schema
 from pretrain.checkpoint.export import save_export, write_safetensors
 from pretrain.checkpoint.full_state import MOMENTS, FullState, PortableError, jsonable
 from pretrain.checkpoint.optimizer_fragments import prepare_optimizer_state, restore_engine_info, set_full_parameter
 
-WEIGHTS = "weights.safetensors"
-OPTIMIZER = "optimizer.json"
-FORMAT = "vgpt-portable-1"
+WEIGHTS = schema.WEIGHTS
+OPTIMIZER = schema.OPTIMIZER
+FORMAT = schema.PORTABLE_FORMAT
 
 
 def is_portable(ckpt: Path) -> bool:
     return (Path(ckpt) / OPTIMIZER).is_file()
+
+
+def read_optimizer(ckpt: Path) -> dict:
+    """optimizer.json, refused unless it follows its schema (schema.optimizer_json)."""
+    return schema.optimizer_json(schema.read_json(ckpt / OPTIMIZER), ckpt / OPTIMIZER, FORMAT)
 
 
 def write_portable(full: FullState, ckpt: Path, model_cfg) -> None:
@@ -75,7 +81,7 @@ def write_portable(full: FullState, ckpt: Path, model_cfg) -> None:
 def read_portable(ckpt: Path, with_optimizer: bool = True) -> FullState:
     """The FullState a portable checkpoint holds (without the moments unless `with_optimizer`)."""
     ckpt = Path(ckpt)
-    meta = json.loads((ckpt / OPTIMIZER).read_text())
+    meta = read_optimizer(ckpt)  # the tensors' headers: checked by structure.py when the checkpoint verified
     moments = {k: load_file(str(ckpt / f"{k}.safetensors")) for k in MOMENTS} if with_optimizer else {}
     return FullState(load_file(str(ckpt / WEIGHTS)), moments, meta["optimizer"], meta.get("source", {}))
 
@@ -90,9 +96,7 @@ def load_portable(engine, model: torch.nn.Module, ckpt: Path, tp_rank: int = 0, 
     """
 
     ckpt = Path(ckpt)
-    meta = json.loads((ckpt / OPTIMIZER).read_text())
-    if meta.get("format") != FORMAT:
-        raise PortableError(f"{ckpt / OPTIMIZER}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    meta = read_optimizer(ckpt)
     info = meta["optimizer"]
     opt = engine.optimizer
     base = prepare_optimizer_state(opt, info["step"])
@@ -118,6 +122,10 @@ def load_portable(engine, model: torch.nn.Module, ckpt: Path, tp_rank: int = 0, 
             set_full_parameter(opt, base, p, tensors.pop("weights"), tensors)
         for name, buf in model.named_buffers():
             if name in fw.keys():
+                got = tuple(fw.get_slice(name).get_shape())
+                if got != tuple(buf.shape):  # copy_ would broadcast a smaller one without a word
+                    raise PortableError(f"{files['weights']}: buffer {name!r} has shape {got}, the model expects "
+                                        f"{tuple(buf.shape)}")
                 buf.copy_(fw.get_tensor(name).to(buf.dtype))
     restore_engine_info(engine, base, info)
     return meta

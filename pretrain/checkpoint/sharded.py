@@ -37,6 +37,7 @@ from typing import Any, Callable
 import torch
 from safetensors import safe_open
 
+from pretrain.checkpoint import schema
 from pretrain.checkpoint.full_state import MOMENTS, ConsolidateError, FullState, merge_tensor_parallel
 from pretrain.checkpoint.optimizer_fragments import (
     engine_info,
@@ -49,9 +50,9 @@ from pretrain.checkpoint.optimizer_fragments import (
 )
 from pretrain.checkpoint.safetensors_stream import write_safetensors
 
-FORMAT = "vgpt-sharded-1"
-ENGINE = "engine.json"
-META_KEY = "vgpt"
+FORMAT = schema.SHARDED_FORMAT
+ENGINE = schema.ENGINE
+META_KEY = schema.META_KEY
 
 
 def rank_file(rank: int) -> str:
@@ -64,6 +65,18 @@ def model_file(tp_rank: int) -> str:
 
 def is_sharded(ckpt: Path) -> bool:
     return (Path(ckpt) / ENGINE).is_file()
+
+
+def read_engine(ckpt: Path) -> dict[str, Any]:
+    """engine.json, refused unless it follows its schema (schema.engine_json)."""
+    return schema.engine_json(schema.read_json(ckpt / ENGINE), ckpt / ENGINE, FORMAT)
+
+
+def _fits(path: Path, name: str, got: torch.Size | tuple, want: torch.Size | tuple) -> None:
+    """A tensor of the checkpoint against the live model's (a view_as of the same size would take
+    a transposed weight without a word)."""
+    if tuple(got) != tuple(want):
+        raise ConsolidateError(f"{path}: tensor {name!r} has shape {tuple(got)}, the model expects {tuple(want)}")
 
 
 @dataclass
@@ -147,37 +160,43 @@ def write_captured(captured: Captured, ckpt: Path, on_write: Callable[[int], Non
 def load_sharded(engine, model: torch.nn.Module, ckpt: Path, rank: int, tp_rank: int) -> dict[str, Any]:
     """This rank's own file (and its TP rank's module file) back into `engine`. Collective-free except
     for what DeepSpeed's ZeRO-3 local setters do. Returns engine.json."""
-    meta = json.loads((ckpt / ENGINE).read_text())
-    if meta.get("format") != FORMAT:
-        raise ConsolidateError(f"{ckpt / ENGINE}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    meta = read_engine(ckpt)
     opt = engine.optimizer
     base = prepare_optimizer_state(opt, step=meta["optimizer"]["step"])
     mine, module_path = ckpt / rank_file(rank), ckpt / model_file(tp_rank)
     if not module_path.is_file():
         module_path = None
     with safe_open(str(mine), "pt") as f, torch.no_grad():
-        info = json.loads(f.metadata()[META_KEY])
+        info = schema.parse_json((f.metadata() or {}).get(META_KEY, ""), f"{mine} (header __metadata__.{META_KEY})")
+        if not isinstance(info, dict) or not isinstance(info.get("fragments"), dict):
+            raise ConsolidateError(f"{mine}: header __metadata__.{META_KEY}: expected an object with 'fragments'")
         if info.get("tp_rank") != tp_rank:
             raise ConsolidateError(f"{mine}: written by TP rank {info.get('tp_rank')}, loading as TP rank {tp_rank}")
         module = safe_open(str(module_path), "pt") if module_path else None
         for name, p in model.named_parameters():
             if hasattr(p, "ds_id"):  # ZeRO-3: the module partition here, the fp32 ones through the API below
+                _fits(mine, f"module/{name}", f.get_slice(f"module/{name}").get_shape(), (p.ds_tensor.numel(),))
                 p.ds_tensor.copy_(f.get_tensor(f"module/{name}").view_as(p.ds_tensor))
                 continue
             if module is not None:
-                p.data.copy_(module.get_tensor(name).view_as(p.data))
+                _fits(module_path, name, module.get_slice(name).get_shape(), p.shape)
+                p.data.copy_(module.get_tensor(name))
             frag = fragment(opt, base, p)
             if frag is None:
                 continue
             if name not in info["fragments"]:
                 raise ConsolidateError(f"{mine}: no fragment of {name!r}, which this rank holds")
-            hp, moments, _, _ = frag
-            hp.data.copy_(f.get_tensor(f"fp32/{name}").view_as(hp))
-            for k, v in moments.items():
-                v.data.copy_(f.get_tensor(f"{k}/{name}").view_as(v))
+            hp, moments, start, _ = frag
+            if info["fragments"][name][:2] != [int(start), hp.numel()]:
+                raise ConsolidateError(f"{mine}: fragment of {name!r} at {info['fragments'][name][:2]} (start, "
+                                       f"numel), this rank holds [{int(start)}, {hp.numel()}]")
+            for k, dst in (("fp32", hp), *moments.items()):
+                _fits(mine, f"{k}/{name}", f.get_slice(f"{k}/{name}").get_shape(), (dst.numel(),))
+                dst.data.copy_(f.get_tensor(f"{k}/{name}").view_as(dst))
         if module is not None:
             for name, buf in model.named_buffers():
                 if name in module.keys():
+                    _fits(module_path, name, module.get_slice(name).get_shape(), buf.shape)
                     buf.copy_(module.get_tensor(name))
         for name, p in model.named_parameters():
             if hasattr(p, "ds_id"):  # once every module partition is in place
@@ -191,14 +210,14 @@ def read_sharded(ckpt: str | Path, with_optimizer: bool = True, tp_plan: dict[st
                  ) -> FullState:
     """Full-size fp32 weights (and Adam moments) of a checkpoint in this format, from its fragments."""
     ckpt = Path(ckpt)
-    meta = json.loads((ckpt / ENGINE).read_text())
+    meta = read_engine(ckpt)  # the rank files' headers: checked by structure.py when the checkpoint verified
     kinds = ("fp32", *(MOMENTS if with_optimizer else ()))
     per_tp: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     covered: dict[tuple[int, str], int] = {}
     shapes: dict[tuple[int, str], list[int]] = {}
     for path in sorted(ckpt.glob("rank-*.safetensors")):
         with safe_open(str(path), "pt") as f:
-            info = json.loads(f.metadata()[META_KEY])
+            info = schema.parse_json((f.metadata() or {}).get(META_KEY, ""), f"{path} (header __metadata__.{META_KEY})")
             tp = int(info["tp_rank"])
             full = per_tp.setdefault(tp, {k: {} for k in kinds})
             for name, (start, numel, shape) in info["fragments"].items():

@@ -6,7 +6,10 @@ one. `CheckpointStore` lists, reads, verifies and fetches them, written once
 for both kinds of storage: the training run's manager uses it on its local
 root, `vgpt ckpt` on local roots and object stores alike.
 
-Verification re-hashes every file against the manifest. On a local disk the
+Verification re-hashes every file against the manifest, and then (full, on a
+local directory or a fetched copy) checks that the files follow their schemas
+and fit together (structure.py: JSON and safetensors headers only), since
+whoever can write a checkpoint can recompute its manifest. On a local disk the
 blocks of a file are hashed in parallel straight from the file (integrity.py,
 disk speed); on an object store every file is streamed once through the block
 hasher, and `fetch` writes the stream into a local copy as it goes, so a
@@ -34,6 +37,7 @@ import fsspec
 
 from data.object_store import open_fs, retrying
 from jobconfig.errors import ConfigError
+from pretrain.checkpoint import schema
 from pretrain.checkpoint.integrity import (
     BLOCK,
     MANIFEST,
@@ -44,9 +48,9 @@ from pretrain.checkpoint.integrity import (
     manifest_problem,
     matches,
 )
+from pretrain.checkpoint.schema import RNG_FILE, TRAINER_STATE  # noqa: F401 - where the other modules find them
+from pretrain.checkpoint.structure import checkpoint_problems
 
-TRAINER_STATE = "trainer_state.json"
-RNG_FILE = "rng.safetensors"
 LATEST = "latest"
 CHECKPOINTS_DIR = "checkpoints"  # a run's checkpoint root, in its out_dir
 CHUNK = 1 << 22
@@ -147,19 +151,29 @@ class CheckpointStore:
         return sorted(n for n in names if n.startswith("step_"))
 
     def latest(self) -> str | None:
+        """The tag `latest` names (only shown and compared with tags: bytes that are no text do no harm)."""
         try:
-            return self.fs.cat_file(self._path(LATEST)).decode().strip()
+            return self.fs.cat_file(self._path(LATEST))[:256].decode(errors="replace").strip()
         except FileNotFoundError:
             return None
 
-    def read_json(self, *parts: str) -> dict | None:
+    def read_json(self, *parts: str):
+        """A JSON file of the store (None when missing); one that is not JSON is refused (RefusedFile)."""
         try:
-            return json.loads(self.fs.cat_file(self._path(*parts)))
+            data = self.fs.cat_file(self._path(*parts))
         except FileNotFoundError:
             return None
+        return schema.parse_json(data, self.url(*parts))
 
-    def trainer_state(self, tag: str) -> dict:
-        return self.read_json(tag, TRAINER_STATE) or {}
+    def trainer_state(self, tag: str, resumable: bool = False) -> dict:
+        """trainer_state.json of checkpoint `tag` ({} when it holds none), refused (RefusedFile, naming the
+        field) when it does not follow its schema; `resumable`: refused too without what a resume or a
+        conversion reads (step, config.model, loader state)."""
+        where = self.url(tag, TRAINER_STATE)
+        state = self.read_json(tag, TRAINER_STATE)
+        if state is None and resumable:  # the manifest vouches for what is there: no retry brings it back
+            raise schema.RefusedFile(f"{where}: missing (not a checkpoint this trainer wrote)")
+        return {} if state is None else schema.trainer_state(state, where, resumable)
 
     def files(self, tag: str) -> dict[str, int]:
         """Every file of checkpoint `tag` and its size, from one listing (no request per file)."""
@@ -179,12 +193,16 @@ class CheckpointStore:
         """(manifest, []) or (None, [the problem])."""
         try:
             manifest = self.read_json(tag, MANIFEST)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return None, [f"{self.url(tag, MANIFEST)}: unreadable ({e})"]
+        except CheckpointError as e:  # not JSON, or nested past the parser
+            return None, [str(e)]
         if manifest is None:
             return None, [f"{self.url(tag, MANIFEST)}: missing (save did not finish)"]
-        if problem := manifest_problem(manifest, self.url(tag, MANIFEST)):
+        if isinstance(manifest, dict) and (problem := manifest_problem(manifest, self.url(tag, MANIFEST))):
             return None, [problem]
+        try:  # checksums match: still, every entry must be a file inside the checkpoint with sizes and digests
+            schema.manifest(manifest, self.url(tag, MANIFEST))
+        except CheckpointError as e:
+            return None, [str(e)]
         return manifest, []
 
     def verify(self, tag: str, full: bool = True, share: tuple[int, int] = (0, 1),
@@ -203,6 +221,8 @@ class CheckpointStore:
             if problem := self._retrying(lambda rel=rel, info=info: self._check(tag, rel, info, full, listed=files),
                                          tag, rel):
                 problems.append(problem)
+        if full and not problems and not self.remote and share[0] == 0:  # one rank reads the headers
+            problems += checkpoint_problems(Path(self.root) / tag, manifest["files"])
         return problems
 
     def _retrying(self, fn, *parts: str):
@@ -288,13 +308,14 @@ class CheckpointStore:
             if problem := self._retrying(copy_one, tag, rel):
                 problems.append(problem)
         (dest / MANIFEST).write_text(json.dumps(manifest))
-        return problems
+        return problems or checkpoint_problems(dest, manifest["files"])
 
 
-def read_trainer_state(ckpt: str | Path) -> dict:
-    """The trainer state a local checkpoint directory records ({} when it holds none)."""
+def read_trainer_state(ckpt: str | Path, resumable: bool = False) -> dict:
+    """The trainer state a local checkpoint directory records ({} when it holds none), checked against its
+    schema (`CheckpointStore.trainer_state`)."""
     ckpt = Path(ckpt)
-    return CheckpointStore(ckpt.parent).trainer_state(ckpt.name)
+    return CheckpointStore(ckpt.parent).trainer_state(ckpt.name, resumable)
 
 
 def verify_checkpoint(ckpt: str | Path, full: bool = True, share: tuple[int, int] = (0, 1)) -> list[str]:
