@@ -147,6 +147,7 @@ def test_ckpt_list_checks_sizes_and_with_verify_hashes(run):
     res = cli("ckpt", "list", str(run), "--verify")
     rows = {line.split()[0]: line for line in res.stdout.splitlines()[1:]}
     assert "BROKEN" in rows["step_00000005"] and "checksum mismatch" in rows["step_00000005"]
+    assert res.returncode == 1  # a verification that found broken checkpoints, like `ckpt verify`
 
 
 @pytest.mark.parametrize("damage", [truncate, flip_bit], ids=["truncated", "bit-flipped"])

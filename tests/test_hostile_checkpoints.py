@@ -252,7 +252,7 @@ def check_verbs(res: dict, root: Path, file: str, verifies: bool = False, step: 
     assert verify.returncode == 1 and "Traceback" not in verify.stdout + verify.stderr, verify.stdout + verify.stderr
     assert f"{step}: BROKEN" in verify.stdout and file in verify.stdout, verify.stdout
     listing = res["list"]
-    assert listing.returncode == 0 and "Traceback" not in listing.stdout + listing.stderr, listing.stderr
+    assert listing.returncode == 1 and "Traceback" not in listing.stdout + listing.stderr, listing.stderr
     row = next(line for line in listing.stdout.splitlines() if line.startswith(step))
     assert "BROKEN" in row and file in row, row
     prune = res["prune"]

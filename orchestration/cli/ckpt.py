@@ -88,10 +88,12 @@ def _row(tag: str, st: dict, size: int, problems: list[str], latest: str | None)
 
 
 def cmd_list(store: CheckpointStore, args) -> int:
-    """A checkpoint is `complete` when every file's size matches its manifest (`--verify`: and its hashes)."""
+    """A checkpoint is `complete` when every file's size matches its manifest (`--verify`: and its hashes).
+    A listing exits 0 whatever it lists; with `--verify` it is a verification: 1 when a checkpoint is broken."""
     tags = _tags(store)
     latest = store.latest()
     print(HEADER)
+    broken = False
     for tag in tags:
         files = store.files(tag)  # one listing gives the sizes of both columns: no request per file
         problems = store.verify(tag, args.verify, files=files)
@@ -100,7 +102,8 @@ def cmd_list(store: CheckpointStore, args) -> int:
         except CheckpointError as e:  # a row of its own, not the end of the listing
             st, problems = {}, problems + [str(e)] * (str(e) not in problems)
         print(_row(tag, st, store.size(tag, files), problems, latest))
-    return 0
+        broken = broken or bool(problems)
+    return 1 if args.verify and broken else 0
 
 
 def _tags(store: CheckpointStore) -> list[str]:
