@@ -7,7 +7,8 @@ with its servers on the wildcard address (measured with Ray 2.60: the GCS, rayle
 runtime-env agents, workers and the driver on `[::]`, `0.0.0.0` or the routable address). Setting the
 variable after `import ray` changes nothing in this process, and a module that imports Ray at its top
 (the precompute workers) makes any later setting too late; so `start_local_ray` sets it for the
-processes Ray starts (they import Ray afresh) and sets the decision in this process too.
+processes Ray starts (they import Ray afresh) and sets the decision in this process too. It is a Ray
+of its own (`address="local"`): a `ray start` cluster on the same machine is never joined by it.
 `vgpt precompute` without a cluster and `vgpt sweep run` without `resources.address` use it; the
 quickstart runs both.
 """
@@ -26,5 +27,6 @@ def start_local_ray(**init_kwargs):
 
     # this process may have imported Ray before the variable was set: its decision, made then, is set here
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **init_kwargs)
+    # address="local": a Ray of its own, even where another (a `ray start` cluster) runs on this machine
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **init_kwargs)
     return ray

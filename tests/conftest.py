@@ -15,7 +15,7 @@ import torch
 
 from orchestration.launch.plan import plan_launch, render
 from orchestration.preflight import ASSUME_S3, S3_ENV
-from tests.runs import AWS, BACKGROUND, LAUNCH_TINY, ONE_RANK, REPO, TINY, TWO_RANK_ZERO2, env, train
+from tests.runs import AWS, BACKGROUND, EARLY, LAUNCH_TINY, ONE_RANK, REPO, TINY, TWO_RANK_ZERO2, env, train
 from tests.sockets import run_watching_sockets
 
 # One intra-op thread in the test process, as in every process the tests start (tests/runs.py env):
@@ -130,7 +130,8 @@ def rendered_torchrun(tmp_path_factory):
 def pytest_collection_modifyitems(session, config, items):
     """The quick tier first (a failure there shows in the first minute), then the slow tests, each in
     collection order; the session's long jobs start now, in a thread beside them (tests/runs.py
-    Background): the quickstart's first run and the example sweep's killed-and-resumed run."""
+    Background): the quickstart's first run and the example sweep's killed-and-resumed run; and the
+    precompute tests' Ray head is set up beside the quick tier (tests/runs.py EARLY)."""
     items[:] = [i for i in items if i.get_closest_marker("slow") is None] + \
                [i for i in items if i.get_closest_marker("slow") is not None]
     if config.option.collectonly:
@@ -148,7 +149,13 @@ def pytest_collection_modifyitems(session, config, items):
         out = factory.mktemp("sweep") / "full"
         BACKGROUND.add("sweep", lambda: killed_and_resumed_sweep(out, run=BACKGROUND.run))
     BACKGROUND.start()
+    if "test_precompute_job.py" in files:  # its Ray head and input videos, set up beside the quick tier
+        from test_precompute_job import precompute_env
+
+        pc = factory.mktemp("pc")
+        EARLY.begin("precompute", lambda: precompute_env(pc), undo=lambda made: made["head"].stop())
 
 
 def pytest_sessionfinish(session, exitstatus):
     BACKGROUND.stop()
+    EARLY.close()

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,8 +117,9 @@ class Background:
     """The session's long subprocess jobs (the quickstart, the example sweep), started when collection
     ends and run one at a time in a thread beside the tests, which run the quick tier first
     (tests/conftest.py): on 2 cores the quick tier leaves one mostly idle. A fixture takes its job's
-    result (`result(name)`, waiting for it to end); `drain()` waits for every job, for a test that
-    must not share the machine's Ray with them (a job's `vgpt precompute` or sweep starts a local Ray).
+    result (`result(name)`, waiting for it to end). A job's `vgpt precompute` or sweep starts a local Ray
+    of its own (orchestration/local_ray.py), which never joins the `ray start` cluster of the precompute
+    tests: they run beside it.
     While a job's process runs, the TCP sockets its process tree listens on are polled (tests/sockets.py):
     `listened(name)`, for the tests that show a local Ray listens on loopback only."""
 
@@ -162,10 +164,6 @@ class Background:
         """Every address the processes of job `name` were seen listening on (after `result(name)`)."""
         return self._listened.get(name, set())
 
-    def drain(self) -> None:
-        for done, _ in self._jobs.values():
-            done.wait()
-
     def run(self, cmd: list[str], capture_output: bool = True, text: bool = True, timeout: int = 1200,
             **kw) -> subprocess.CompletedProcess:
         """subprocess.run (output captured, as text) for a job, in its own session, so that `stop` ends it
@@ -201,6 +199,33 @@ class Background:
 
 
 BACKGROUND = Background()
+
+
+class EarlySetup:
+    """Slow fixture set-ups that need no test before them (the precompute tests' Ray head and input videos),
+    begun in a thread when collection ends, beside the quick tier; the fixture takes the result (`take`,
+    or makes it then, when the session did not begin it), and `close` undoes what no fixture took."""
+
+    def __init__(self):
+        self._begun: dict[str, tuple[Future, Callable[[object], None]]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def begin(self, name: str, make: Callable[[], object], undo: Callable[[object], None]) -> None:
+        self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="early-setup")
+        self._begun[name] = (self._pool.submit(make), undo)
+
+    def take(self, name: str, make: Callable[[], object]):
+        begun = self._begun.pop(name, None)
+        return begun[0].result() if begun is not None else make()
+
+    def close(self) -> None:
+        for future, undo in self._begun.values():
+            with contextlib.suppress(BaseException):  # a set-up that failed has nothing to undo
+                undo(future.result())
+        self._begun.clear()
+
+
+EARLY = EarlySetup()
 
 
 def background_result(name: str, job: Callable[[Background], object]) -> tuple[object, set[str]]:

@@ -311,9 +311,8 @@ def test_real_job_over_more_videos_encodes_only_the_new_ones(tmp_path):
     import sys
 
     from data.synthetic.videos import pattern_frames, write_video
-    from tests.runs import BACKGROUND, REPO, env
+    from tests.runs import REPO, env
 
-    BACKGROUND.drain()  # the session's background jobs start local Rays of their own
     videos = [write_video(tmp_path / f"v{i}.mp4", pattern_frames(128, 128, 4, seed=i), 24) for i in range(52)]
     first, both = tmp_path / "first.txt", tmp_path / "both.txt"
     first.write_text("".join(f"{p}\n" for p in videos[:40]))

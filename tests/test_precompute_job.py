@@ -43,26 +43,29 @@ from data.dataset_index import DatasetMeta, read_index
 from data.precompute_plan import make_key, source_key
 from data.shard_format import committed_manifests, decode_sample
 from jobconfig.precompute import VaeConfig, VideoConfig
-from tests.runs import BACKGROUND
+from tests.runs import EARLY
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    # the session's background jobs start local Rays of their own (tests/runs.py Background): this head
-    # (a `ray start` cluster, which a local `ray.init()` would join) starts only once they have ended
-    BACKGROUND.drain()
-    tmp = tmp_path_factory.mktemp("pc")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VGPT_CACHE", str(tmp / "cache"))  # the tiny VAE, shared by the job and this process
+def precompute_env(tmp) -> dict:
+    """The inputs (real mp4s) and a Ray head on loopback, joinable by a second node (test 6): begun when
+    collection ends, beside the quick tier (tests/conftest.py, runs.EARLY)."""
     inputs = tmp / "videos"
     good = make_inputs(inputs)
-    head = RayHead(tmp, node_ip="127.0.0.2")  # loopback, and joinable by a second node (test 6)
+    head = RayHead(tmp, node_ip="127.0.0.2")
+    return {"tmp": tmp, "inputs": inputs, "good": good, "head": head}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    env = EARLY.take("precompute", lambda: precompute_env(tmp_path_factory.mktemp("pc")))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VGPT_CACHE", str(env["tmp"] / "cache"))  # the tiny VAE, shared by the job and this process
     try:
-        yield {"tmp": tmp, "inputs": inputs, "good": good, "head": head}
+        yield env
     finally:
-        head.stop()
+        env["head"].stop()
         mp.undo()
 
 
