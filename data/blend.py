@@ -254,14 +254,15 @@ def describe_line(d: dict) -> str:
             f"shape buckets {buckets}; {skips} known skips" + (f" ({why})" if why else ""))
 
 
-def open_blend(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> Blend:
-    """The blend `cfg` names (data.sources, or data.root as one source) for data-parallel rank `rank`."""
+def open_blend(cfg: DataConfig, rank: int = 0, world_size: int = 1, heldout: float = 0.0) -> Blend:
+    """The blend `cfg` names (data.sources, or data.root as one source) for data-parallel rank `rank`;
+    each dataset's held-out split at fraction `heldout` (data/heldout_split.py) is never served."""
     sources: list[SourceConfig] = cfg.blend()
     loaders = []
     for i, src in enumerate(sources):
         one = dataclasses.replace(cfg, root=src.root, storage_options=cfg.options_of(src), sources=[])
         try:
-            loaders.append(LatentLoader(one, rank=rank, world_size=world_size))
+            loaders.append(LatentLoader(one, rank=rank, world_size=world_size, heldout=heldout))
         except ConfigError as e:
             if not cfg.sources:
                 raise

@@ -8,6 +8,8 @@ reports it, counted like any skip, without reading it, and a shard holding
 only known skips is never fetched. The token limit is known only when even
 the shortest sequence the clip policy can draw exceeds it (`token_range`);
 otherwise the sample's own draw (`plan_or_skip`) decides, still unread.
+A sample of the held-out split (data/heldout_split.py, eval.heldout_fraction)
+is a known skip of its own reason: evaluated, never trained on.
 
 Usable samples are grouped by latent h x w: one bucket per shape, named
 "HxW". Samples of one bucket batch together (data/order.py: a step serves one
@@ -35,6 +37,7 @@ import numpy as np
 
 from data.batch import patches_per_frame, sequence_length
 from data.dataset_index import DatasetMeta
+from data.heldout_split import heldout_mask
 from data.stage import SamplePlan, interval_bounds, plan_sample, sample_rng, sample_tokens
 from jobconfig.data import DataConfig, StageSamplingConfig
 from jobconfig.errors import ConfigError
@@ -44,7 +47,9 @@ SKIP_SHORT = "too_short"              # fewer stored frames than the stage's fra
 SKIP_TOKENS = "too_many_tokens"       # the drawn clips exceed data.stage.max_tokens
 SKIP_CORRUPT = "corrupt_shard"        # the shard failed its checks (data.corrupt_shards=skip)
 SKIP_BAD_SAMPLE = "corrupt_sample"    # a verified shard's sample would not decode as recorded
-SKIP_CODES = {-1: SKIP_SHORT, -2: SKIP_TOKENS}  # Buckets.code of a known skip -> its reason
+SKIP_HELDOUT = "held_out"             # in the held-out split (data/heldout_split.py): evaluated, never trained on
+SKIP_CODES = {-1: SKIP_SHORT, -2: SKIP_TOKENS, -3: SKIP_HELDOUT}  # Buckets.code of a known skip -> its reason
+_NSKIP = len(SKIP_CODES)
 
 
 _CHUNK = 1 << 20  # samples per pass over the index columns: temporaries stay ~10 MB at any size
@@ -74,19 +79,19 @@ class Buckets:
 
     @cached_property  # `code` never changes; these are read at every schedule and loader state
     def _counts(self) -> np.ndarray:
-        """Samples per code + 2 (known skips first), counted in passes (no [N]-sized temporaries)."""
-        out = np.zeros(len(self.names) + 2, dtype=np.int64)
+        """Samples per code + _NSKIP (known skips first), counted in passes (no [N]-sized temporaries)."""
+        out = np.zeros(len(self.names) + _NSKIP, dtype=np.int64)
         for lo in _chunks(len(self.code)):
-            out += np.bincount(self.code[lo:lo + _CHUNK] + 2, minlength=len(out))
+            out += np.bincount(self.code[lo:lo + _CHUNK] + _NSKIP, minlength=len(out))
         return out
 
     @cached_property
     def sizes(self) -> tuple[int, ...]:
-        return tuple(self._counts[2:].tolist())
+        return tuple(self._counts[_NSKIP:].tolist())
 
     @cached_property
     def num_known_skips(self) -> int:
-        return int(self._counts[:2].sum())
+        return int(self._counts[:_NSKIP].sum())
 
     @cached_property
     def flat(self) -> bool:
@@ -130,8 +135,10 @@ def plan_or_skip(stage: StageSamplingConfig, seed: int, epoch: int, position: in
     return plan
 
 
-def _code(meta: DatasetMeta, short_of_frames: np.ndarray | None, code_of_shape: np.ndarray | None) -> np.ndarray:
-    """Each sample's code from the lookup tables: -1 if its frame count is too short, else its shape's."""
+def _code(meta: DatasetMeta, short_of_frames: np.ndarray | None, code_of_shape: np.ndarray | None,
+          heldout: float = 0.0) -> np.ndarray:
+    """Each sample's code from the lookup tables: -3 if it is held out (a key hash below `heldout`),
+    else -1 if its frame count is too short, else its shape's."""
     dtype = np.int16 if code_of_shape is None or len(code_of_shape) < 2 ** 15 else np.int32
     code = np.zeros(meta.num_samples, dtype=dtype)
     if short_of_frames is not None:
@@ -139,6 +146,8 @@ def _code(meta: DatasetMeta, short_of_frames: np.ndarray | None, code_of_shape: 
         for lo in _chunks(len(code)):
             hi = lo + _CHUNK
             code[lo:hi] = np.where(short_of_frames[meta.frames[lo:hi]], -1, by_shape[meta.shape_ids[lo:hi]])
+    if heldout > 0:
+        code[heldout_mask(meta, heldout)] = -3
     return code
 
 
@@ -146,8 +155,9 @@ def _rebuilt(recipe: tuple, names: tuple[str, ...], batch: tuple[int, ...]) -> B
     return Buckets(_code(*recipe), names, batch, recipe)
 
 
-def build_buckets(meta: DatasetMeta, cfg: DataConfig, where: str = "index.json") -> Buckets:
-    """Buckets of the dataset for the stage `cfg.stage`, with their per-rank batch sizes; a ConfigError
+def build_buckets(meta: DatasetMeta, cfg: DataConfig, where: str = "index.json", heldout: float = 0.0) -> Buckets:
+    """Buckets of the dataset for the stage `cfg.stage`, with their per-rank batch sizes (the samples of
+    the held-out split at fraction `heldout` a known skip of their own); a ConfigError
     naming the key when the stage can use no sample at all. Decided per distinct frame count and per
     distinct shape (few), then looked up per sample in passes of _CHUNK samples over the index columns."""
     if not meta.has_shapes:
@@ -159,7 +169,7 @@ def build_buckets(meta: DatasetMeta, cfg: DataConfig, where: str = "index.json")
             raise ConfigError(f"data.batch_tokens: {where} records no latent shape to size batches by tokens; "
                               "use data.batch_size")
         name = bucket_name(*hw) if hw else "any"
-        recipe = (meta, None, None)
+        recipe = (meta, None, None, heldout)
         return Buckets(_code(*recipe), (name,), (_batch(cfg, name, hw),), recipe)
     N, k = meta.num_samples, len(meta.shape_table)
     count_of_length = np.zeros(int(meta.frames.max()) + 1, dtype=np.int64)
@@ -194,7 +204,7 @@ def build_buckets(meta: DatasetMeta, cfg: DataConfig, where: str = "index.json")
         present = np.flatnonzero(long_of_hw > 0)
         _refuse(cfg.stage, where, int(lengths.max()), num_long == 0, fewest[present], hws, present,
                 N - num_long, num_long)
-    recipe = (meta, short_of_frames, code_of_shape)
+    recipe = (meta, short_of_frames, code_of_shape, heldout)
     usable = [hws[u] for u in usable.tolist()]
     names = tuple(bucket_name(*hw) for hw in usable)
     unknown = sorted(set(cfg.bucket_batch_size) - set(names))

@@ -265,12 +265,13 @@ class LatentLoader:
     """Iterate `LatentBatch`es of one rank; `state_dict()` after any step resumes exactly there.
 
     rank / world_size: this process's data-parallel coordinates (no process group needed).
+    heldout: the fraction of samples held out by key hash (data/heldout_split.py): never served.
     """
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, heldout: float = 0.0):
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank: got {rank}, expected 0 <= rank < world_size={world_size}")
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.cfg, self.rank, self.world_size, self.heldout = cfg, rank, world_size, heldout
         where = f"{cfg.root}/index.json"
         index = read_index(*get_fs(cfg.root, cfg.storage_options))
         self.meta = DatasetMeta.load(*get_fs(cfg.root, cfg.storage_options), index=index, where=where)
@@ -278,7 +279,7 @@ class LatentLoader:
         self.index_version, self.columns = self.meta.version, index.get("columns")
         self._growth: Growth | None = None  # set while a resumed epoch finishes over the old shards
         self.epoch = -1                     # the epoch of the last step served (its window's)
-        self.buckets = build_buckets(self.meta, cfg, where=where)
+        self.buckets = build_buckets(self.meta, cfg, where=where, heldout=heldout)
         self.num_streams = resolve_num_streams(cfg.num_streams, len(self.meta.names))
         self.cursors: tuple[int, ...] = (0,) * len(self.buckets.names)
         self.skips_reported = 0                  # known skips reported (the skip stream's cursor)
@@ -319,7 +320,8 @@ class LatentLoader:
         for key, want in self._order_fields().items():
             if state.get(key) != want:
                 same = {"dataset": "dataset (index.json)", "num_samples": "dataset (index.json)",
-                        "buckets": "dataset and data.stage (the samples it can use, and their shapes)"
+                        "buckets": "dataset, data.stage and eval.heldout_fraction (the samples it can use, "
+                                   "and their shapes)"
                         }.get(key, f"data.{key}")
                 raise ConfigError(f"loader state: {key} is {state.get(key)!r} in the checkpoint but {want!r} now; "
                                   f"the data order would differ (resume with the same {same})")
@@ -351,7 +353,7 @@ class LatentLoader:
         """Make `meta` the dataset of the epochs to come (its buckets, its streams)."""
         where = f"{self.cfg.root}/index.json"
         self.meta, self.index_version, self.columns = meta, version, columns
-        self.buckets = build_buckets(meta, self.cfg, where=where)
+        self.buckets = build_buckets(meta, self.cfg, where=where, heldout=self.heldout)
         self.num_streams = resolve_num_streams(self.cfg.num_streams, len(meta.names))
 
     def _grow(self) -> None:
@@ -376,7 +378,7 @@ class LatentLoader:
         if not self.cfg.epochs:
             return None
         g = self._growth
-        grown = build_buckets(g.meta, self.cfg)
+        grown = build_buckets(g.meta, self.cfg, heldout=self.heldout)
         rest = Schedule(grown.sizes, grown.num_known_skips, grown.batch, self.world_size,
                         tuple(g.epoch * n for n in grown.sizes), self.cfg.epoch_tail, self.cfg.epochs,
                         g.epoch * grown.num_known_skips).num_steps() if self.cfg.epochs > g.epoch else 0

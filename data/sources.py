@@ -105,7 +105,7 @@ class LatentSource:
     data.sources (data/blend.py), or of data.root alone, which is that one loader batch for batch."""
 
     def __init__(self, cfg: JobConfig, dp_rank: int, dp_size: int):
-        self.blend = open_blend(cfg.data, rank=dp_rank, world_size=dp_size)
+        self.blend = open_blend(cfg.data, rank=dp_rank, world_size=dp_size, heldout=cfg.eval.split_fraction)
         self.rows_per_micro = self.blend.max_batch_size  # shape buckets and sources may differ: the largest
         for d in self.blend.describe():
             log.info(describe_line(d))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from jobconfig.data import DataConfig, SyntheticDataConfig
+from jobconfig.errors import ConfigError
+from jobconfig.eval import EvalConfig
 from jobconfig.model import ModelConfig
 from jobconfig.parallel import ParallelConfig
 from jobconfig.precompute import PrecomputeConfig
@@ -22,3 +24,13 @@ class JobConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     precompute: PrecomputeConfig = dataclasses.field(default_factory=PrecomputeConfig)
     predict: PredictConfig = dataclasses.field(default_factory=PredictConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        """Checks across sections (each section validates its own keys first)."""
+        try:
+            self.eval.check_source(self.train.data)
+            pc = self.parallel
+            self.eval.check_predict(self.train.data, pc.zero_stage, pc.tensor_parallel, pc.sequence_parallel)
+        except ConfigError as e:
+            raise ConfigError(f"eval.{e}") from None

@@ -14,8 +14,11 @@
 5. predicts the held-out videos from their first frames (`vgpt predict`'s
    code: 50 Euler steps, image guidance 1.5, KV cache) and scores them
    against the ground truth and the repeat-the-last-frame baseline;
-6. writes <workdir>/report/: loss.png (all stages), strip.png (context |
-   prediction | truth), metrics.json, summary.txt, and prints the summary.
+6. writes <workdir>/report/: loss.png (all stages, and stage 1's held-out
+   loss: configs/quickstart.yaml evaluates it every 25 steps, and predicts two
+   held-out videos every 75 into train/stage1/predictions/ and TensorBoard),
+   strip.png (context | prediction | truth), metrics.json, summary.txt, and
+   prints the summary.
 
 Every step skips work that is already done (videos on disk, a fitted VAE, a
 committed dataset, finished stages, checkpoints inside a stage), so a re-run
@@ -42,7 +45,7 @@ from jobconfig.curriculum import plan_stages
 from jobconfig.loader import CONFIG_ROOT
 from jobconfig.precompute import VideoConfig
 from pretrain.checkpoint.export import export_exists, export_path, read_export_metadata
-from pretrain.evaluation.figures import plot_loss_curves, read_loss_curve, write_strip
+from pretrain.evaluation.figures import plot_loss_curves, read_heldout_curve, read_loss_curve, write_strip
 from pretrain.inference.pipeline import predict_videos, resolve_recipe
 from pretrain.training.metric_sinks import METRICS_FILE
 
@@ -122,7 +125,12 @@ def report(workdir: Path, out: Path, summary: dict, vae_stats: dict, scale: Scal
     rep.mkdir(parents=True, exist_ok=True)
     curves = {f"stage{i}": read_loss_curve(out / f"stage{i}" / METRICS_FILE) for i in range(1, 5)
               if (out / f"stage{i}" / METRICS_FILE).is_file()}
-    plot_loss_curves(curves, rep / "loss.png")
+    evals = {name: read_heldout_curve(out / name / METRICS_FILE) for name in curves}
+    evals = {name: e for name, e in evals.items() if e}
+    plot_loss_curves(curves, rep / "loss.png",
+                     {name: {s: v["heldout_loss"] for s, v in e.items()} for name, e in evals.items()})
+    shares = {name: [json.loads(x) for x in (out / name / METRICS_FILE).read_text().splitlines()
+                     if "eval_time_share" in x][-1]["eval_time_share"] for name in evals}
     rows = []
     for m in summary["per_video"][:4]:
         name = Path(m["video"]).stem
@@ -133,7 +141,9 @@ def report(workdir: Path, out: Path, summary: dict, vae_stats: dict, scale: Scal
     beats = summary["mean_psnr"] > summary["baseline_repeat_last_mean_psnr"]
     metrics = {"heldout": {k: v for k, v in summary.items() if k != "per_video"},
                "per_video": summary["per_video"], "stages": stages, "vae_fit": vae_stats,
-               "scale": asdict(scale), "seconds": timings, "beats_repeat_last_baseline": beats}
+               "scale": asdict(scale), "seconds": timings, "beats_repeat_last_baseline": beats,
+               # held-out loss during training (eval.every): stage -> step -> losses; its share of the stage's time
+               "heldout_eval": evals, "eval_time_share": shares}
     (rep / "metrics.json").write_text(json.dumps(metrics, indent=1))
     lines = [
         "Video-GPT quickstart",
@@ -141,6 +151,9 @@ def report(workdir: Path, out: Path, summary: dict, vae_stats: dict, scale: Scal
         f"{VIDEO_FRAMES} frames, mp4)",
         f"  tiny VAE fitted: reconstruction PSNR {vae_stats['recon_psnr_db']:.1f} dB",
         *(f"  {s}: loss {v['first_loss']:.3f} -> {v['last_loss']:.3f} in {v['steps']} steps" for s, v in stages.items()),
+        *(f"  {s}: held-out loss {e[min(e)]['heldout_loss']:.3f} (step {min(e)}) -> {e[max(e)]['heldout_loss']:.3f} "
+          f"(step {max(e)}), evaluation {100 * shares[s]:.1f}% of its time"
+          for s, e in evals.items()),
         f"  held-out prediction ({summary['context']} context frames -> {summary['generate']} predicted):",
         f"    PSNR {summary['mean_psnr']:.2f} dB vs {summary['baseline_repeat_last_mean_psnr']:.2f} dB for repeating "
         f"the last context frame ({'better' if beats else 'NOT better'})",

@@ -30,6 +30,8 @@ from orchestration.launch.local_torchrun import run_agent
 from orchestration.stages import already_done, chain_stages
 from parallel.device import destroy_process_group, free_port
 from pretrain.checkpoint.export import export_path
+from pretrain.evaluation.latent_eval import make_evaluator
+from pretrain.inference.heldout_predict import make_predictor
 from pretrain.training.resume_plan import RESUME_MODES
 from pretrain.training.trainer import Trainer, check_layout_fits
 
@@ -43,7 +45,8 @@ def run_plan(plan: list[tuple[str, JobConfig]], only_stage: int | None, resume: 
         if already_done(plan, cfg, only_stage, resume):
             exports.append(export_path(cfg.train.out_dir))
             continue
-        with Trainer(cfg, stage_name=name, hooks=trainer_hooks()) as trainer:
+        with Trainer(cfg, stage_name=name, hooks=trainer_hooks(), evaluator_factory=make_evaluator,
+                     predictor_factory=make_predictor) as trainer:
             exports.append(trainer.run(resume=resume))
     return exports
 

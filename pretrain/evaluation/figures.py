@@ -55,8 +55,17 @@ def read_loss_curve(metrics_file: str | Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
-def plot_loss_curves(curves: dict[str, dict[int, float]], path: str | Path) -> Path:
-    """Training loss of every stage (name -> step -> loss, in order) on one global step axis."""
+def read_heldout_curve(metrics_file: str | Path) -> dict[int, dict[str, float]]:
+    """step -> {heldout_loss, heldout_loss_t<t>...} of the evaluation steps of a trainer's metrics.jsonl."""
+    rows = (json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip())
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("heldout_loss")}
+            for r in rows if "heldout_loss" in r}
+
+
+def plot_loss_curves(curves: dict[str, dict[int, float]], path: str | Path,
+                     heldout: dict[str, dict[int, float]] | None = None) -> Path:
+    """Training loss of every stage (name -> step -> loss, in order) on one global step axis, and
+    next to it the held-out loss of the stages that evaluated (name -> step -> loss; markers)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     offset = 0
@@ -64,7 +73,12 @@ def plot_loss_curves(curves: dict[str, dict[int, float]], path: str | Path) -> P
         if not by_step:
             continue
         steps = sorted(by_step)
-        ax.plot([offset + s for s in steps], [by_step[s] for s in steps], label=stage)
+        line, = ax.plot([offset + s for s in steps], [by_step[s] for s in steps], label=stage)
+        if held := (heldout or {}).get(stage):
+            at = sorted(held)
+            ax.plot([offset + s for s in at], [held[s] for s in at], marker="D", markersize=5, linestyle="--",
+                    linewidth=1.5, color="black", markerfacecolor=line.get_color(), label=f"{stage} held-out",
+                    zorder=3)
         offset += steps[-1]
     ax.set_yscale("log")
     return _finish(plt, fig, ax, "step (stages in order)", "next-clip loss", path)

@@ -20,6 +20,12 @@ from pretrain.training.objective import next_clip_loss, row_seed
 HELD_OUT_VERSION = 2
 
 
+def synthetic_eval_seed(seed: int) -> int:
+    """The video seed of the held-out set evaluated during synthetic training (eval.seed), apart from
+    the training videos' (train.seed)."""
+    return 1_000_003 + seed
+
+
 def eval_batch(job: JobConfig, eval_cfg: dict) -> tuple[Batch, list[int]]:
     """The fixed held-out batch (one row per video, its own clip cuts) and its noise seeds."""
     syn = dataclasses.replace(job.synthetic, num_videos=eval_cfg["num_videos"])

@@ -22,7 +22,8 @@ from jobconfig.train import TrainConfig
 
 METRICS_FILE = "metrics.jsonl"  # in the run's out_dir; what readers of a run's metrics open
 TENSORBOARD_DIR = "tensorboard"
-SCALARS = ("loss", "tokens_per_s", "samples_per_s", "step_time", "grad_norm", "lr", "mfu")
+SCALARS = ("loss", "tokens_per_s", "samples_per_s", "step_time", "grad_norm", "lr", "mfu", "eval_time_share")
+HELDOUT = "heldout_"  # prefix of the held-out losses and prediction scores of evaluation steps (eval:)
 
 
 def wandb_run_id(out: Path, stage: str) -> str:
@@ -41,7 +42,8 @@ class MetricSinks:
         with open(self.out / METRICS_FILE, "a") as f:
             for m in records:
                 f.write(json.dumps({"stage": self.stage, **m}) + "\n")
-        scalars = [(m["step"], {f"{self.stage}/{k}": m[k] for k in SCALARS if k in m}) for m in records]
+        scalars = [(m["step"], {f"{self.stage}/{k}": m[k] for k in m if k in SCALARS or k.startswith(HELDOUT)})
+                   for m in records]
         if self.tc.tensorboard:
             if self._tb is None:
                 from torch.utils.tensorboard import SummaryWriter  # optional view: loaded only when used
@@ -53,6 +55,17 @@ class MetricSinks:
             run = self._wandb_run()
             for step, values in scalars:
                 run.log(values, step=step)
+
+    def write_image(self, step: int, name: str, image) -> None:
+        """A uint8 [H, W, 3] picture (a held-out prediction strip) to TensorBoard and W&B, as `<stage>/<name>`."""
+        if self.tc.tensorboard:
+            if self._tb is None:
+                from torch.utils.tensorboard import SummaryWriter  # optional view: loaded only when used
+                self._tb = SummaryWriter(str(self.out / TENSORBOARD_DIR))
+            self._tb.add_image(f"{self.stage}/{name}", image, step, dataformats="HWC")
+        if self.tc.wandb:
+            import wandb  # present: _wandb_run checks
+            self._wandb_run().log({f"{self.stage}/{name}": wandb.Image(image)}, step=step)
 
     def _wandb_run(self):
         if self._wandb is None:

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from data.buckets import SKIP_HELDOUT
 from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
 from pretrain.checkpoint.integrity import atomic_write
@@ -37,6 +38,7 @@ from pretrain.training.metric_sinks import MetricSinks
 from pretrain.training.metrics import train_flops
 
 log = logging.getLogger(__name__)
+EVAL_KEYS = ("heldout_", "eval_time_share")  # prefixes of a step's held-out results (host numbers)
 
 
 class MetricsWindow:
@@ -57,6 +59,10 @@ class MetricsWindow:
 
     def add(self, record: dict[str, Any]) -> None:
         self._pending.append(record)
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` spent since the window started (a held-out evaluation) out of its time."""
+        self._start += seconds
 
     def restart_clock(self) -> None:
         """The window's time starts now (what came before, a checkpoint's stall, is not training time)."""
@@ -103,6 +109,7 @@ class MetricsWindow:
                         "samples": samples / replicas, "attention_pairs": pairs / replicas,
                         "grad_norm": values[4 * n + i], "lr": p["lr"],
                         "sample_rows": sorted({r for rank_rows in consumed for r in rank_rows[i][0]})})
+            out[-1].update({k: v for k, v in p.items() if k.startswith(EVAL_KEYS)})  # host floats
             if p.get("source_samples"):  # a blend (data/blend.py): samples per dataset, summed like "samples"
                 drawn = Counter()
                 for rank_rows in consumed:
@@ -167,7 +174,9 @@ def skipped_window_error(records: list[dict], reasons: list[str], replicas: int,
     """Why a flushed window must stop the run, or None: the loader skipped more than `limit` of its
     samples (videos too short for the stage, corrupt shards, too many tokens), and a run that goes on
     trains on nothing. `reasons` are the skip reasons gathered from every rank (each data-parallel
-    replica counted `replicas` times, once per TP/SP rank); every rank reaches the same verdict."""
+    replica counted `replicas` times, once per TP/SP rank); every rank reaches the same verdict. Samples
+    of the held-out split are left out of both counts: they are skipped by design."""
+    reasons = [r for r in reasons if r != SKIP_HELDOUT]
     skipped = len(reasons) / replicas
     total = skipped + sum(m["samples"] for m in records)
     if not total or skipped / total <= limit:

@@ -48,16 +48,22 @@ def per_frame_clip_t(clips: list[list[list[int]]], num_frames: int, row_seeds: l
                         for row, seed in zip(clips, row_seeds)])
 
 
-def add_noise(batch: Batch, cfg: ObjectiveConfig, row_seeds: list[int]) -> NoisedBatch:
+def add_noise(batch: Batch, cfg: ObjectiveConfig, row_seeds: list[int],
+              fixed_t: list[float] | None = None) -> NoisedBatch:
+    """`fixed_t`: one noise level per row for every clip of the row (held-out evaluation,
+    pretrain/evaluation/latent_eval.py); the row's draws are made as without it, so its noise
+    eps is the same at every level."""
     x1 = batch.latents
     B, F = x1.shape[:2]
     if len(row_seeds) != B:
         raise ValueError(f"row_seeds: got {len(row_seeds)} seeds for a batch of {B} rows")
     lo = cfg.context_noise_min
     ts, eps, eps_ctx, t_ctx = [], [], [], []
-    for row, seed in zip(batch.clips, row_seeds):
+    for r, (row, seed) in enumerate(zip(batch.clips, row_seeds)):
         g = torch.Generator().manual_seed(seed)
         ts.append(_clip_t([c for s in row for c in s], F, g))
+        if fixed_t is not None:
+            ts[-1] = torch.full((F,), float(fixed_t[r]))
         eps.append(torch.randn(x1.shape[1:], generator=g))
         eps_ctx.append(torch.randn(x1.shape[1:], generator=g))
         t_ctx.append(lo + (1 - lo) * torch.rand(F, generator=g))

@@ -9,7 +9,10 @@ first one; the records of the steps handed to the metrics window
 metrics.jsonl, TensorBoard and W&B); checkpoints through the one
 CheckpointManager (in the background with `train.async_checkpoint`); and at
 the end the export directory (`from_pretrained`) that the next stage starts
-from.
+from. Every `eval.every` steps (and at the last) the held-out evaluator
+(pretrain/evaluation/latent_eval.py, handed in) adds `heldout_loss*` to that step's
+record; its time is left out of the window's throughput and MFU and reported
+as `eval_time_share` of the run.
 
 The model stays the plain single-device VideoGPT (`self.model`); the engine
 wraps it for forward/backward/step; nothing unwraps `.module`.
@@ -60,7 +63,13 @@ class TrainerHooks:
 
 class Trainer:
     def __init__(self, cfg: JobConfig, stage_name: str = "stage", data_factory: Callable | None = None,
-                 hooks: TrainerHooks | None = None):
+                 hooks: TrainerHooks | None = None, evaluator_factory: Callable | None = None,
+                 predictor_factory: Callable | None = None):
+        """`evaluator_factory(cfg, device, dp_rank, dp_size, dp_group)`: the held-out evaluator of
+        `eval.every` (pretrain/evaluation/latent_eval.py `make_evaluator`, a layer above this one, so
+        the caller hands it in); required when eval.every > 0. `predictor_factory(cfg, samples, out_dir,
+        device)`: the held-out predictions of `eval.predict_every` (pretrain/inference/heldout_predict.py
+        `make_predictor`), rank 0 only."""
         self.cfg, self.stage_name = cfg, stage_name
         self.hooks = hooks or TrainerHooks()
         pc = cfg.parallel
@@ -96,6 +105,17 @@ class Trainer:
         self.metrics = MetricsWindow(cfg, MetricSinks(self.out, self.stage_name, cfg.train, redact(asdict(cfg))),
                                      self.device.device, self.dist.rank, self.dist.world_size, self.dims.dp,
                                      self.n_params, peak_flops(self.device.device), self.progress_line)
+        if cfg.eval.every and evaluator_factory is None:
+            raise ValueError("eval.every: this Trainer was built without an evaluator_factory; pass "
+                             "pretrain.evaluation.latent_eval.make_evaluator (vgpt train does)")
+        self.evaluator = evaluator_factory(cfg, self.device.device, self.dp_rank, self.dp_size,
+                                           self.groups.dp_group if self.groups else None) if cfg.eval.every else None
+        if cfg.eval.predict_every and predictor_factory is None:
+            raise ValueError("eval.predict_every: this Trainer was built without a predictor_factory; pass "
+                             "pretrain.inference.heldout_predict.make_predictor (vgpt train does)")
+        self.predictor = predictor_factory(cfg, [s for _, s in self.evaluator.set.mine], self.out, self.device.device) \
+            if cfg.eval.predict_every and self.dist.rank == 0 else None
+        self.eval_seconds = 0.0  # evaluation time of this run (since start or resume)
 
     def _record_init(self, path: str) -> None:
         """Which weights this stage starts from, for the run's provenance (and the chaining test)."""
@@ -213,9 +233,13 @@ class Trainer:
                        f"ZeRO-{self.cfg.parallel.zero_stage}, steps {self.step + 1}..{tc.steps}")
         self.metrics.restart_clock()
         while self.step < tc.steps:
-            self.metrics.add(self.train_step())
+            record = self.train_step()
+            evaluate = self.eval_due(self.step)
+            if evaluate:
+                record.update(self.evaluate_heldout(start_time))
+            self.metrics.add(record)
             checkpoint = bool(tc.checkpoint_every) and self.step % tc.checkpoint_every == 0 and self.step < tc.steps
-            if self.metrics.flush_due(self.step, start_step, checkpoint):
+            if self.metrics.flush_due(self.step, start_step, checkpoint) or evaluate:
                 self.metrics.flush(start_step, start_time)
             if checkpoint:
                 self._save(background=self.async_checkpoint)
@@ -234,9 +258,45 @@ class Trainer:
                                                              "init_from": self.cfg.train.init_from,
                                                              **self._data_recipe()})
         self.ckpt.wait()  # the last checkpoint is committed before the stage counts as done
+        if self.evaluator is not None:
+            self._log_line(f"{self.stage_name}: held-out evaluation took {self.eval_seconds:.1f}s, "
+                           f"{100 * self.eval_seconds / max(time.perf_counter() - start_time, 1e-9):.1f}% of the run")
         self._barrier()
         self.metrics.sinks.close()
         return export
+
+    def eval_due(self, step: int) -> bool:
+        every = self.cfg.eval.every
+        return self.evaluator is not None and (step % every == 0 or step == self.cfg.train.steps
+                                               or self.predict_due(step))
+
+    def predict_due(self, step: int) -> bool:
+        every = self.cfg.eval.predict_every
+        return bool(every) and (step % every == 0 or step == self.cfg.train.steps)
+
+    def evaluate_heldout(self, start_time: float) -> dict[str, float]:
+        """The held-out losses of the weights now (every rank: collective). Waits for the step's
+        kernels first, so its time (left out of the metrics window's) is the evaluation's own."""
+        self._sync()
+        t0 = time.perf_counter()
+        out = self.evaluator.evaluate(self.model, forward=self.engine)
+        if self.predictor is not None and self.predict_due(self.step):  # rank 0: no collective inside
+            scores, strip = self.predictor.predict(self.model, self.step)
+            out.update(scores)
+            if strip is not None:
+                self.metrics.sinks.write_image(self.step, "heldout_prediction", strip)
+        self._sync()
+        spent = time.perf_counter() - t0
+        self.eval_seconds += spent
+        self.metrics.exclude(spent)
+        out["eval_time_share"] = self.eval_seconds / max(time.perf_counter() - start_time, 1e-9)
+        self._log_line(f"[{self.stage_name}] step {self.step:6d} held-out loss {out['heldout_loss']:.4f} "
+                       f"({spent:.2f}s)")
+        return out
+
+    def _sync(self) -> None:
+        if self.device.type in ("cuda", "npu"):
+            getattr(torch, self.device.type).synchronize(self.device.device)
 
     @property
     def async_checkpoint(self) -> bool:
