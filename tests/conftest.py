@@ -130,14 +130,20 @@ def rendered_torchrun(tmp_path_factory):
 def pytest_collection_modifyitems(session, config, items):
     """The quick tier first (a failure there shows in the first minute), then the slow tests, each in
     collection order; the session's long jobs start now, in a thread beside them (tests/runs.py
-    Background): the quickstart's first run and the example sweep's killed-and-resumed run; and the
-    precompute tests' Ray head is set up beside the quick tier (tests/runs.py EARLY)."""
+    Background): `bench/gpu.py --tiny`, the quickstart's first run and the example sweep's
+    killed-and-resumed run; and the precompute tests' Ray head is set up beside the quick tier
+    (tests/runs.py EARLY)."""
     items[:] = [i for i in items if i.get_closest_marker("slow") is None] + \
                [i for i in items if i.get_closest_marker("slow") is not None]
     if config.option.collectonly:
         return
     files = {Path(str(i.fspath)).name for i in items}
     factory = config._tmp_path_factory  # what the tmp_path_factory fixture hands out
+    if "test_bench_gpu.py" in files:  # first: its test comes early in the slow tier
+        from test_bench_gpu import bench_gpu_tiny
+
+        folder = factory.mktemp("bench_gpu")
+        BACKGROUND.add("bench_gpu", lambda: bench_gpu_tiny(folder, run=BACKGROUND.run))
     if "test_quickstart.py" in files:
         from test_quickstart import quickstart
 

@@ -114,8 +114,8 @@ def rows_by_step(out: Path) -> dict[int, list[int]]:
 
 
 class Background:
-    """The session's long subprocess jobs (the quickstart, the example sweep), started when collection
-    ends and run one at a time in a thread beside the tests, which run the quick tier first
+    """The session's long subprocess jobs (bench/gpu.py --tiny, the quickstart, the example sweep), started
+    when collection ends and run one at a time in a thread beside the tests, which run the quick tier first
     (tests/conftest.py): on 2 cores the quick tier leaves one mostly idle. A fixture takes its job's
     result (`result(name)`, waiting for it to end). A job's `vgpt precompute` or sweep starts a local Ray
     of its own (orchestration/local_ray.py), which never joins the `ray start` cluster of the precompute

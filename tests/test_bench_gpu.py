@@ -9,15 +9,22 @@ from pathlib import Path
 
 import pytest
 
+from tests.runs import background_result
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # every GPU benchmark at tiny size, in a fresh interpreter
+def bench_gpu_tiny(folder: Path, run=subprocess.run) -> tuple[Path, subprocess.CompletedProcess]:
+    """`bench/gpu.py --tiny` in a fresh interpreter, writing its JSON under `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "bench_gpu.json"
+    return out, run([sys.executable, str(REPO / "bench" / "gpu.py"), "--tiny", "--out", str(out)], cwd=folder,
+                    env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow  # every GPU benchmark at tiny size; run in the background beside the quick tier (conftest)
 def test_bench_gpu_tiny_writes_all_sections(tmp_path):
-    out = tmp_path / "bench_gpu.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--tiny", "--out", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    (out, proc), _ = background_result("bench_gpu", lambda bg: bench_gpu_tiny(tmp_path, run=bg.run))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
 

@@ -6,8 +6,8 @@ The quick tests build datasets through the precompute job's own planning and pub
 (data/synthetic/shards.py), so the plan, the shards and the index are the real ones without Ray:
 
 2. 40 inputs, then the same 40 plus 12: the second job plans (and, in the slow test on real mp4s,
-   encodes) only the 12, the first 40's shards stay byte-identical, the index lists 52 in a new version; a rerun plans nothing
-   and publishes nothing; changed settings are refused; a loader resumed mid-epoch on the grown
+   encodes) only the 12, the first 40's shards stay byte-identical, the index lists 52 in a new
+   version; a rerun plans nothing and publishes nothing; changed settings are refused; a loader resumed mid-epoch on the grown
    dataset finishes the epoch over the old shards and takes the 52 from the next epoch (continue
    path), and one whose old shard was rewritten is refused naming it (refuse path);
 4. the job killed while publishing (between the columns file and index.json) leaves the old index
