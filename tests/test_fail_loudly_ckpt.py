@@ -182,13 +182,15 @@ def test_ckpt_prune_never_removes_the_newest_checkpoint_that_verifies(run):
     for tag in ("step_00000010", "step_00000015"):
         flip_bit(biggest_shard(ckpts / tag))
     res = cli("ckpt", "prune", str(run), "--keep-last", "1")
-    assert res.returncode == 0 and "removed 0 checkpoint(s)" in res.stdout, res.stdout + res.stderr
+    # exit 1: the broken ones are left in place and named, one line each
+    assert res.returncode == 1 and "removed 0 checkpoint(s)" in res.stdout, res.stdout + res.stderr
+    assert [line.split()[3] for line in res.stderr.splitlines()] == ["step_00000010", "step_00000015"], res.stderr
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000005", "step_00000010", "step_00000015"]
     # once a newer one verifies again, the older good one is pruned and the broken ones are left alone
     shutil.rmtree(ckpts / "step_00000015")
     shutil.copytree(ckpts / "step_00000005", ckpts / "step_00000020")
     res = cli("ckpt", "prune", str(run), "--keep-last", "1")
-    assert res.returncode == 0 and "removed 1 checkpoint(s): step_00000005" in res.stdout, res.stdout
+    assert res.returncode == 1 and "removed 1 checkpoint(s): step_00000005" in res.stdout, res.stdout
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000010", "step_00000020"]
 
 

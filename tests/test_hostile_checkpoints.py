@@ -256,8 +256,10 @@ def check_verbs(res: dict, root: Path, file: str, verifies: bool = False, step: 
     row = next(line for line in listing.stdout.splitlines() if line.startswith(step))
     assert "BROKEN" in row and file in row, row
     prune = res["prune"]
-    assert prune.returncode == 0 and "Traceback" not in prune.stdout + prune.stderr, prune.stdout + prune.stderr
-    assert (root / step).is_dir() and step not in prune.stdout, prune.stdout
+    assert prune.returncode == 1 and "Traceback" not in prune.stdout + prune.stderr, prune.stdout + prune.stderr
+    assert (root / step).is_dir() and step not in prune.stdout, prune.stdout  # left in place, and named:
+    assert [line for line in prune.stderr.splitlines() if line.startswith(f"vgpt ckpt prune: {step} is broken")
+            and file in line], prune.stderr
 
 
 def no_traceback(res) -> None:

@@ -193,7 +193,9 @@ def cmd_prune(store: CheckpointStore, args) -> int:
     manager = CheckpointManager(store.root, keep_last=args.keep_last, keep_every=args.keep_every)
     removed = manager.prune(full=True)  # files may have changed since they were written: re-hash them
     print(f"removed {len(removed)} checkpoint(s): {' '.join(removed) or '-'}")
-    return 0
+    for tag, problems in manager.left_broken.items():  # never counted, never removed: a person should look
+        print(f"vgpt ckpt prune: {tag} is broken, left in place: {problems[0]}", file=sys.stderr)
+    return 1 if manager.left_broken else 0
 
 
 COMMANDS = {"list": cmd_list, "verify": cmd_verify, "inspect": cmd_inspect, "export": cmd_export,

@@ -165,6 +165,7 @@ class CheckpointManager:
         self.before_commit = before_commit
         self.rank = rank
         self.keep_last, self.keep_every = keep_last, keep_every
+        self.left_broken: dict[str, list[str]] = {}  # of the last prune: broken checkpoints it left in place
         self.write_format = Format(write_format)
         self.on_write: Callable[[int], None] | None = None  # after each write of a save (fault injection)
         self._pruner = None  # the thread deleting pruned checkpoints, if any
@@ -340,11 +341,14 @@ class CheckpointManager:
         that a bit-flipped checkpoint neither counts as one of the `keep_last` nor pushes a good one out.
         Pruned checkpoints are renamed out of sight at once and deleted after; with
         `background` (at a save) in a thread, since unlinking GBs is part of the training stall."""
+        self.left_broken = {}
         if self.keep_last <= 0:
             return []
-        complete = [t for t in self.tags() if not self.store.verify(t, full=False)]
+        found = {t: self.store.verify(t, full=False) for t in self.tags()}
         if full:
-            complete = [t for t in complete if not self.store.verify(t, full=True)]
+            found = {t: problems or self.store.verify(t, full=True) for t, problems in found.items()}
+        complete = [t for t, problems in found.items() if not problems]
+        self.left_broken = {t: problems for t, problems in found.items() if problems}  # tag -> its problems
         keep = set(complete[-self.keep_last:])
         if self.keep_every:
             keep |= {t for t in complete if int(t.split("_")[1]) % self.keep_every == 0}
