@@ -130,8 +130,8 @@ def rendered_torchrun(tmp_path_factory):
 def pytest_collection_modifyitems(session, config, items):
     """The quick tier first (a failure there shows in the first minute), then the slow tests, each in
     collection order; the session's long jobs start now, in a thread beside them (tests/runs.py
-    Background): `bench/gpu.py --tiny`, the quickstart's first run and the example sweep's
-    killed-and-resumed run; and the precompute tests' Ray head is set up beside the quick tier
+    Background): `bench/gpu.py --tiny`, the real growth job, the quickstart's first run and the example
+    sweep's killed-and-resumed run; and the precompute tests' Ray head is set up beside the quick tier
     (tests/runs.py EARLY)."""
     items[:] = [i for i in items if i.get_closest_marker("slow") is None] + \
                [i for i in items if i.get_closest_marker("slow") is not None]
@@ -144,6 +144,11 @@ def pytest_collection_modifyitems(session, config, items):
 
         folder = factory.mktemp("bench_gpu")
         BACKGROUND.add("bench_gpu", lambda: bench_gpu_tiny(folder, run=BACKGROUND.run))
+    if any(i.name == "test_real_job_over_more_videos_encodes_only_the_new_ones" for i in items):
+        from test_dataset_growth import grow_real_job
+
+        grown = factory.mktemp("growth_real_job")
+        BACKGROUND.add("growth_real_job", lambda: grow_real_job(grown, run=BACKGROUND.run))
     if "test_quickstart.py" in files:
         from test_quickstart import quickstart
 

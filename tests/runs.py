@@ -183,7 +183,7 @@ class Background:
                 deadline = time.monotonic() + timeout
                 while proc.poll() is None and time.monotonic() < deadline:  # bounded; ends with the process
                     seen.update(listening(descendants(proc.pid)))
-                    time.sleep(0.25)
+                    time.sleep(1.0)  # a Ray's servers listen for the whole job: once a second sees them
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
                 reader.join()

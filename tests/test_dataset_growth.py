@@ -21,6 +21,8 @@ import hashlib
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import fsspec
@@ -37,7 +39,7 @@ from jobconfig.errors import ConfigError
 from jobconfig.loader import load_config
 from orchestration.precompute.generation import plan_job, publish
 from orchestration.precompute.job import run
-from tests.runs import cli, vgpt
+from tests.runs import REPO, background_result, cli, env, vgpt
 
 VAE = {"name": "toy", "sha256": "0" * 64, "latent_channels": 4, "downsample": 8}  # what `vae_info` gives, toy
 
@@ -303,24 +305,25 @@ print("SUMMARIES " + json.dumps([{k: s[k] for k in ("encoded_videos", "num_sampl
 """
 
 
-@pytest.mark.slow
-def test_real_job_over_more_videos_encodes_only_the_new_ones(tmp_path):
-    """40 real mp4s, then the same 40 plus 12 (acceptance 2), through the job's Ray pipeline (one local Ray for
-    both jobs)."""
-    import subprocess
-    import sys
-
+def grow_real_job(folder: Path, run=subprocess.run) -> tuple[Path, subprocess.CompletedProcess]:
+    """40 real mp4s, then the same 40 plus 12, through the job's Ray pipeline (one local Ray for both jobs):
+    (the dataset root, the process). Run in the background lane when the session holds this file (conftest)."""
     from data.synthetic.videos import pattern_frames, write_video
-    from tests.runs import REPO, env
 
-    videos = [write_video(tmp_path / f"v{i}.mp4", pattern_frames(128, 128, 4, seed=i), 24) for i in range(52)]
-    first, both = tmp_path / "first.txt", tmp_path / "both.txt"
+    folder.mkdir(parents=True, exist_ok=True)
+    videos = [write_video(folder / f"v{i}.mp4", pattern_frames(128, 128, 4, seed=i), 24) for i in range(52)]
+    first, both = folder / "first.txt", folder / "both.txt"
     first.write_text("".join(f"{p}\n" for p in videos[:40]))
     both.write_text("".join(f"{p}\n" for p in videos))
-    root = tmp_path / "latents"
-    res = subprocess.run([sys.executable, "-c", GROW_TWICE, str(root), str(first), str(both)], check=False, cwd=REPO,
-                         env=env(), capture_output=True, text=True,
-                         timeout=300)
+    root = folder / "latents"
+    return root, run([sys.executable, "-c", GROW_TWICE, str(root), str(first), str(both)], cwd=REPO, env=env(),
+                     capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_real_job_over_more_videos_encodes_only_the_new_ones(tmp_path):
+    """Acceptance 2 on real videos: the second job encodes only the 12 new ones."""
+    (root, res), _ = background_result("growth_real_job", lambda bg: grow_real_job(tmp_path, run=bg.run))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summaries = json.loads(res.stdout.split("SUMMARIES ", 1)[1])
     assert summaries == [{"encoded_videos": 40, "num_samples": 40, "index_version": 1},
