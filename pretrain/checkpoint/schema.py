@@ -238,11 +238,17 @@ def source(v: Any, where) -> dict:
     return src
 
 
-def engine_json(v: Any, where, expected_format: str) -> dict:
-    """engine.json of a sharded checkpoint (sharded.py)."""
+def _optimizer_meta(v: Any, where, expected_format: str) -> dict:
+    """What engine.json and optimizer.json share: an object of the expected format with optimizer info."""
     meta = obj(v, where, "the top level")
     string(meta.get("format"), where, "format", (expected_format,))
     optimizer_info(meta.get("optimizer"), where)
+    return meta
+
+
+def engine_json(v: Any, where, expected_format: str) -> dict:
+    """engine.json of a sharded checkpoint (sharded.py)."""
+    meta = _optimizer_meta(v, where, expected_format)
     if "layout" in meta:
         layout(meta["layout"], where)
     if "source" in meta:
@@ -251,10 +257,8 @@ def engine_json(v: Any, where, expected_format: str) -> dict:
 
 
 def optimizer_json(v: Any, where, expected_format: str) -> dict:
-    """optimizer.json of a portable checkpoint (portable.py)."""
-    meta = obj(v, where, "the top level")
-    string(meta.get("format"), where, "format", (expected_format,))
-    optimizer_info(meta.get("optimizer"), where)
+    """optimizer.json of a portable checkpoint (portable.py): its `source` is the layout it came from."""
+    meta = _optimizer_meta(v, where, expected_format)
     if "source" in meta:
         layout(meta["source"], where, "source")
     return meta
