@@ -32,9 +32,12 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from pretrain.training.trainer import Trainer, TrainerHooks
+from pretrain.training.hooks import TrainerHooks
+
+if TYPE_CHECKING:  # the hooks' argument; importing the trainer here would load it into every precompute worker
+    from pretrain.training.trainer import Trainer
 
 
 def trainer_hooks() -> TrainerHooks:

@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from tests.runs import cli
+from tests.runs import cli, env
 
 
 @pytest.mark.slow
 def test_train_debug_runs_and_writes_the_loss_curve(tmp_path):
     out = subprocess.run([sys.executable, "-m", "orchestration.cli", "train-debug", "--train.steps=30",
                           "--train.log_every=10", f"--train.out_dir={tmp_path}"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=env())
     assert out.returncode == 0, out.stderr
     assert "step    30/30" in out.stdout and "samples/s" in out.stdout and "ETA" in out.stdout
     losses = json.loads((tmp_path / "losses.json").read_text())

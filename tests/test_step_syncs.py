@@ -30,7 +30,8 @@ import torch.distributed as dist
 from parallel_harness import run_ranks
 
 from jobconfig.loader import CONFIG_ROOT, load_config
-from pretrain.training.trainer import Trainer, TrainerHooks
+from pretrain.training.hooks import TrainerHooks
+from pretrain.training.trainer import Trainer
 
 READS = [(torch.Tensor, n) for n in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")]
 GATHERS = [(dist, n) for n in ("all_gather_object", "broadcast_object_list", "gather_object")]

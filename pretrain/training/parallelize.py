@@ -22,6 +22,8 @@ block instance's `forward`, so parameter names stay those of the plain model.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -89,11 +91,17 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
 _attention_slot: list[AttnFn] = []
 
 
-@torch._dynamo.disable
-def _slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The one attention object the compiled blocks ever see: dynamo guards on its
-    identity, which never changes, and runs it eagerly (a graph break)."""
+def _attend_in_slot(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return _attention_slot[-1](q, k, v)
+
+
+@functools.cache
+def _slot_attention() -> AttnFn:
+    """The one attention object the compiled blocks ever see: dynamo guards on its
+    identity, which never changes, and runs it eagerly (a graph break). Made on the first
+    compile, not at import: `torch._dynamo` (with sympy and inductor) costs about 1.3 s of
+    CPU to import, in every training process, most of which never compile."""
+    return torch._dynamo.disable(_attend_in_slot)
 
 
 class CompiledForward:
@@ -103,11 +111,12 @@ class CompiledForward:
         self.inner = inner
         # automatic dynamic shapes (dynamic=None): static on the first length, symbolic from the second
         self.compiled = torch.compile(inner, backend=backend, dynamic=None)
+        self.attention = _slot_attention()
 
     def __call__(self, x, cos, sin, attn: AttnFn):
         _attention_slot.append(attn)
         try:
-            return self.compiled(x, cos, sin, _slot_attention)
+            return self.compiled(x, cos, sin, self.attention)
         finally:
             _attention_slot.pop()
 

@@ -23,7 +23,7 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +42,7 @@ from pretrain.checkpoint.export import export_path, load_export, save_export, we
 from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.checkpoint.storage import CHECKPOINTS_DIR
 from pretrain.model.videogpt import build_model
+from pretrain.training.hooks import TrainerHooks
 from pretrain.training.metric_sinks import METRICS_FILE, MetricSinks
 from pretrain.training.metrics import allowed_attention_pairs, peak_flops
 from pretrain.training.metrics_window import MetricsWindow, keep_metrics_upto
@@ -51,14 +52,6 @@ from pretrain.training.parallelize import TP_PLAN, parallelize
 from pretrain.training.resume_plan import ResumePlan, plan_resume, set_aside, span
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainerHooks:
-    """Calls the Trainer makes at fixed points, for tooling outside the training code
-    (fault injection, orchestration/faults.py). Each is optional."""
-    after_step: Callable[["Trainer"], None] | None = None       # after a step is recorded (and saved)
-    before_checkpoint_commit: Callable[[int], None] | None = None  # rank 0, files written, manifest not yet
 
 
 class Trainer:
