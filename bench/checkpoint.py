@@ -1,6 +1,7 @@
 """Checkpoint save/load throughput vs the raw write/read bandwidth of the same disk, in one run.
 
     python bench/checkpoint.py [--dir DIR] [--hidden 768] [--layers 8] [--zero 2] [--repeats 3]
+                               [--from-ranks 2 --to-ranks 3] [--resharded-only]
 
 Builds the Video-GPT backbone at the given width and depth (default: ~57M
 parameters, ~230 MB of fp32 weights; the DeepSpeed checkpoint with fp32 master
@@ -20,12 +21,20 @@ DeepSpeed engine, gloo), then measures, each the best of --repeats runs:
               for comparison (what earlier versions wrote);
   load        what `--resume auto` does, cold: manifest verification (CRC-32 of
               every block) plus CheckpointManager.load into the engine;
-  portable    the world-size-change path: conversion to the portable form
-              (make_portable) and load_portable into the engine, cold.
+  reshard     `vgpt ckpt reshard`: the offline portable copy (make_portable),
+              read by byte ranges and written one parameter at a time, cold;
+  resharded   a resume on another world size (--from-ranks -> --to-ranks
+              processes, bench/checkpoint_ranks.py): the same-layout load of the
+              new world size's own checkpoint, the resharded load of the old
+              one (every rank reading its byte ranges at once), and the raw
+              read of the very byte ranges it read, all ranks at once, cold;
+              and each rank's peak resident memory during the resharded load,
+              against its own new shard plus the largest parameter (goal < 1.5x).
 
-GB/s counts the checkpoint's bytes. Prints ratios to raw (goal >= 0.5) and the
-stall of an async save as a fraction of a synchronous one (goal <= 0.1). No
-figure here is asserted anywhere: it is a report.
+GB/s counts the checkpoint's bytes (the resharded rows: the bytes read). Prints
+ratios to raw (goal >= 0.5) and the stall of an async save as a fraction of a
+synchronous one (goal <= 0.1). No figure here is asserted anywhere: it is a
+report.
 """
 from __future__ import annotations
 
@@ -82,15 +91,49 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--zero", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--from-ranks", type=int, default=2, help="world size that writes the resharded checkpoint")
+    parser.add_argument("--to-ranks", type=int, default=3, help="world size that resumes from it")
+    parser.add_argument("--resharded-only", action="store_true", help="only the multi-rank resharded rows")
     args = parser.parse_args()
+    if not args.resharded_only:
+        single(args)
+    resharded(args)
+    return 0
+
+
+def resharded(args) -> None:
+    from bench import checkpoint_ranks
+
+    base = Path(tempfile.mkdtemp(prefix="vgpt-bench-reshard-", dir=args.dir or Path.cwd()))
+    try:
+        ranks = checkpoint_ranks.measure(argparse.Namespace(**{**vars(args), "dir": str(base)}))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    t = {k: min(ranks[0][k]) for k in ("same", "resharded", "raw")}  # wall times between barriers: rank 0's
+    read = sum(r["bytes"] for r in ranks) / 1e9  # every rank's bytes: the aggregate read
+    same = ranks[0]["same_bytes"] / 1e9
+    print(f"resume on another world size: {args.from_ranks} -> {args.to_ranks} ranks, checkpoint "
+          f"{ranks[0]['checkpoint'] / 1e6:.0f} MB, {read * 1000:.0f} MB read by all ranks, best of {args.repeats}")
+    print(f"  {'raw read of those bytes':28s} {t['raw']:7.2f} s  {read / t['raw']:6.2f} GB/s")
+    print(f"  {'resharded load':28s} {t['resharded']:7.2f} s  {read / t['resharded']:6.2f} GB/s  "
+          f"{t['raw'] / t['resharded']:6.2f}x raw  {t['resharded'] / t['same']:.2f}x the time of a same-layout load")
+    print(f"  {'same-layout load':28s} {t['same']:7.2f} s  {same / t['same']:6.2f} GB/s  "
+          f"({args.to_ranks}-rank checkpoint, {same * 1000:.0f} MB)")
+    for r in ranks:
+        bound = r["shard"] + r["largest"]
+        print(f"  rank {r['rank']}: peak resident memory {max(r['peak']) / 1e6:.0f} MB, "
+              f"+{max(r['grown']) / 1e6:.0f} MB during the resharded load; own new shard {r['shard'] / 1e6:.0f} MB + largest parameter "
+              f"{r['largest'] / 1e6:.0f} MB = {bound / 1e6:.0f} MB ({max(r['grown']) / bound:.2f}x)")
+
+
+def single(args) -> None:
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() // 2))
     base = Path(tempfile.mkdtemp(prefix="vgpt-bench-ckpt-", dir=args.dir or Path.cwd()))
     try:
         from pretrain.checkpoint.integrity import fsync_path
-        from pretrain.checkpoint.manager import make_portable
-        from pretrain.checkpoint.portable import load_portable
+        from pretrain.checkpoint.reshard import make_portable
 
         trainer = build(args, base / "run")
         n_params = sum(p.numel() for p in trainer.model.parameters())
@@ -128,18 +171,13 @@ def main() -> int:
             mgr.load(engine, found, model=trainer.model, layout=trainer.parallel_layout())
             return time.perf_counter() - t
 
-        def portable(ckpt: Path, paths: list[Path]) -> tuple[float, float]:
+        def portable(ckpt: Path, paths: list[Path]) -> float:
             drop_cache(paths)
             t = time.perf_counter()
-            dst = make_portable(ckpt, base / "portable" / ckpt.name, trainer.parallel_layout())
-            t1 = time.perf_counter()
-            drop_cache(files_of(dst))
-            t2 = time.perf_counter()
-            load_portable(engine, trainer.model, dst)
-            return t1 - t, time.perf_counter() - t2
+            make_portable(ckpt, base / "portable" / ckpt.name, trainer.parallel_layout(), verified=True)
+            return time.perf_counter() - t
 
-        times: dict[str, list[float]] = {k: [] for k in ("write", "read", "save", "stall", "ds", "load", "convert",
-                                                         "pload")}
+        times: dict[str, list[float]] = {k: [] for k in ("write", "read", "save", "stall", "ds", "load", "convert")}
         save(background=True)  # host buffers are allocated once, at the first save of a run
         def settle() -> None:
             """Every write starts from the same page-cache state: none of our files cached, so each
@@ -161,9 +199,7 @@ def main() -> int:
             settle()
             times["ds"].append(ds_save())
             times["load"].append(load(paths))
-            convert_s, pload_s = portable(ckpt, paths)
-            times["convert"].append(convert_s)
-            times["pload"].append(pload_s)
+            times["convert"].append(portable(ckpt, paths))
         nbytes = sum(p.stat().st_size for p in paths)
         t = {k: min(v) for k, v in times.items()}
     finally:
@@ -176,14 +212,12 @@ def main() -> int:
             ("save (CheckpointManager)", t["save"], t["write"]),
             ("  DeepSpeed .pt save + fsync", t["ds"], t["write"]),
             ("load (verify + load, cold)", t["load"], t["read"]),
-            ("portable: convert (cold)", t["convert"], t["read"]),
-            ("portable: load_portable", t["pload"], t["read"])]
+            ("ckpt reshard (portable copy)", t["convert"], t["read"])]
     for name, secs, raw in rows:
         ratio = f"{raw / secs:6.2f}x raw" if raw else ""
         print(f"  {name:28s} {secs:7.2f} s  {gb / secs:6.2f} GB/s  {ratio}")
     print(f"  {'stall of an async save':28s} {t['stall']:7.2f} s  stall {t['stall'] / t['save']:.3f}x "
           "of a synchronous save")
-    return 0
 
 
 if __name__ == "__main__":

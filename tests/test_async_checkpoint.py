@@ -71,6 +71,8 @@ READERS = ["pretrain/checkpoint/sharded.py", "pretrain/checkpoint/manager.py", "
            "pretrain/checkpoint/portable.py", "pretrain/checkpoint/integrity.py", "pretrain/checkpoint/export.py",
            "pretrain/checkpoint/safetensors_stream.py", "pretrain/checkpoint/formats.py",
            "pretrain/checkpoint/full_state.py", "pretrain/checkpoint/optimizer_fragments.py",
+           "pretrain/checkpoint/fragment_reader.py", "pretrain/checkpoint/resharded_load.py",
+           "pretrain/checkpoint/reshard.py",
            "orchestration/cli/ckpt.py", "pretrain/training/trainer.py",
            "pretrain/training/resume_plan.py"]
 

@@ -1,11 +1,14 @@
 """Runs that survive a change of parallel layout: a checkpoint written by one
-world size / TP size / ZeRO stage resumes on another (automatically, or after
-`vgpt ckpt reshard`), and `vgpt ckpt export` merges ZeRO-3 partitions and TP
-shards offline. CPU, gloo, the real DeepSpeed engine, 2 processes via torchrun.
+world size / TP size / ZeRO stage resumes on another (automatically, every rank
+reading its part of the saved fragments, or after `vgpt ckpt reshard`), and
+`vgpt ckpt export` merges ZeRO-3 partitions and TP shards offline. CPU, gloo,
+the real DeepSpeed engine, 2 or 3 processes via torchrun.
 
 Every run trains the same global batch (2 rows per step: 2 ranks x 1 row, or
 1 rank x 2 rows, or one TP=2 replica x 2 rows), so an uninterrupted 2-rank run
-is the reference for all of them.
+is the reference for all of them; but 3 ranks cannot train 2 rows a step, so
+the 2 -> 3 resume trains 3 rows (3 ranks x 1 row) and its reference is the
+2 -> 1 resume of the same checkpoint with 3 rows (the kill test's restart).
 
 Tolerance: after a layout change the losses match the uninterrupted run to
 rel 1e-5 (abs 1e-6) and the final weights to rtol 1e-4 / atol 1e-6, the bounds
@@ -16,8 +19,11 @@ four orders of magnitude outside the bound.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +31,7 @@ import torch
 from safetensors import safe_open
 
 from pretrain.checkpoint.export import read_export_tensors
-from tests.runs import TINY, TWO_RANK_STEPS, cli, rows_by_step, vgpt
+from tests.runs import REPO, TINY, TWO_RANK_STEPS, cli, env, rows_by_step, vgpt
 
 pytestmark = pytest.mark.slow  # every test here trains through DeepSpeed or reads such a run
 
@@ -33,6 +39,7 @@ STEPS = TWO_RANK_STEPS
 BASE = [*TINY, f"--train.steps={STEPS}", "--train.log_every=10"]
 TWO_RANKS = ["--nproc=2", "--train.batch_size=1"]
 ONE_RANK = ["--train.batch_size=2"]
+RESHARDED = "every rank reads its part of the saved fragments"  # the log line of a resume on another layout
 
 
 def train(out: Path, *args: str) -> str:
@@ -87,9 +94,11 @@ def resumed_on_one_rank(uninterrupted, tmp_path_factory):
 def test_two_rank_checkpoint_resumes_on_one_rank(resumed_on_one_rank, uninterrupted):
     out, stdout = resumed_on_one_rank
     assert "PARALLEL LAYOUT CHANGED" in stdout and "ZeRO partitions (dp x sp) 2 -> 1" in stdout
-    assert "step_00000010 at step 10" in stdout
+    assert RESHARDED in stdout and "step_00000010 at step 10" in stdout
     assert_matches(out, uninterrupted, first_step=11)
-    assert not (out / "checkpoints" / ".converted" / "step_00000010").exists()  # the conversion is cleaned up
+    # nothing but checkpoints: no converted copy was written, not even for a while
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000010", "step_00000015",
+                                                                       "step_00000020"]
     st = json.loads((out / "checkpoints" / "step_00000015" / "trainer_state.json").read_text())
     assert st["layout"]["dp"] == 1 and st["layout"]["format"] == "sharded"  # new saves: the new layout
 
@@ -144,4 +153,47 @@ def test_zero3_tp2_checkpoint_resumes_on_one_rank_zero2(zero3_tp2, uninterrupted
     out = start_from(zero3_tp2 / "checkpoints" / "step_00000010", tmp_path)
     stdout = train(out, *ONE_RANK, "--parallel.zero_stage=2")
     assert "PARALLEL LAYOUT CHANGED" in stdout and "tp 2 -> 1" in stdout and "zero_stage 3 -> 2" in stdout
+    assert RESHARDED in stdout
     assert_matches(out, uninterrupted, first_step=11)
+
+
+def checksums(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def resumed_on_three_ranks(uninterrupted, tmp_path_factory):
+    """The 2-rank ZeRO-2 checkpoint of step 10 resumed by 3 ranks x 1 row, 2 steps (to step 12)."""
+    out = start_from(uninterrupted / "checkpoints" / "step_00000010", tmp_path_factory.mktemp("three_ranks"))
+    res = vgpt("train", *TINY, f"--train.out_dir={out}", "--train.steps=12", "--nproc=3", "--train.batch_size=1",
+               "--parallel.zero_stage=2")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out, res.stdout
+
+
+def test_two_rank_checkpoint_resumes_on_three_ranks(resumed_on_three_ranks):
+    out, stdout = resumed_on_three_ranks
+    assert "PARALLEL LAYOUT CHANGED" in stdout and "ZeRO partitions (dp x sp) 2 -> 3" in stdout and RESHARDED in stdout
+    assert sorted(losses(out)) == [11, 12]  # its losses: compared in the kill test below
+    st = json.loads((out / "checkpoints" / "step_00000012" / "trainer_state.json").read_text())
+    assert st["layout"]["dp"] == 3 and (out / "checkpoints" / "step_00000012" / "rank-00002.safetensors").is_file()
+
+
+def test_sigkill_during_a_resharded_resume_leaves_the_checkpoint_untouched(resumed_on_three_ranks, uninterrupted,
+                                                                          tmp_path):
+    """A resume of the 2-rank checkpoint on 1 rank x 3 rows, SIGKILLed at its first, middle and last read
+    (tests/reshard_kill_harness.py): not a byte of the checkpoint changes, nothing is left beside it, and
+    the restart's losses equal the 3-rank resume's (the same 3 rows a step)."""
+    run = start_from(uninterrupted / "checkpoints" / "step_00000010", tmp_path / "run")
+    before = checksums(run / "checkpoints")
+    res = subprocess.run([sys.executable, str(REPO / "tests/reshard_kill_harness.py"), str(run), "3", "2"],
+                         capture_output=True, text=True, timeout=600, env=env(), cwd=REPO)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["reads"] > 3 and [k["point"] for k in got["kills"]] == [1, got["reads"] // 2, got["reads"]]
+    assert all(k["killed"] for k in got["kills"]), got["kills"]
+    assert checksums(run / "checkpoints") == before and got["chosen"] == "step_00000010"
+    three = losses(resumed_on_three_ranks[0])
+    for step in (11, 12):
+        assert got["losses"][str(step)] == pytest.approx(three[step], rel=1e-5, abs=1e-6), f"step {step}"

@@ -82,7 +82,7 @@ def test_ckpt_verbs_have_their_own_parsers(capsys):
     assert options(help_of(capsys, "ckpt", "inspect")) == {"--step"}
     assert options(help_of(capsys, "ckpt", "export")) == {"--step", "--endpoint-url", "--out", "--dtype",
                                                           "--max-shard-size"}
-    assert options(help_of(capsys, "ckpt", "reshard")) == {"--step", "--dp", "--tp", "--sp", "--out"}
+    assert options(help_of(capsys, "ckpt", "reshard")) == {"--step", "--endpoint-url", "--dp", "--tp", "--sp", "--out"}
     assert options(help_of(capsys, "ckpt", "prune")) == {"--keep-last", "--keep-every"}
     with pytest.raises(SystemExit) as done:  # an option of another verb is refused
         main(["ckpt", "verify", "some/run", "--out", "x"])

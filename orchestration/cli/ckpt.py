@@ -12,11 +12,12 @@
                                                 (--out F.safetensors: the older single file)
     vgpt ckpt reshard ROOT --dp N [--tp M] [--sp K] --out DST [--step N]
                                                 the checkpoint in portable form under DST (a new checkpoint
-                                                root): a run of that layout (or any other) resumes from it
+                                                root): a run of that layout (or any other) resumes from it;
+                                                read one parameter at a time, by byte ranges (also from s3://)
     vgpt ckpt prune   ROOT --keep-last K [--keep-every M]
 
-ROOT is a run's out_dir or its `checkpoints/` folder; `list`, `verify` and
-`export` also take an object-store URL (s3://bucket/run), with credentials
+ROOT is a run's out_dir or its `checkpoints/` folder; `list`, `verify`,
+`export` and `reshard` also take an object-store URL (s3://bucket/run), with credentials
 from the environment only and the endpoint from --endpoint-url or
 AWS_ENDPOINT_URL_S3. One rule picks the checkpoint of inspect, export and
 reshard (CheckpointStore.choose): without `--step` the newest one that
@@ -45,14 +46,16 @@ from orchestration.cli import reports_bad_input
 from orchestration.preflight import check_s3_credentials
 from parallel.dims import ParallelDims
 from pretrain.checkpoint.export import DEFAULT_MAX_SHARD_SIZE, parse_shard_size, save_export
-from pretrain.checkpoint.formats import Format, open_checkpoint
+from pretrain.checkpoint.formats import Format, describe, layout_of, open_checkpoint
 from pretrain.checkpoint.integrity import CheckpointError
-from pretrain.checkpoint.manager import CheckpointManager, describe, layout_of, make_portable, write_latest
+from pretrain.checkpoint.fragment_reader import SavedFragments
+from pretrain.checkpoint.manager import CheckpointManager, write_latest
+from pretrain.checkpoint.reshard import make_portable, write_resharded
 from pretrain.checkpoint.storage import CheckpointStore, read_trainer_state, tag_for
 from pretrain.training.parallelize import TP_PLAN
 
 HEADER = f"{'tag':16s} {'stage':8s} {'step':>7s} {'samples':>9s} {'layout':16s} {'size MB':>9s}  state"
-REMOTE_COMMANDS = ("list", "verify", "export")
+REMOTE_COMMANDS = ("list", "verify", "export", "reshard")
 
 
 def _pick(store: CheckpointStore, args, problems=None) -> str:
@@ -169,21 +172,33 @@ def cmd_export(store: CheckpointStore, args) -> int:
 
 
 def cmd_reshard(store: CheckpointStore, args) -> int:
-    src = store.local_dir(_pick(store, args))
-    st = read_trainer_state(src, resumable=True)
+    tag = _pick(store, args)  # every file re-hashed (on an object store: streamed through the hasher once)
+    st = store.trainer_state(tag, resumable=True)
     dims = ParallelDims(args.dp * args.tp * args.sp, args.tp, args.sp)
     dims.check_model(from_dict(ModelConfig, st["config"]["model"], "model"))
     dst_root = Path(args.out)
-    if dst_root.resolve() == Path(store.root).resolve():
+    if not store.remote and dst_root.resolve() == Path(store.root).resolve():
         print(f"vgpt ckpt reshard: --out {dst_root} is the source's own checkpoint root; give a new one",
               file=sys.stderr)
         return 2
     target = {"world_size": dims.world_size, "dp": dims.dp, "tp": dims.tp, "sp": dims.sp}
     if dims.tp > 1:
         target["tp_plan"] = TP_PLAN
-    dst = make_portable(src, dst_root / src.name, target, verified=True)
-    write_latest(dst_root, src.name)
-    print(f"resharded {src} ({describe(layout_of(st))}) for {describe(target)} into {dst}")
+    if store.remote:  # a sharded checkpoint read by byte ranges where it lies (the other formats: export it)
+        if store.read_json(tag, "engine.json") is None:
+            print(f"vgpt ckpt reshard: {store.url(tag)} is not in the sharded format; on object storage only "
+                  "that one is resharded in place (copy it to local disk first)", file=sys.stderr)
+            return 2
+        saved = SavedFragments(store._path(tag), fs=store.fs, url=store.url(tag))
+        try:
+            dst = write_resharded(saved, st, store.fs.cat_file(store._path(tag, "rng.safetensors")),
+                                  dst_root / tag, target)
+        finally:
+            saved.close()
+    else:
+        dst = make_portable(store.local_dir(tag), dst_root / tag, target, verified=True)
+    write_latest(dst_root, tag)
+    print(f"resharded {store.url(tag)} ({describe(layout_of(st))}) for {describe(target)} into {dst}")
     print(f"resume: vgpt train ... --resume {dst}   (or --train.out_dir={dst_root.parent} when "
           f"{dst_root.name} is that run's checkpoints/ folder)")
     return 0
@@ -240,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest weights file of the directory, e.g. 2GB or 500MiB "
                           f"(default {DEFAULT_MAX_SHARD_SIZE})")
     sub = verb("reshard", "the checkpoint in portable form under a new checkpoint root, resumable by a run "
-                          "of any layout", step=True)
+                          "of any layout", remote=True, step=True)
     sub.add_argument("--dp", type=int, required=True, help="data-parallel size of the target layout")
     sub.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the target layout")
     sub.add_argument("--sp", type=int, default=1, help="sequence-parallel size of the target layout")

@@ -2,8 +2,8 @@
 
     Format.SHARDED    ours (sharded.py): each rank's ZeRO partition in safetensors, engine.json;
                       loads natively only into the layout that wrote it
-    Format.PORTABLE   full tensors by name (portable.py): loads into any layout; what a resume on
-                      another layout and `vgpt ckpt reshard` convert to
+    Format.PORTABLE   full tensors by name (portable.py): loads into any layout; what `vgpt ckpt
+                      reshard` writes, and what a LEGACY_PT checkpoint converts to on a layout change
     Format.LEGACY_PT  DeepSpeed's .pt files, which earlier versions wrote (deepspeed_files.py,
                       weights-only reads); layout-bound like SHARDED
 
@@ -20,12 +20,15 @@ tensors' shapes against the model its trainer state records (`check_model_fit`:
 a tensor that fits the files but not the model is refused before any path reads
 or skips it), and returns a reader offering what every format can do: `read_full_state`
 (full-size fp32 tensors of the plain model, offline, full_state.py) and
-`load_into` (a live engine of a layout the checkpoint fits).
+`load_into` (a live engine of a layout the checkpoint fits). A SHARDED
+checkpoint resumed on another layout is read by byte ranges instead
+(fragment_reader.py, resharded_load.py: no full-size state anywhere).
 """
 from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -172,3 +175,19 @@ def _against_model(tensors, known: dict[str, list[int]], params: set[str] | None
     if params and (missing := sorted(params - set(tensors))):
         raise refuse(where, what.removesuffix(" of") + "s", f"every parameter of the model, but "
                                                               f"{show(missing[0])} has none")
+
+
+# ---------------------------------------------------------------- layouts
+def layout_of(state: dict[str, Any]) -> dict[str, Any]:
+    """The layout recorded in a trainer state; derived from its config for older checkpoints."""
+    if "layout" in state:
+        return state["layout"]
+    pc = state.get("config", {}).get("parallel", {})
+    ws, tp, sp = state.get("world_size", 1), pc.get("tensor_parallel", 1), pc.get("sequence_parallel", 1)
+    return {"format": Format.LEGACY_PT, "world_size": ws, "dp": ws // (tp * sp), "tp": tp, "sp": sp,
+            "zero_stage": pc.get("zero_stage", 2), "precision": pc.get("precision", "bf16")}
+
+
+def describe(layout: dict[str, Any]) -> str:
+    keys = ("world_size", "dp", "tp", "sp", "zero_stage", "precision")
+    return " ".join(f"{k}={layout[k]}" for k in keys if k in layout)

@@ -32,9 +32,12 @@ loudly; ranks split the re-hashing before a resume (integrity.py).
 Every checkpoint records the parallel layout that wrote it (`layout` in
 trainer_state.json). A checkpoint loads natively only into the same tensor-
 parallel size, ZeRO data-parallel size (dp x sp), ZeRO stage and precision;
-when any of these differs, `load` says so loudly, converts the checkpoint on
-rank 0 into the layout-independent portable form (portable.py) and loads
-that into the engine instead. `vgpt ckpt reshard` writes that form offline.
+when any of these differs, `load` says so loudly and every rank reads, at
+once, only the byte ranges of the saved fragments its new partition holds
+(fragment_reader.py, resharded_load.py): no conversion, nothing written, no
+full copy of the model in any process. DeepSpeed's older .pt checkpoints are
+still converted on rank 0 into the portable form (reshard.py) and loaded from
+that. `vgpt ckpt reshard` writes the portable form offline.
 """
 from __future__ import annotations
 
@@ -51,12 +54,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from jobconfig.loader import from_dict
-from jobconfig.model import ModelConfig
 from pretrain.checkpoint.deepspeed_files import install
-from pretrain.checkpoint.formats import Format, open_checkpoint
-from pretrain.checkpoint.integrity import MANIFEST, CheckpointError, RefusedFile, atomic_write, write_manifest
-from pretrain.checkpoint.portable import write_portable
+from pretrain.checkpoint.formats import Format, describe, layout_of, open_checkpoint
+from pretrain.checkpoint.fragment_reader import SavedFragments
+from pretrain.checkpoint.integrity import CheckpointError, RefusedFile, atomic_write, write_manifest
+from pretrain.checkpoint.reshard import make_portable
+from pretrain.checkpoint.resharded_load import load_resharded
 from pretrain.checkpoint.safetensors_stream import write_safetensors
 from pretrain.checkpoint.sharded import HostBuffers, capture, write_captured
 from pretrain.checkpoint.storage import (
@@ -76,21 +79,6 @@ def write_latest(root: Path, tag: str) -> None:
 
 
 # ---------------------------------------------------------------- layouts
-def layout_of(state: dict[str, Any]) -> dict[str, Any]:
-    """The layout recorded in a trainer state; derived from its config for older checkpoints."""
-    if "layout" in state:
-        return state["layout"]
-    pc = state.get("config", {}).get("parallel", {})
-    ws, tp, sp = state.get("world_size", 1), pc.get("tensor_parallel", 1), pc.get("sequence_parallel", 1)
-    return {"format": Format.LEGACY_PT, "world_size": ws, "dp": ws // (tp * sp), "tp": tp, "sp": sp,
-            "zero_stage": pc.get("zero_stage", 2), "precision": pc.get("precision", "bf16")}
-
-
-def describe(layout: dict[str, Any]) -> str:
-    keys = ("world_size", "dp", "tp", "sp", "zero_stage", "precision")
-    return " ".join(f"{k}={layout[k]}" for k in keys if k in layout)
-
-
 def layout_change(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What keeps DeepSpeed from loading `saved` natively into `current` ([] = nothing)."""
     diff = [f"{k} {saved.get(k)} -> {current.get(k)}" for k in ("tp", "zero_stage", "precision")
@@ -100,34 +88,6 @@ def layout_change(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     if dp_saved != dp_now:
         diff.append(f"ZeRO partitions (dp x sp) {dp_saved} -> {dp_now}")
     return diff
-
-
-def make_portable(src: Path, dst: Path, layout: dict[str, Any] | None = None, verified: bool = False) -> Path:
-    """Convert checkpoint `src` (any layout) into a portable checkpoint directory `dst`, with its
-    own trainer state (layout marked portable, `layout` recorded as the intended target) and manifest."""
-    state = _trainer_state(src)
-    saved = layout_of(state)
-    reader = open_checkpoint(src, verified=verified)
-    tmp = dst.with_name(f".{dst.name}.tmp")  # not a `step_*` name: never listed as a checkpoint
-    shutil.rmtree(tmp, ignore_errors=True)
-    if reader.format == Format.PORTABLE:
-        shutil.copytree(src, tmp)
-        (tmp / MANIFEST).unlink()
-        source = saved.get("source", saved)
-    else:
-        # a TP checkpoint records how its shards merge; the target layout's plan is the same model's
-        tp_plan = saved.get("tp_plan") or (layout or {}).get("tp_plan")
-        full = reader.read_full_state(with_optimizer=True, tp_plan=tp_plan)
-        write_portable(full, tmp, from_dict(ModelConfig, state["config"]["model"], "model"))
-        shutil.copy2(src / RNG_FILE, tmp / RNG_FILE)
-        source = saved
-    state["layout"] = {"format": Format.PORTABLE, "source": source, **{k: v for k, v in (layout or {}).items()
-                                                                 if k not in ("format", "source")}}
-    atomic_write(tmp / TRAINER_STATE, json.dumps(state, indent=1))
-    write_manifest(tmp, int(state["step"]))
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
-    return dst
 
 
 def _trainer_state(ckpt: Path) -> dict[str, Any]:
@@ -168,6 +128,7 @@ class CheckpointManager:
         self.left_broken: dict[str, list[str]] = {}  # of the last prune: broken checkpoints it left in place
         self.write_format = Format(write_format)
         self.on_write: Callable[[int], None] | None = None  # after each write of a save (fault injection)
+        self.on_read: Callable[[int], None] | None = None  # after each read of a resharded load (fault injection)
         self._pruner = None  # the thread deleting pruned checkpoints, if any
         self._saving: threading.Thread | None = None  # the background save in flight, if any
         self._save_error: BaseException | None = None
@@ -287,8 +248,8 @@ class CheckpointManager:
         """Restore engine and RNG from a verified checkpoint; return the trainer state. Collective.
 
         With `layout` (this run's) and `model` (the plain model the engine
-        wraps), a checkpoint from another layout is converted and re-partitioned
-        instead of failing inside DeepSpeed.
+        wraps), a checkpoint from another layout is re-partitioned as it is read
+        (every rank its own part) instead of failing inside DeepSpeed.
         """
         state = _trainer_state(ckpt)
         saved = layout_of(state)
@@ -299,18 +260,30 @@ class CheckpointManager:
                 f"into {describe(layout or {})}")
         if reader.format == Format.PORTABLE or not diff:  # the other formats load only into their own layout
             reader.load_into(engine, model, self.rank, tp_rank, tp_size)
-        else:
-            msg = (f"PARALLEL LAYOUT CHANGED: checkpoint {ckpt} was written by {describe(saved)}; this run is "
-                   f"{describe(layout)} ({'; '.join(diff)}). Converting it to the portable form and "
-                   "re-partitioning weights and optimizer state for this layout.")
-            warnings.warn(msg, stacklevel=2)
-            log(msg)
+        elif reader.format == Format.SHARDED:
+            self._announce(ckpt, saved, layout, diff, "Re-partitioning weights and optimizer state for this "
+                           "layout: every rank reads its part of the saved fragments.", log)
+            fragments = SavedFragments(ckpt, on_read=self.on_read)
+            try:
+                load_resharded(engine, model, fragments, tp_rank, tp_size)
+            finally:
+                fragments.close()
+        else:  # DeepSpeed's .pt files: their partitions are pickles, read whole, converted on rank 0
+            self._announce(ckpt, saved, layout, diff, "Converting it to the portable form and re-partitioning "
+                           "weights and optimizer state for this layout.", log)
             work = self.root / ".converted" / ckpt.name
             self._on_rank0(lambda: make_portable(ckpt, work, layout, verified=True), f"converting {ckpt}")
             open_checkpoint(work, verified=True).load_into(engine, model, self.rank, tp_rank, tp_size)
             self._on_rank0(lambda: shutil.rmtree(work, ignore_errors=True), f"removing {work}")
         torch.set_rng_state(load_file(str(ckpt / RNG_FILE))["cpu"])
         return state
+
+    @staticmethod
+    def _announce(ckpt: Path, saved: dict, layout: dict, diff: list[str], how: str, log) -> None:
+        msg = (f"PARALLEL LAYOUT CHANGED: checkpoint {ckpt} was written by {describe(saved)}; this run is "
+               f"{describe(layout)} ({'; '.join(diff)}). {how}")
+        warnings.warn(msg, stacklevel=3)
+        log(msg)
 
     def _on_rank0(self, fn, what: str) -> None:
         """Run `fn` on rank 0 while the others wait; an error on rank 0 is raised on every rank."""

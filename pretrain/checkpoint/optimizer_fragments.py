@@ -93,8 +93,7 @@ def fragment(opt, base, p: torch.nn.Parameter):
     if hasattr(p, "ds_id"):  # ZeRO-3: every rank holds ceil(numel / dp) elements of every parameter
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
-        part = p.ds_tensor.ds_numel
-        start = _group_rank(p.ds_process_group)[0] * part
+        start, part = zero3_partition(p)
         return (safe_get_local_fp32_param(p), {k: safe_get_local_optimizer_state(p, k) for k in MOMENTS},
                 start, part)
     if hasattr(p, "_hp_mapping"):  # ZeRO-1/2, bf16 optimizer: a view into this rank's flat partition
@@ -108,6 +107,13 @@ def fragment(opt, base, p: torch.nn.Parameter):
         raise ConsolidateError(f"no fp32 master for a parameter of shape {tuple(p.shape)} in {type(opt).__name__}")
     state = base.state[master]
     return master, {k: state[k] for k in MOMENTS}, 0, master.numel()
+
+
+def zero3_partition(p: torch.nn.Parameter) -> tuple[int, int]:
+    """(first element, elements) of ZeRO-3 parameter `p` that this rank's partition holds (the last
+    ranks' partitions run past its end, padded)."""
+    part = p.ds_tensor.ds_numel
+    return _group_rank(p.ds_process_group)[0] * part, part
 
 
 def set_zero3_local(p: torch.nn.Parameter, fp32: torch.Tensor, moments: dict[str, torch.Tensor]) -> None:

@@ -1,6 +1,8 @@
 """The portable checkpoint: a training state that no parallel layout owns, and
-loading it into a DeepSpeed engine of any layout. This is how a run resumes on
-another world size (or TP size, or ZeRO stage) and what `vgpt ckpt reshard` writes.
+loading it into a DeepSpeed engine of any layout. It is what `vgpt ckpt reshard`
+writes (reshard.py) and what an older .pt checkpoint is converted to when it
+resumes on another world size (or TP size, or ZeRO stage); a checkpoint in our
+sharded format resumes on another layout without it (resharded_load.py).
 
     step_N/weights.safetensors     fp32 master weights of the plain model; a valid
                                    export too (model config in the header)
@@ -29,7 +31,8 @@ Why this design, of the three on offer:
   which knows each stage's partitioning (ZeRO-1/2 flat partitions, ZeRO-3
   per-parameter partitions, the bf16 optimizer); TP slices come from the live
   model's own swapped layers (`tp_style`). The same tensors serve export.
-  Cost: ~3x the fp32 model in one place during conversion, on rank 0.
+  Cost of loading it: every rank reads every full tensor (reshard.py writes it
+  one parameter at a time; the .pt conversion holds ~3x the fp32 model on rank 0).
 
 Adam creates its state lazily at the first step, so before the fragment API can
 write into it, `load_portable` creates zero state for every master partition

@@ -12,6 +12,7 @@ shape and byte offsets, 8-byte aligned data); `safetensors.safe_open` reads it.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any, Callable
@@ -34,14 +35,19 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
 
 
 def header(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    return header_of({n: (t.dtype, list(t.shape)) for n, t in tensors.items()}, metadata)
+
+
+def header_of(specs: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str, str] | None = None) -> bytes:
+    """The header of a file holding tensors of these dtypes and shapes, in sorted name order."""
     entries: dict[str, Any] = {}
     offset = 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        if t.dtype not in DTYPES:
-            raise ValueError(f"tensor {name!r}: dtype {t.dtype} has no safetensors name")
-        size = t.numel() * t.element_size()
-        entries[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+    for name in sorted(specs):
+        dtype, shape = specs[name]
+        if dtype not in DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} has no safetensors name")
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        entries[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     if metadata:
         entries["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -59,6 +65,26 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
         writer.write(header(tensors, metadata))
         for name in sorted(tensors):
             data = _bytes_of(tensors[name])
+            for start in range(0, len(data), SLICE):
+                writer.write(data[start:start + SLICE])
+    finally:
+        info = writer.close()
+    return info
+
+
+def write_safetensors_lazy(path: str | Path, specs: dict[str, tuple[torch.dtype, list[int]]],
+                           produce: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None
+                           ) -> dict[str, Any]:
+    """A file of the tensors `specs` names, each made by `produce(name)` only when its turn comes (one
+    tensor in memory at a time: `vgpt ckpt reshard`); returns the file's manifest entry."""
+    writer = HashingWriter(path)  # not stable_buffers: the writer hashes a copy, each tensor is dropped once written
+    try:
+        writer.write(header_of(specs, metadata))
+        for name in sorted(specs):
+            t = produce(name).detach().to("cpu", specs[name][0]).contiguous()
+            if list(t.shape) != list(specs[name][1]):
+                raise ValueError(f"{path}: tensor {name!r} came out {list(t.shape)}, its header says {specs[name][1]}")
+            data = _bytes_of(t)
             for start in range(0, len(data), SLICE):
                 writer.write(data[start:start + SLICE])
     finally:

@@ -22,10 +22,11 @@ optimizer, the ZeRO-3 local API) keeps us out of its pickled state layout, and
 
 Where each ZeRO stage keeps a parameter's fragment: optimizer_fragments.py.
 A resume on the same layout reads back only its own rank file (`load_sharded`).
-Any other layout, and `vgpt ckpt export/inspect/reshard`, go through
-`read_sharded` (formats.py opens it): full-size fp32 weights and moments put
-together from the fragments (a FullState, as deepspeed_files.read_checkpoint
-gives for the older .pt checkpoints), then portable.py.
+A resume on any other layout, and `vgpt ckpt reshard`, read each parameter's
+fragments by byte range (fragment_reader.py; resharded_load.py, reshard.py).
+`vgpt ckpt export/inspect` go through `read_sharded` (formats.py opens it):
+full-size fp32 weights put together from the fragments (a FullState, as
+deepspeed_files.read_checkpoint gives for the older .pt checkpoints).
 """
 from __future__ import annotations
 
