@@ -4,6 +4,7 @@ with --samples, the dataset index at scale (start-up and resident memory per pro
     python bench/loader.py [--root DIR] [--shards 12] [--videos 32] [--frames 64] [--workers 0 1 2]
                            [--shapes 22x40 30x30 40x22]
     python bench/loader.py --samples 10000000 [--shard-size 1000] [--legacy]
+    python bench/loader.py --forms [--shards 8] [--videos 48] [--frames 64] [--workers 0 2]
 
 Index mode (bench/loader_index.py) publishes a synthetic index (data/synthetic/shards.py
 `write_synthetic_index`: no tensors, no tars) and prints its build time, then one line per process
@@ -30,6 +31,12 @@ Each figure is the best of --repeats runs (the machine is shared; best-of is the
 least noisy estimate of what it can do). Prints one line per configuration with
 samples/s, MB/s and the ratio to raw.
 The goal is >= 0.8 of raw. No figure here is asserted anywhere: it is a report.
+
+Forms mode (--forms): the same videos written twice, in the `posterior` latent form (mean and std per
+frame, 2 x 4 channels) and the `sample` form (one draw, 4 channels; data/shard_format.py), and one
+cached-mode epoch of each per worker count, the two alternated, best of --repeats: samples/s of each
+and the ratio posterior / sample (goal >= 0.9); plus the objective's cost of drawing from a posterior
+batch (pretrain/training/objective.py add_noise) against a one-draw batch of the same shape.
 """
 from __future__ import annotations
 
@@ -84,6 +91,53 @@ def loader_epoch(cfg: DataConfig, paths: list[str], cold: bool = False) -> tuple
     return time.perf_counter() - t, served
 
 
+def forms_bench(args) -> None:
+    from jobconfig.train import ObjectiveConfig
+    from pretrain.training.objective import add_noise, row_seed
+
+    hw = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
+    shapes = [(4, *hw[v % len(hw)]) for v in range(args.videos * args.shards)]
+    stage = StageSamplingConfig(frames=16, interval="fixed", interval_value=4, clips="single_frame")
+    with tempfile.TemporaryDirectory(prefix="vgpt-bench-") as tmp:
+        roots = {}
+        for form in ("posterior", "sample"):
+            roots[form] = f"{tmp}/{form}"
+            write_toy_dataset(roots[form], [args.videos] * args.shards, frames=args.frames, shape=shapes,
+                              dtype=torch.bfloat16, latent_form=form)
+        sizes = {f: sum(os.path.getsize(f"{r}/shards/{name}.tar") for name in open_dataset(r).names)
+                 for f, r in roots.items()}
+        n = args.videos * args.shards
+        print(f"forms: {n} videos of {args.frames} frames {args.shapes} in {args.shards} shards; posterior "
+              f"{sizes['posterior'] / 1e6:.1f} MB, sample {sizes['sample'] / 1e6:.1f} MB; cpus={os.cpu_count()} "
+              f"load average {os.getloadavg()[0]:.1f}")
+        for verify in (True, False):
+            for workers in args.workers:
+                best = {}
+                for _ in range(args.repeats):  # alternated: the box is shared
+                    for form, root in roots.items():
+                        cfg = DataConfig(root=root, batch_size=4, num_workers=workers, epochs=args.epochs,
+                                         shuffle_buffer=64, verify_sha256=verify, dtype="bfloat16", stage=stage)
+                        secs, served = loader_epoch(cfg, [])
+                        best[form] = max(best.get(form, 0.0), served / secs)
+                mbs = {f: best[f] * sizes[f] / n / 1e6 for f in best}
+                post, one = best["posterior"], best["sample"]
+                print(f"[cached] loader workers={workers} sha256={'on ' if verify else 'off'}: posterior "
+                      f"{post:7.1f} samples/s ({mbs['posterior']:6.1f} MB/s), sample {one:7.1f} samples/s "
+                      f"({mbs['sample']:6.1f} MB/s); ratio posterior / sample {post / one:5.2f} in samples/s, "
+                      f"{mbs['posterior'] / mbs['sample']:5.2f} in MB/s")
+        batches = {f: next(iter(LatentLoader(DataConfig(root=r, batch_size=4, stage=stage))))
+                   for f, r in roots.items()}
+        seeds = [row_seed(0, g) for g in batches["sample"].row_index]
+        cost, threads = {}, torch.get_num_threads()
+        torch.set_num_threads(1)  # intra-op threads on a shared 2-core box only add noise
+        for form, batch in batches.items():
+            cost[form] = min(_timed(lambda: add_noise(batch, ObjectiveConfig(), seeds)) for _ in range(20))
+        torch.set_num_threads(threads)
+        print(f"objective add_noise (1 thread), a batch of 4 x 16 frames: posterior {cost['posterior'] * 1e3:.2f} ms, "
+              f"sample {cost['sample'] * 1e3:.2f} ms (the draws: +{(cost['posterior'] - cost['sample']) * 1e3:.2f} ms "
+              "a batch)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", help="an existing latent dataset (default: write a toy one to a temp dir)")
@@ -99,9 +153,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, help="index mode: a synthetic index of this many samples")
     ap.add_argument("--shard-size", type=int, default=1000, help="index mode: samples per shard")
     ap.add_argument("--legacy", action="store_true", help="index mode: also the format-1 index.json")
+    ap.add_argument("--forms", action="store_true", help="posterior-form vs sample-form dataset (see above)")
     args = ap.parse_args()
     if args.samples:
         index_bench(args.samples, args.shard_size, args.legacy, args.root)
+        return
+    if args.forms:
+        forms_bench(args)
         return
 
     tmp = None

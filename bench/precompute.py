@@ -1,6 +1,7 @@
 """Bench of the latent-precompute farm: decode speed, pipeline efficiency, worker and node scaling.
 
-    python bench/precompute.py [--part all|decode|encode|nodes] [--vae tiny|sdxl-shape] [--videos 12] [--frames 24]
+    python bench/precompute.py [--part all|decode|encode|nodes|forms] [--vae tiny|sdxl-shape] [--videos 12]
+                               [--frames 24]
     python bench/precompute.py --part plan [--inputs 1000000] [--new 10000]
 
 Prints, from one run on this machine:
@@ -13,7 +14,11 @@ Prints, from one run on this machine:
   `ray start`: on one box this measures what going multi-node costs, not scaling;
 - bare: frames/s of a plain loop of the same VAE (same batch size, one thread,
   like one encoder actor) over the same frames, decoded beforehand in this
-  process: the ceiling of one encoder;
+  process, making the job's default latents (the posterior form): the ceiling of one encoder;
+- forms (part `forms`, and in `all`): the encoder's whole per-sample work (encode, cast to the stored
+  bf16, safetensors bytes) in the `posterior` form (mean and std per frame) and the `sample` form
+  (one draw), the two alternated, best of 3 each, in one thread: frames/s, stored bytes per frame,
+  and the ratio posterior / sample (goal >= 0.9);
 - job(1 worker), job(2 workers): frames/s of the whole job (`precompute_job.run`:
   plan, encoder start-up and VAE load, decode, encode, commit, index) on a
   local Ray started beforehand, excluding only Ray's own start; and the same
@@ -183,6 +188,37 @@ def bench_nodes(tmp: Path, videos: Path, video_cfg: VideoConfig, vae_cfg: VaeCon
           f"after start-up {rates[2][1] / rates[1][1]:4.2f}")
 
 
+def bench_forms(vae, decoded: list, args, repeats: int = 3) -> dict[str, float]:
+    """frames/s of the encoder actor's per-sample work in each latent form (orchestration/precompute/
+    workers.py Encoder.encode, without Ray): encode, cast to bf16, safetensors bytes. One thread."""
+    import torch
+
+    from data.shard_format import encode_sample
+
+    work = {"posterior": lambda f, key: vae.moments(f), "sample": lambda f, key: vae.encode(f, key)}
+    best = {form: 0.0 for form in work}
+    nbytes = {}
+    torch.set_num_threads(1)
+    for _ in range(repeats):  # alternated: the box is shared, load changes during the run
+        for form, fn in work.items():
+            t0, frames, size = time.perf_counter(), 0, 0
+            for key, f in decoded:
+                members = encode_sample(fn(f, key).to(torch.bfloat16), {"key": key, "latent_form": form})
+                frames += f.shape[0]
+                size += len(members["latents.safetensors"])
+            best[form] = max(best[form], frames / (time.perf_counter() - t0))
+            nbytes[form] = size / frames
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"\nbench/precompute.py forms: vae={args.vae} videos={len(decoded)} max_image_size={args.max_image_size} "
+          f"batch={args.batch_size}, encoder {vae.cfg.dtype}, stored bf16, 1 thread, best of {repeats}; load average "
+          f"{os.getloadavg()[0]:.1f}")
+    for form in work:
+        print(f"  {form:9s}: {best[form]:8.1f} frames/s, {nbytes[form]:8.0f} stored bytes/frame")
+    print(f"  ratio posterior / sample: {best['posterior'] / best['sample']:5.2f} frames/s (goal >= 0.9), "
+          f"{nbytes['posterior'] / nbytes['sample']:4.2f}x the bytes")
+    return best
+
+
 def bench_plan(tmp: Path, inputs: int, new: int) -> None:
     import re
     import shutil
@@ -233,7 +269,7 @@ def bench_plan(tmp: Path, inputs: int, new: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", default="all", choices=["all", "decode", "encode", "nodes", "plan"])
+    ap.add_argument("--part", default="all", choices=["all", "decode", "encode", "nodes", "plan", "forms"])
     ap.add_argument("--inputs", type=int, default=1_000_000, help="part plan: URIs in the list file")
     ap.add_argument("--new", type=int, default=10_000, help="part plan: URIs added for the growth")
     ap.add_argument("--decode-frames", type=int, default=90)
@@ -277,10 +313,14 @@ def main() -> int:
     vae = LatentVae(vae_cfg)
     vae.encode(decoded[0][1][:2], "warm-up")
 
+    if args.part == "forms":
+        bench_forms(vae, decoded, args)
+        return 0
+
     def bare_loop() -> tuple[int, float]:
         torch.set_num_threads(1)
         t0 = time.perf_counter()
-        n = sum(vae.encode(f, key).shape[0] for key, f in decoded)
+        n = sum(vae.moments(f).shape[0] for _, f in decoded)  # the job's default form: posterior
         torch.set_num_threads(os.cpu_count() or 1)
         return n, n / (time.perf_counter() - t0)
 
@@ -323,6 +363,7 @@ def main() -> int:
     print(f"  scaling job(2)/job(1):           whole job {results[2][0] / results[1][0]:5.2f}; "
           f"after start-up {results[2][1] / results[1][1]:5.2f}")
     if args.part == "all":
+        bench_forms(vae, decoded, args)
         bench_nodes(tmp, videos, video_cfg, vae_cfg, frames)
     return 0
 

@@ -9,6 +9,13 @@ side needs of it is only the count, `sequence_length`: a noisy frame is
 [marker][time][patches], a clean frame [<img>][patches][</img>] (both
 patches + 2 tokens), and the last clip of a sample has no clean copy. The loader packs and filters by
 that count, the trainer reports tokens/s with it.
+
+Latent forms (index.json `latent_form`, data/shard_format.py): a dataset stores per frame either one
+posterior draw (`sample`, C channels) or the VAE posterior's moments (`posterior`, 2C channels: the
+scaled mean, then the scaled std). A batch of the second kind has `moments=True`; the objective
+draws from it (pretrain/training/objective.py), readers that want one latent take the mean
+(`posterior_mean`). The moments ride in the channel axis so that everything between the shard and
+the objective (frame windows, packing, padding with zeros: mean 0 and std 0 give 0) is unchanged.
 """
 from __future__ import annotations
 
@@ -18,6 +25,21 @@ import torch
 
 from jobconfig.errors import ConfigError
 
+LATENT_FORMS = ("posterior", "sample")  # index.json `latent_form`; an index without it holds `sample`
+
+
+def split_moments(latents: torch.Tensor, dim: int = -3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of posterior-form latents: the first and second half of the channel axis `dim`."""
+    c = latents.shape[dim]
+    if c % 2:
+        raise ValueError(f"posterior-form latents: {c} channels, expected an even count (mean, then std)")
+    return latents.narrow(dim, 0, c // 2), latents.narrow(dim, c // 2, c // 2)
+
+
+def posterior_mean(latents: torch.Tensor, moments: bool, dim: int = -3) -> torch.Tensor:
+    """The latents a reader that wants one value per frame uses: the posterior mean of moments, else as is."""
+    return split_moments(latents, dim)[0] if moments else latents
+
 
 @dataclass
 class Batch:
@@ -26,11 +48,14 @@ class Batch:
     latents: [B, F, C, h, w] clean latents; frames past a row's total are padding.
     clips:   row -> packed samples -> clip sizes (frames); sizes of a row sum to its frame count.
     keys / frame_interval: per row, per sample; provenance and stage metadata.
+    moments: latents hold [mean, std] of the VAE posterior in 2C channels (keyword only, so that
+             positional construction of Batch and its subclasses is unchanged).
     """
     latents: torch.Tensor
     clips: list[list[list[int]]]
     keys: list[list[str]] = field(default_factory=list)
     frame_interval: list[list[int]] = field(default_factory=list)
+    moments: bool = field(default=False, kw_only=True)
 
     def frames_per_row(self) -> list[int]:
         return [sum(sum(s) for s in row) for row in self.clips]
@@ -41,11 +66,16 @@ class Batch:
         return torch.arange(self.latents.shape[1])[None, :] < counts[:, None]
 
     def to(self, device) -> "Batch":
-        return Batch(self.latents.to(device), self.clips, self.keys, self.frame_interval)
+        return Batch(self.latents.to(device), self.clips, self.keys, self.frame_interval, moments=self.moments)
 
 
-def validate_clips(clips: list[list[list[int]]], num_frames: int, channels: int, expected_channels: int) -> None:
-    if channels != expected_channels:
+def validate_clips(clips: list[list[list[int]]], num_frames: int, channels: int, expected_channels: int,
+                   moments: bool = False) -> None:
+    """`moments`: the latents hold the posterior's mean and std, 2 x model.latent_channels channels."""
+    if moments and channels != 2 * expected_channels:
+        raise ConfigError(f"latents: got {channels} channels of posterior moments, expected {2 * expected_channels} "
+                          f"(mean and std of model.latent_channels={expected_channels})")
+    if not moments and channels != expected_channels:
         raise ConfigError(f"latents: got {channels} channels, expected {expected_channels} (model.latent_channels)")
     for r, row in enumerate(clips):
         if not row:

@@ -53,7 +53,7 @@ class LatentBatch(Batch):
 
     def to(self, device) -> "LatentBatch":
         return LatentBatch(self.latents.to(device), self.clips, self.keys, self.frame_interval,
-                           self.global_index, self.frame_indices, self.skipped)
+                           self.global_index, self.frame_indices, self.skipped, moments=self.moments)
 
     @property
     def row_index(self) -> list[int]:
@@ -109,11 +109,12 @@ def copy_serial(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
-def collate(records: list[SampleRecord], pack_tokens: int, dtype: torch.dtype) -> LatentBatch:
+def collate(records: list[SampleRecord], pack_tokens: int, dtype: torch.dtype, moments: bool = False) -> LatentBatch:
+    """`moments`: the records hold posterior moments (a `posterior`-form dataset); the batch says so."""
     ok = [r for r in records if r.skip is None]
     skipped = [(r.global_index, r.key, r.skip) for r in records if r.skip is not None]
     if not ok:  # every position of this rank's step was skipped: a 0-row batch, the step still counts
-        return LatentBatch(torch.zeros(0, 0, 0, 0, 0, dtype=dtype), [], [], [], [], [], skipped)
+        return LatentBatch(torch.zeros(0, 0, 0, 0, 0, dtype=dtype), [], [], [], [], [], skipped, moments=moments)
     shapes = {tuple(r.latents.shape[1:]) for r in ok}
     if len(shapes) > 1:
         raise ConfigError(f"data.batch_size/pack_tokens: one step holds latents of shapes {sorted(shapes)} "
@@ -137,4 +138,4 @@ def collate(records: list[SampleRecord], pack_tokens: int, dtype: torch.dtype) -
         intervals.append([ok[i].interval for i in row])
         gidx.append([ok[i].global_index for i in row])
         fidx.append([ok[i].frame_indices for i in row])
-    return LatentBatch(latents, clips, keys, intervals, gidx, fidx, skipped)
+    return LatentBatch(latents, clips, keys, intervals, gidx, fidx, skipped, moments=moments)

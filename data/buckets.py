@@ -1,9 +1,11 @@
 """Shape buckets, skip reasons and token bounds: what a stage can do with each sample.
 
-A stage can use a stored video only if it has enough frames (data/stage.py,
-`interval_bounds`) and if its sample can fit `max_tokens`. Both are known
-from the latents shape [T, C, h, w] that the dataset index records per
-sample (data/dataset_index.py), so such a sample is a *known skip*: the loader
+A sample here is a video (data/videos.py: the segments of a long video are
+one sample, of their frames together). A stage can use a video only if it has
+enough frames (data/stage.py, `interval_bounds`) and if its sample can fit
+`max_tokens`. Both are known from the latents shape [T, C, h, w] that the
+dataset index records per stored sample (data/dataset_index.py), so such a
+sample is a *known skip*: the loader
 reports it, counted like any skip, without reading it, and a shard holding
 only known skips is never fetched. The token limit is known only when even
 the shortest sequence the clip policy can draw exceeds it (`token_range`);
@@ -39,6 +41,7 @@ from data.batch import patches_per_frame, sequence_length
 from data.dataset_index import DatasetMeta
 from data.heldout_split import heldout_mask
 from data.stage import SamplePlan, interval_bounds, plan_sample, sample_rng, sample_tokens
+from data.videos import Videos
 from jobconfig.data import DataConfig, StageSamplingConfig
 from jobconfig.errors import ConfigError
 
@@ -61,20 +64,21 @@ def _chunks(n: int) -> range:
 
 @dataclass(frozen=True, eq=False)  # compared by identity: `code` is an array
 class Buckets:
-    """Every sample's bucket: `code` per flat sample index (DatasetMeta.offsets + index in shard) is a
+    """Every video's bucket: `code` per flat video index (`videos.offsets` + index in shard) is a
     bucket number >= 0, or a key of SKIP_CODES for a known skip.
 
-    `code` is a function of each sample's frame count and latent shape; `recipe` (meta, short-by-frames
-    table, code-by-shape table) recomputes it, so Buckets pickles without its [N] array: a DataLoader
+    `code` is a function of each video's frame count and latent shape; `recipe` (videos, short-by-frames
+    table, code-by-shape table) recomputes it, so Buckets pickles without its [V] array: a DataLoader
     worker started by spawn remaps the index and rebuilds `code` instead of receiving a copy."""
     code: np.ndarray
     names: tuple[str, ...]
     batch: tuple[int, ...]   # per-rank batch size of each bucket
     recipe: tuple | None = None
+    videos: Videos | None = None  # the videos `code` numbers (data/videos.py)
 
     def __reduce__(self):
         if self.recipe is None:
-            return Buckets, (self.code, self.names, self.batch)
+            return Buckets, (self.code, self.names, self.batch, None, self.videos)
         return _rebuilt, (self.recipe, self.names, self.batch)
 
     @cached_property  # `code` never changes; these are read at every schedule and loader state
@@ -135,31 +139,34 @@ def plan_or_skip(stage: StageSamplingConfig, seed: int, epoch: int, position: in
     return plan
 
 
-def _code(meta: DatasetMeta, short_of_frames: np.ndarray | None, code_of_shape: np.ndarray | None,
+def _code(videos: Videos, short_of_frames: np.ndarray | None, code_of_shape: np.ndarray | None,
           heldout: float = 0.0) -> np.ndarray:
-    """Each sample's code from the lookup tables: -3 if it is held out (a key hash below `heldout`),
+    """Each video's code from the lookup tables: -3 if it is held out (its key's hash below `heldout`),
     else -1 if its frame count is too short, else its shape's."""
     dtype = np.int16 if code_of_shape is None or len(code_of_shape) < 2 ** 15 else np.int32
-    code = np.zeros(meta.num_samples, dtype=dtype)
+    code = np.zeros(videos.num, dtype=dtype)
     if short_of_frames is not None:
         by_shape = code_of_shape.astype(dtype)
+        frames, shape_ids = videos.frames, videos.shape_ids
         for lo in _chunks(len(code)):
             hi = lo + _CHUNK
-            code[lo:hi] = np.where(short_of_frames[meta.frames[lo:hi]], -1, by_shape[meta.shape_ids[lo:hi]])
+            code[lo:hi] = np.where(short_of_frames[frames[lo:hi]], -1, by_shape[shape_ids[lo:hi]])
     if heldout > 0:
-        code[heldout_mask(meta, heldout)] = -3
+        mask = heldout_mask(videos.meta, heldout)  # by sample: every segment of a video has its video's
+        code[mask if videos.starts is None else mask[videos.starts[:-1]]] = -3
     return code
 
 
 def _rebuilt(recipe: tuple, names: tuple[str, ...], batch: tuple[int, ...]) -> Buckets:
-    return Buckets(_code(*recipe), names, batch, recipe)
+    return Buckets(_code(*recipe), names, batch, recipe, recipe[0])
 
 
 def build_buckets(meta: DatasetMeta, cfg: DataConfig, where: str = "index.json", heldout: float = 0.0) -> Buckets:
-    """Buckets of the dataset for the stage `cfg.stage`, with their per-rank batch sizes (the samples of
-    the held-out split at fraction `heldout` a known skip of their own); a ConfigError
-    naming the key when the stage can use no sample at all. Decided per distinct frame count and per
-    distinct shape (few), then looked up per sample in passes of _CHUNK samples over the index columns."""
+    """Buckets of the dataset's videos (data/videos.py) for the stage `cfg.stage`, with their per-rank
+    batch sizes (the videos of the held-out split at fraction `heldout` a known skip of their own); a
+    ConfigError naming the key when the stage can use no video at all. Decided per distinct frame count
+    and per distinct shape (few), then looked up per video in passes of _CHUNK over the columns."""
+    videos = Videos.of(meta)
     if not meta.has_shapes:
         if cfg.bucket_batch_size:
             raise ConfigError(f"data.bucket_batch_size: {where} records no per-sample shapes (written before "
@@ -169,20 +176,20 @@ def build_buckets(meta: DatasetMeta, cfg: DataConfig, where: str = "index.json",
             raise ConfigError(f"data.batch_tokens: {where} records no latent shape to size batches by tokens; "
                               "use data.batch_size")
         name = bucket_name(*hw) if hw else "any"
-        recipe = (meta, None, None, heldout)
-        return Buckets(_code(*recipe), (name,), (_batch(cfg, name, hw),), recipe)
-    N, k = meta.num_samples, len(meta.shape_table)
-    count_of_length = np.zeros(int(meta.frames.max()) + 1, dtype=np.int64)
+        recipe = (videos, None, None, heldout)
+        return Buckets(_code(*recipe), (name,), (_batch(cfg, name, hw),), recipe, videos)
+    N, k, frames, shape_ids = videos.num, len(meta.shape_table), videos.frames, videos.shape_ids
+    count_of_length = np.zeros(int(frames.max()) + 1, dtype=np.int64)
     for lo in _chunks(N):
-        count_of_length += np.bincount(meta.frames[lo:lo + _CHUNK], minlength=len(count_of_length))
+        count_of_length += np.bincount(frames[lo:lo + _CHUNK], minlength=len(count_of_length))
     lengths = np.flatnonzero(count_of_length)
     short_of_frames = np.ones(len(count_of_length), dtype=bool)
     short_of_frames[lengths] = [interval_bounds(cfg.stage, int(f)) is None for f in lengths]
     count_of_shape, long_of_shape = np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64)
     for lo in _chunks(N):
-        ids = meta.shape_ids[lo:lo + _CHUNK]
+        ids = shape_ids[lo:lo + _CHUNK]
         count_of_shape += np.bincount(ids, minlength=k)
-        long_of_shape += np.bincount(ids[~short_of_frames[meta.frames[lo:lo + _CHUNK]]], minlength=k)
+        long_of_shape += np.bincount(ids[~short_of_frames[frames[lo:lo + _CHUNK]]], minlength=k)
     table = meta.shape_table.astype(np.int64)
     channels = np.unique(table[count_of_shape > 0, 0])
     if len(channels) > 1:
@@ -204,14 +211,15 @@ def build_buckets(meta: DatasetMeta, cfg: DataConfig, where: str = "index.json",
         present = np.flatnonzero(long_of_hw > 0)
         _refuse(cfg.stage, where, int(lengths.max()), num_long == 0, fewest[present], hws, present,
                 N - num_long, num_long)
-    recipe = (meta, short_of_frames, code_of_shape, heldout)
+    recipe = (videos, short_of_frames, code_of_shape, heldout)
     usable = [hws[u] for u in usable.tolist()]
     names = tuple(bucket_name(*hw) for hw in usable)
     unknown = sorted(set(cfg.bucket_batch_size) - set(names))
     if unknown:
         raise ConfigError(f"data.bucket_batch_size: {unknown} name no shape bucket of this stage; the dataset's "
                           f"usable latent shapes are {list(names)} (HxW)")
-    return Buckets(_code(*recipe), names, tuple(_batch(cfg, n, hw) for n, hw in zip(names, usable)), recipe)
+    return Buckets(_code(*recipe), names, tuple(_batch(cfg, n, hw) for n, hw in zip(names, usable)), recipe,
+                   videos)
 
 
 def _refuse(stage: StageSamplingConfig, where: str, longest: int, all_short: bool, fewest: np.ndarray,

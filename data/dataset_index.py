@@ -19,6 +19,8 @@ shard, i.e. `DatasetMeta.offsets[shard] + index`; the file format: data/columns_
     sample_frames (uint16 or int32), sample_shape (uint16 or int32: a row of shape_table),
     shape_table ([k, 3] int32: the distinct latent [C, h, w]); absent when a manifest lacks shapes
     key_blob (uint8), key_offsets (uint32 or int64, N + 1): sample i's key is blob[off[i]:off[i+1]]
+    sample_first_frame (uint16 or int32): the sample's first frame in its input video, > 0 for the later
+                       segments of a long one (data/videos.py); absent in indexes written before it
 
 Publishing (`write_index`): the new columns file first, under its new name, then index.json in one
 step (a local file is written beside it and renamed; an object store takes one PUT), so a reader
@@ -33,6 +35,9 @@ to it safely.
 Older datasets: an index.json of format_version 1 (every shard, with its samples' shapes, inline)
 still reads, to the same DatasetMeta (its arrays then live in memory: such indexes are small).
 A format-1 index counts as version 1: the first publish over it is version 2.
+
+`latent_form` (data/shard_format.py): what the latents hold, posterior moments or one draw; an index
+of before it was recorded reads as `sample`, and trains as it did.
 """
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from data.columns_file import check_file, columns_bytes, map_columns
-from data.shard_format import ShardFormatError, ShardManifest, get_fs
+from data.shard_format import ShardFormatError, ShardManifest, get_fs, latent_form
 from jobconfig.errors import ConfigError
 
 FORMAT_VERSION = 2          # index.json with a columns file
@@ -95,6 +100,10 @@ def build_columns(manifests: list[ShardManifest]) -> dict[str, np.ndarray]:
         shapes = np.fromiter(chain.from_iterable(chain.from_iterable(m.sample_shapes for m in manifests)),
                              dtype=np.int64, count=4 * n).reshape(n, 4)
         cols.update(shape_columns(shapes[:, 0], shapes[:, 1:]))
+        if all(m.sample_first_frames is not None for m in manifests):  # segments of long videos: data/videos.py
+            cols["sample_first_frame"] = _smallest(np.fromiter(
+                chain.from_iterable(m.sample_first_frames for m in manifests), dtype=np.int64, count=n),
+                np.uint16, np.int32)
     return cols
 
 
@@ -241,10 +250,12 @@ def read_index(fs: fsspec.AbstractFileSystem, root: str) -> dict:
 
 
 # ---------------------------------------------------------------- the reader's view
-def _reopen(path: str, latent_shape, version: int, num_shards: int, where: str) -> "DatasetMeta":
+def _reopen(path: str, latent_shape, version: int, num_shards: int, where: str,
+            form: str = "sample") -> "DatasetMeta":
     """A DatasetMeta re-mapped from its (already checked, immutable) columns file: how one crosses to
     a worker process."""
-    return DatasetMeta._from_columns(map_columns(path), latent_shape, version, where, path).prefix(num_shards)
+    meta = DatasetMeta._from_columns(map_columns(path), latent_shape, version, where, path).prefix(num_shards)
+    return replace(meta, latent_form=form)
 
 
 @dataclass(frozen=True)
@@ -256,7 +267,8 @@ class DatasetMeta:
 
     A DatasetMeta of a columns file pickles as the file's path (a DataLoader worker maps the same
     pages, it gets no copy of the arrays). `latent_shape`: the dataset-wide [C, h, w] some writers
-    record (data/synthetic), else None. `version`: the index version it was read from."""
+    record (data/synthetic), else None. `version`: the index version it was read from. `latent_form`:
+    `posterior` (latents hold 2C channels: mean, std) or `sample` (data/shard_format.py)."""
     names: tuple[str, ...]
     sizes: tuple[int, ...]
     sha256: tuple[str, ...]
@@ -271,6 +283,10 @@ class DatasetMeta:
     key_offsets: np.ndarray | None = field(default=None, compare=False, repr=False)
     columns_file: str | None = field(default=None, compare=False)  # the local file mapped, if any
     where: str = field(default=INDEX_NAME, compare=False, repr=False)
+    latent_form: str = field(default="sample", compare=False)
+    # [N] each sample's first frame in its input video (data/videos.py groups segments by it); None when
+    # the index does not record it
+    first_frames: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     # ------------------------------------------------------------ reading
     @classmethod
@@ -283,7 +299,8 @@ class DatasetMeta:
         if index.get("format_version") == LEGACY_FORMAT_VERSION:
             return cls.from_index(index, where=where)
         path = _local_columns(fs, root, index["columns"], where)
-        return cls._from_columns(map_columns(path), latent_shape, int(index["version"]), where, path)
+        meta = cls._from_columns(map_columns(path), latent_shape, int(index["version"]), where, path)
+        return replace(meta, latent_form=latent_form(index, where))
 
     @classmethod
     def _from_columns(cls, cols: dict[str, np.ndarray], latent_shape, version: int, where: str,
@@ -297,12 +314,13 @@ class DatasetMeta:
                        tuple(cols["shard_bytes"][keep].tolist()), latent_shape, version,
                        tuple(cols["shard_num_frames"][keep].tolist()), cols.get("sample_frames"),
                        cols.get("sample_shape"), cols.get("shape_table"), cols["key_blob"], cols["key_offsets"],
-                       path, where)
+                       path, where, first_frames=cols.get("sample_first_frame"))
         except KeyError as e:
             raise ShardFormatError(f"{path}: columns file lacks the column {e.args[0]!r}") from None
         n = meta.num_samples
         for name, col, want in (("sample_frames", meta.frames, n), ("sample_shape", meta.shape_ids, n),
-                                ("key_offsets", meta.key_offsets, n + 1)):
+                                ("key_offsets", meta.key_offsets, n + 1),
+                                ("sample_first_frame", meta.first_frames, n)):
             if col is not None and len(col) != want:
                 raise ShardFormatError(f"{path}: column {name} has {len(col)} rows, expected {want} "
                                        f"({n} samples in {len(meta.names)} shards)")
@@ -339,9 +357,15 @@ class DatasetMeta:
             shapes = np.concatenate(shapes)
             cols = shape_columns(shapes[:, 0], shapes[:, 1:])
             frames, shape_ids, table = cols["sample_frames"], cols["sample_shape"], cols["shape_table"]
-        return cls(names, sizes, sha, nbytes, _latent_shape(index), 1, totals, frames, shape_ids, table, where=where)
+        return cls(names, sizes, sha, nbytes, _latent_shape(index), 1, totals, frames, shape_ids, table, where=where,
+                   latent_form=latent_form(index, where))
 
     # ------------------------------------------------------------ views
+    @property
+    def moments(self) -> bool:
+        """Whether the latents hold posterior moments (2C channels) rather than one draw."""
+        return self.latent_form == "posterior"
+
     @property
     def has_shapes(self) -> bool:
         """Whether the index records every sample's shape (an older one does not)."""
@@ -397,11 +421,12 @@ class DatasetMeta:
         return replace(self, names=self.names[:k], sizes=self.sizes[:k], sha256=self.sha256[:k],
                        num_bytes=self.num_bytes[:k], shard_frames=self.shard_frames[:k],
                        frames=cut(self.frames, n), shape_ids=cut(self.shape_ids, n),
-                       key_offsets=cut(self.key_offsets, n + 1))
+                       key_offsets=cut(self.key_offsets, n + 1), first_frames=cut(self.first_frames, n))
 
     def __reduce__(self):
         if self.columns_file is not None:
-            return _reopen, (self.columns_file, self.latent_shape, self.version, len(self.names), self.where)
+            return _reopen, (self.columns_file, self.latent_shape, self.version, len(self.names), self.where,
+                             self.latent_form)
         return _from_fields, (tuple(getattr(self, f) for f in self.__dataclass_fields__),)
 
 

@@ -1,11 +1,13 @@
 """The held-out split of a latent dataset: which samples training never sees, by key hash.
 
-A sample is held out when the hash of its key, read as a number u in [0, 1), is below the
-configured fraction (eval.heldout_fraction). Membership depends on the key alone: the split
-is stable as the dataset grows (new shards add their own held-out samples, old ones keep
-theirs), independent of shard order, seed and stage. Held-out samples are a known skip of
-the training loader (data/buckets.py, SKIP_HELDOUT), so the training order stays a pure
-function of (seed, epoch, position); with the fraction 0 nothing changes.
+A sample is held out when the hash of its video's key, read as a number u in [0, 1), is below
+the configured fraction (eval.heldout_fraction). The video's key is the sample's key less a
+segment suffix `-sNNNN` (data/precompute_plan.py `source_key`), so the segments of one long
+video fall on the same side: a video is never both trained on and evaluated. Membership depends
+on the key alone: the split is stable as the dataset grows (new shards add their own held-out
+samples, old ones keep theirs), independent of shard order, seed and stage. Held-out videos are
+a known skip of the training loader (data/buckets.py, SKIP_HELDOUT), so the training order stays
+a pure function of (seed, epoch, position); with the fraction 0 nothing changes.
 
 The hash (`key_hashes`) is part of the data format: changing it would move samples between
 training and evaluation in every existing run, so it is versioned (SPLIT_VERSION) and
@@ -19,7 +21,7 @@ import numpy as np
 from data.dataset_index import DatasetMeta
 from jobconfig.errors import ConfigError
 
-SPLIT_VERSION = 1
+SPLIT_VERSION = 2  # 2: segments split by their video's key (1: each by its own)
 _P = np.uint64(0x100000001B3)   # FNV-64 prime: the polynomial base over the key's bytes
 _CHUNK = 1 << 20                 # keys per pass: temporaries stay bounded at any dataset size
 
@@ -32,11 +34,13 @@ def _mix(h: np.ndarray) -> np.ndarray:
         return h ^ (h >> np.uint64(31))
 
 
-def hash_keys(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """uint64 hash of each key blob[offsets[i]:offsets[i+1]] (keys are non-empty): the polynomial
-    sum (byte + 1) * P^(bytes after it) mod 2^64, plus the length, then mixed."""
+def hash_keys(blob: np.ndarray, offsets: np.ndarray, ends: np.ndarray | None = None) -> np.ndarray:
+    """uint64 hash of each key blob[offsets[i]:offsets[i+1]] (keys are non-empty), or of its first
+    bytes, up to ends[i], if given: the polynomial sum (byte + 1) * P^(bytes after it) mod 2^64, plus
+    the length, then mixed."""
     offsets = np.asarray(offsets, dtype=np.int64)
-    lengths = np.diff(offsets)
+    ends = offsets[1:] if ends is None else np.asarray(ends, dtype=np.int64)
+    lengths = ends - offsets[:-1]
     if len(lengths) and lengths.min() <= 0:
         raise ValueError("hash_keys: an empty key")
     if not len(lengths):
@@ -44,8 +48,11 @@ def hash_keys(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     powers = np.cumprod(np.full(int(lengths.max()), _P, dtype=np.uint64), dtype=np.uint64)  # wraps mod 2^64
     powers = np.concatenate([[np.uint64(1)], powers[:-1]])
     b = np.asarray(blob[offsets[0]:offsets[-1]], dtype=np.uint64) + np.uint64(1)
-    key_of = np.repeat(np.arange(len(lengths)), lengths)
-    after = (offsets[1:][key_of] - 1 - np.arange(offsets[0], offsets[-1])).astype(np.int64)
+    key_of = np.repeat(np.arange(len(lengths)), np.diff(offsets))
+    after = (ends[key_of] - 1 - np.arange(offsets[0], offsets[-1])).astype(np.int64)
+    if (after < 0).any():  # bytes cut off the end of their key add nothing
+        b[after < 0] = 0
+        after = np.maximum(after, 0)
     with np.errstate(over="ignore"):
         h = np.add.reduceat(b * powers[after], offsets[:-1] - offsets[0], dtype=np.uint64)
         h = h + lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
@@ -58,13 +65,38 @@ def key_hash(key: str) -> int:
     return int(hash_keys(raw, np.array([0, len(raw)]))[0])
 
 
+def video_key_ends(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Where each key blob[offsets[i]:offsets[i+1]] ends once a segment suffix `-s` + 4 or more digits is
+    cut off (data/precompute_plan.py `source_key`, vectorised): the end of its video's key."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    start, end = offsets[:-1], offsets[1:]
+    digits = np.zeros(len(start), dtype=np.int64)  # trailing digits of each key
+    going = np.ones(len(start), dtype=bool)
+    while going.any():
+        at = end - digits - 1
+        idx = np.flatnonzero(going)
+        ok = at[idx] >= start[idx]
+        c = np.zeros(len(idx), dtype=np.uint8)
+        c[ok] = blob[at[idx][ok]]
+        is_digit = ok & (c >= ord("0")) & (c <= ord("9"))
+        digits[idx[is_digit]] += 1
+        going[idx[~is_digit]] = False
+    cut = end - digits - 2  # where `-s` would start
+    has = (digits >= 4) & (cut > start)
+    idx = np.flatnonzero(has)
+    has[idx] = (blob[cut[idx]] == ord("-")) & (blob[cut[idx] + 1] == ord("s"))
+    return np.where(has, cut, end)
+
+
 def key_hashes(meta: DatasetMeta, lo: int = 0, hi: int | None = None) -> np.ndarray:
-    """uint64 hash of the keys of samples [lo, hi) (flat indices)."""
+    """uint64 hash of the video keys of samples [lo, hi) (flat indices): a sample's key less its segment
+    suffix, so every segment of a video has its video's hash (`key_hash` of the input's key)."""
     if meta.key_offsets is None:
         raise ConfigError(f"eval.heldout_fraction: {meta.where} lists no sample keys (an index of format 1); "
                           "rebuild the index with the precompute job, or use eval.root")
     hi = meta.num_samples if hi is None else hi
-    return hash_keys(meta.key_blob, np.asarray(meta.key_offsets[lo:hi + 1], dtype=np.int64))
+    offsets = np.asarray(meta.key_offsets[lo:hi + 1], dtype=np.int64)
+    return hash_keys(meta.key_blob, offsets, video_key_ends(meta.key_blob, offsets))
 
 
 def unit(h: np.ndarray) -> np.ndarray:

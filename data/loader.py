@@ -3,6 +3,9 @@
 Data order is a pure function of (seed, epoch, position) (data/order.py): the
 epoch order is fixed by the seed and the dataset alone, and so is every shape
 bucket's stream of samples (data/buckets.py: samples of one latent h x w).
+A sample is a video (data/videos.py): a long video stored as several segments
+is one sample per epoch, its window drawn over the whole video, and the
+reader reads only the segments the window touches.
 Global step s serves G_b = world_size * batch_b consecutive items of one
 bucket's stream, so every batch has one latent shape; steps of the buckets
 interleave in proportion to their sizes. Rank r takes the items i = r
@@ -26,15 +29,16 @@ from the next epoch on; a dataset whose old shards changed is refused
 (data/growth.py).
 
 Early filtering (data/buckets.py decides, this module only reads): with the
-shapes index.json records per sample, a video too short for the stage (or
+shapes index.json records per stored sample, a video too short for the stage (or
 whose shortest draw exceeds max_tokens) is a *known skip*: it takes no batch
 slot, is reported (counted by reason, like every skip) by the step at whose
 pace the skip stream has reached it, and is never read; a shard of nothing
 else is never fetched. A sample some draw of whose shape could exceed
 max_tokens is planned (frames, interval, clips) before its shard is fetched,
-so a drawn clip partition over max_tokens is skipped unread, in its slot; any
-other is planned once decoded: every sample is planned once. An older index
-without shapes gives one bucket and finds every skip at read time.
+so a drawn clip partition over max_tokens is skipped unread, in its slot; so is
+a video of several segments (its window names the segments to read); any
+other is planned once decoded. An older index without shapes gives one bucket
+and finds every skip at read time.
 
 Every item yields exactly one record on exactly one rank, a sample or a
 counted skip (too many tokens, corrupt shard or undecodable sample under
@@ -54,25 +58,23 @@ steps. 'drop' keeps steps inside epochs: the last n_b mod G_b items of each
 bucket's epoch are not served in that epoch (the same on every rank, a
 different set each epoch since the order is reshuffled).
 
-Workers: each sends one message per step with its part of the step (latents
-as pickled bytes, cheaper here than torch's shared-memory tensors); the main
-process merges the parts of a step and collates the batch.
+Workers: each sends one message per step with its part of the step
+(data/worker_wire.py); the main process merges the parts of a step and
+collates the batch.
 """
 from __future__ import annotations
 
 import logging
-import pickle
-import traceback
 from collections import Counter
 from dataclasses import replace
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.batch import patches_per_frame
-from data.batching import LatentBatch, SampleRecord, collate, copy_serial, numpy_view
+from data.batching import LatentBatch, SampleRecord, collate
 from data.buckets import SKIP_BAD_SAMPLE, SKIP_CODES, SKIP_CORRUPT, Buckets, build_buckets, plan_or_skip, token_range
 from data.dataset_index import DatasetMeta, read_index
 from data.growth import Growth, grown_prefix, growth_epoch, log_growth
@@ -80,53 +82,14 @@ from data.order import Schedule, Window, bucket_streams, epoch_order, reader_ite
 from data.shard_format import ShardFormatError, decode_sample, get_fs
 from data.shards import CorruptShardError, ShardSource
 from data.stage import SamplePlan
+from data.videos import Videos, cut_window
+from data.worker_wire import ReaderError, from_wire, identity, to_wire
 from jobconfig.data import DataConfig
 from jobconfig.errors import ConfigError
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _identity(x):
-    return x
-
-
-class _Wire(NamedTuple):
-    """A sample's latents between processes: numpy bytes (same-size ints) plus the torch dtype name."""
-    array: np.ndarray
-    dtype: str
-
-
-def _to_wire(chunk: list[SampleRecord]) -> list[SampleRecord]:
-    """Worker side: latents as contiguous numpy arrays. They travel pickled through the worker's
-    pipe: measured here, moving a fresh torch tensor into shared memory costs ~8 ms per step,
-    pickling the same bytes ~0.05 ms. Copies use numpy (see batching.copy_serial)."""
-    for r in chunk:
-        if isinstance(r.latents, torch.Tensor):
-            x = torch.empty(r.latents.shape, dtype=r.latents.dtype)
-            copy_serial(x, r.latents)
-            r.latents = _Wire(numpy_view(x), str(x.dtype).split(".")[-1])
-    return chunk
-
-
-def _from_wire(chunk: list[SampleRecord]) -> list[SampleRecord]:
-    for r in chunk:
-        if isinstance(r.latents, _Wire):
-            r.latents = torch.from_numpy(r.latents.array).view(getattr(torch, r.latents.dtype))
-    return chunk
-
-
-class _ReaderError:
-    """An exception of a worker, carried to the main process as a plain item."""
-
-    def __init__(self, error: Exception, where: str):
-        error.add_note(f"(raised in {where}:)\n{traceback.format_exc()}")
-        try:
-            pickle.dumps(error)
-        except Exception:  # an unpicklable error would be lost between processes: send its text
-            error = RuntimeError(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
-        self.error = error
 
 
 class _Readers(IterableDataset):
@@ -139,6 +102,10 @@ class _Readers(IterableDataset):
         self._warned: set[str] = set()  # corrupt shards already reported by this reader
         self._orders: dict[int, tuple] = {}  # epoch -> _epoch(epoch), the last two epochs
 
+    @property
+    def videos(self) -> Videos:
+        return self.buckets.videos
+
     def __iter__(self) -> Iterator[list[SampleRecord]]:
         """One chunk per rank-local step: this worker's records of the step (maybe none), in order.
 
@@ -146,7 +113,7 @@ class _Readers(IterableDataset):
         part of step s) and costs one IPC message per step instead of one per sample."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        share = _to_wire if info is not None else _identity  # in-process: no IPC, no extra copy
+        share = to_wire if info is not None else identity  # in-process: no IPC, no extra copy
         try:
             for window, records in self._records(worker, workers):
                 step, chunk = window.first_step, []
@@ -163,7 +130,7 @@ class _Readers(IterableDataset):
                 raise
             # hand the error to the main process as an item and end normally: it is re-raised
             # there as itself (not wrapped), and a worker that raised delays DataLoader shutdown 5 s
-            yield _ReaderError(e, f"DataLoader worker {worker} of rank {self.rank}")
+            yield ReaderError(e, f"DataLoader worker {worker} of rank {self.rank}")
 
     def _records(self, worker: int, workers: int) -> Iterator[tuple[Window, Iterator[SampleRecord]]]:
         cfg, meta, sched = self.cfg, self.meta, self.schedule
@@ -177,9 +144,9 @@ class _Readers(IterableDataset):
             source.close()
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
-        """(shard, index in shard) per epoch position, and the bucket streams, of one epoch."""
+        """(shard, video index in shard) per epoch position, and the bucket streams, of one epoch."""
         if epoch not in self._orders:
-            cfg, sizes, bk = self.cfg, self.meta.sizes, self.buckets
+            cfg, sizes, bk = self.cfg, self.videos.sizes, self.buckets
             args = (cfg.seed, epoch, self.num_streams, cfg.shuffle_buffer)
             self._orders = {e: v for e, v in self._orders.items() if e >= epoch - 1}
             self._orders[epoch] = (*epoch_order(sizes, *args), bucket_streams(sizes, bk.code, len(bk.names), *args))
@@ -188,77 +155,95 @@ class _Readers(IterableDataset):
     def _window_records(self, source: ShardSource, window: Window, worker: int,
                         workers: int) -> Iterator[SampleRecord]:
         """This worker's records of a window, by step (samples in slot order, then known skips).
-        Each sample is planned once: before any read when some draw of its recorded shape could exceed
-        max_tokens (a planned skip is never read), else once decoded. The shard needs are handed to
-        `source` first, so fetching runs ahead of decoding."""
-        meta, sched, N, nb = self.meta, self.schedule, self.meta.num_samples, len(self.schedule.sizes)
+        A sample is a video (data/videos.py). It is planned before any read when some draw of its
+        recorded shape could exceed max_tokens (a planned skip is never read) or when it has several
+        segments (its plan names the segments to read; the plans of a whole window are not held, so
+        it is planned again once read), else once decoded. The shard needs are handed to `source`
+        first, so fetching runs ahead of decoding."""
+        meta, videos, sched, nb = self.meta, self.videos, self.schedule, len(self.schedule.sizes)
+        N = videos.num
         steps, bks, items, skips = reader_items(window, sched.batch, sched.world_size, self.rank, worker, workers)
-        # (step, epoch, p, shard, idx, outcome): a SamplePlan, a skip reason, or None: planned once
-        # decoded (the plans of a whole window are not held at once)
+        # (step, epoch, p, shard, video, outcome, reads): outcome a SamplePlan, a skip reason, or None
+        # (planned once decoded); reads: the flat sample indices of the segments to read
         stage, todo = self.cfg.stage, []
         for step, b, i in zip(steps.tolist(), bks.tolist(), items.tolist()):
             epoch, m = divmod(i, sched.sizes[b])
             sh, ix, streams = self._epoch(epoch)
             p = int(streams[b][m])
-            shard, idx = int(sh[p]), int(ix[p])
-            outcome = None
+            shard = int(sh[p])
+            v = int(videos.offsets[shard]) + int(ix[p])
+            lo, hi = videos.samples(v)
+            outcome, reads = None, (lo,)
             if meta.has_shapes:
-                T, _, h, w = meta.sample_shape(int(meta.offsets[shard]) + idx)
-                if token_range(stage, (h, w))[1] > stage.max_tokens:  # only its draw says if it fits: plan now
+                T, _, h, w = videos.shape(v)
+                tokens = token_range(stage, (h, w))[1] > stage.max_tokens  # only its draw says if it fits
+                if tokens or hi - lo > 1:
                     outcome = plan_or_skip(stage, self.cfg.seed, epoch, p, T, (h, w))
-            todo.append((step, epoch, p, shard, idx, outcome))
+                if hi - lo > 1 and not isinstance(outcome, str):
+                    reads = tuple(i for i, _, _ in videos.pieces(v, outcome.frame_indices, outcome.interval))
+                    outcome = outcome if tokens else None
+            todo.append((step, epoch, p, shard, v, outcome, reads))
         for step, k in zip(skips[0].tolist(), skips[1].tolist()):
             epoch, m = divmod(k, sched.num_skips)
             sh, ix, streams = self._epoch(epoch)
             p = int(streams[nb][m])
-            shard, idx = int(sh[p]), int(ix[p])
-            todo.append((step, epoch, p, shard, idx, SKIP_CODES[int(self.buckets.code[meta.offsets[shard] + idx])]))
+            shard = int(sh[p])
+            v = int(videos.offsets[shard]) + int(ix[p])
+            todo.append((step, epoch, p, shard, v, SKIP_CODES[int(self.buckets.code[v])], ()))
         todo.sort(key=lambda x: x[0])  # stable: a step's samples stay in slot order, before its skips
-        source.extend(((epoch, shard), idx) for _, epoch, _, shard, idx, outcome in todo
-                      if not isinstance(outcome, str))
-        for step, epoch, p, shard, idx, outcome in todo:
+        offsets = meta.offsets
+        source.extend(((epoch, shard), i - int(offsets[shard])) for _, epoch, _, shard, _, outcome, reads in todo
+                      if not isinstance(outcome, str) for i in reads)
+        for step, epoch, p, shard, v, outcome, reads in todo:
             rec = SampleRecord(epoch * N + p, epoch, p, meta.names[shard], step=step,
                                skip=outcome if isinstance(outcome, str) else None)
             if rec.skip is None:
-                self._read(rec, outcome, source.take((epoch, shard), idx), shard, idx)
+                got = [(i, source.take((epoch, shard), i - int(offsets[shard]))) for i in reads]
+                self._read(rec, outcome, v, got)
             yield rec
 
-    def _read(self, rec: SampleRecord, plan: SamplePlan | None, got, shard: int, idx: int) -> None:
-        """Decode the sample and cut its planned frames, or set why it is skipped."""
-        cfg = self.cfg
-        if isinstance(got, CorruptShardError):
+    def _read(self, rec: SampleRecord, plan: SamplePlan | None, v: int, got: list) -> None:
+        """Decode the video's segments `got` ((flat sample index, what the shard source gave) each) and cut
+        its planned frames, or set why it is skipped."""
+        cfg, meta, videos = self.cfg, self.meta, self.videos
+        bad = next((g for _, g in got if isinstance(g, CorruptShardError)), None)
+        if bad is not None:
             if cfg.corrupt_shards == "fail":
-                raise got
+                raise bad
             if rec.shard not in self._warned:
                 self._warned.add(rec.shard)
-                log.warning("skipping the samples of a corrupt shard (data.corrupt_shards=skip): %s", got)
+                log.warning("skipping the samples of a corrupt shard (data.corrupt_shards=skip): %s", bad)
             rec.skip = SKIP_CORRUPT
             return
-        rec.key, members = got
+        parts = []
+        rec.key = videos.key(v, got[0][1][0])
         try:
-            latents, _ = decode_sample(members, where=f"shard {rec.shard} sample {rec.key}")
-            recorded = self.meta.sample_shape(int(self.meta.offsets[shard]) + idx) if self.meta.has_shapes else None
-            if recorded is not None and list(latents.shape) != recorded:
-                raise ShardFormatError(f"shard {rec.shard} sample {rec.key}: latents of shape "
-                                       f"{list(latents.shape)}, index.json records {recorded}")
+            for i, (key, members) in got:
+                latents, _ = decode_sample(members, where=f"shard {rec.shard} sample {key}")
+                recorded = meta.sample_shape(i) if meta.has_shapes else None
+                if recorded is not None and list(latents.shape) != recorded:
+                    raise ShardFormatError(f"shard {rec.shard} sample {key}: latents of shape "
+                                           f"{list(latents.shape)}, index.json records {recorded}")
+                parts.append(latents)
         except ShardFormatError as e:  # a verified shard holding an undecodable sample: the writer's bug
             if cfg.corrupt_shards == "fail":
                 raise
             log.warning("skipping an undecodable sample (data.corrupt_shards=skip): %s", e)
             rec.skip = SKIP_BAD_SAMPLE
             return
-        hw = tuple(latents.shape[-2:])
-        if plan is None:  # the decoded shape is the recorded one (checked above), or none was recorded
-            plan = plan_or_skip(cfg.stage, cfg.seed, rec.epoch, rec.position, latents.shape[0], hw)
+        hw = tuple(parts[0].shape[-2:])
+        if plan is None:  # the decoded shapes are the recorded ones (checked above), or none was recorded
+            T = videos.shape(v)[0] if videos.grouped else parts[0].shape[0]
+            plan = plan_or_skip(cfg.stage, cfg.seed, rec.epoch, rec.position, T, hw)
             if isinstance(plan, str):
                 rec.skip = plan
                 return
         rec.frame_indices, rec.interval, rec.clips = plan.frame_indices, plan.interval, plan.clips
         rec.patches = patches_per_frame(hw, cfg.stage.patch_size)
-        # evenly spaced frames: a strided view in the stored dtype; a worker moves it as is (bf16 is
-        # half the bytes of fp32) and collate converts while copying it into the batch
-        f = rec.frame_indices
-        rec.latents = latents[f[0]:f[-1] + 1:rec.interval]
+        # evenly spaced frames: a strided view of one segment in the stored dtype (a worker moves it as is:
+        # bf16 is half the bytes of fp32, and collate converts while copying it into the batch), or the
+        # frames of the segments a window crosses, concatenated
+        rec.latents = cut_window(parts, videos.pieces(v, plan.frame_indices, plan.interval), plan.interval)
 
 
 class LatentLoader:
@@ -304,7 +289,8 @@ class LatentLoader:
                 "num_shards": len(self.meta.names), "columns": self.columns, **self._order_fields()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") == 1 and self.buckets.flat:  # before buckets: one cursor over the epoch order
+        if state.get("version") == 1 and self.buckets.flat and not self.buckets.videos.grouped:
+            # before buckets (and before videos): one cursor over the epoch order
             state = {**state, "version": STATE_VERSION, "buckets": self.buckets.fingerprint,
                      "cursors": {self.buckets.names[0]: state.get("epoch", 0) * self.meta.num_samples
                                  + state.get("offset", 0)}}
@@ -399,7 +385,7 @@ class LatentLoader:
         dataset = _Readers(cfg, self.meta, self.buckets, self.num_streams, schedule, self.rank)
         if cfg.num_workers:
             records = iter(DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
-                                      collate_fn=_identity, prefetch_factor=4))  # items are whole steps
+                                      collate_fn=identity, prefetch_factor=4))  # items are whole steps
         else:
             records = iter(dataset)
         dtype, parts, W = _DTYPES[cfg.dtype], max(1, cfg.num_workers), self.world_size
@@ -411,19 +397,19 @@ class LatentLoader:
                 buf = []
                 for _ in range(parts):
                     chunk = next(records, None)
-                    if isinstance(chunk, _ReaderError):
+                    if isinstance(chunk, ReaderError):
                         del records  # shut the workers down before raising
                         raise chunk.error
                     if chunk is None:
                         raise RuntimeError(f"loader rank {self.rank}: the readers ended before step "
                                            f"{window.first_step + t}")
-                    buf += _from_wire(chunk)
+                    buf += from_wire(chunk)
                 # samples in global-index order, then skips: the same batch whatever the worker count
                 buf.sort(key=lambda r: (r.skip is not None, r.global_index))
                 if len(buf) != counts[t]:
                     raise RuntimeError(f"loader rank {self.rank}: step {window.first_step + t} got {len(buf)} "
                                        f"records from its readers, expected {counts[t]}")
-                batch = collate(buf, cfg.pack_tokens, dtype)
+                batch = collate(buf, cfg.pack_tokens, dtype, moments=self.meta.moments)
                 for _, _, reason in batch.skipped:
                     self.stats[f"skipped/{reason}"] += 1
                 self.corrupt_shards.update(r.shard for r in buf if r.skip == SKIP_CORRUPT)

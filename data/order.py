@@ -3,7 +3,9 @@
 Everything here is computed from the shards' sample counts (index.json, read
 by data/shard_format.py) and each sample's bucket code (data/buckets.py),
 never from data, rank or worker state, so every process of every run derives
-the same answers. Nothing here reads a file.
+the same answers. Nothing here reads a file. A sample is a video
+(data/videos.py: the `sizes` given here count each shard's videos, however
+many segments store them), so a long video is one item of each epoch.
 
 **Epoch order** (`epoch_order`): a pure function of (seed, epoch) over the
 dataset's shards:

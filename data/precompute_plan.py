@@ -311,10 +311,14 @@ def plan_growth(fs, root: str, uris: list[str], cfg: PrecomputeConfig) -> Growth
         return _adopt(plan, uris, old, path, config_hash(cfg))
     if old is not None:
         if old.get("config_hash") != chash:
+            one_draw = (isinstance(old.get("config"), dict) and "latents" not in old["config"]
+                        and cfg.latents != "sample")
             raise PlanError(
                 f"{path}: this output root holds plan {old.get('plan_hash')} ({old.get('num_inputs')} inputs, "
                 f"config {old.get('config_hash')}), but this job's dataset settings hash to config {chash}: "
-                "the inputs or the dataset settings changed; write to a new precompute.output.root")
+                "the inputs or the dataset settings changed; write to a new precompute.output.root"
+                + ("; the root holds one posterior draw per frame (written before precompute.latents, or with "
+                   "`sample`): grow it with --precompute.latents=sample" if one_draw else ""))
         try:
             plan.generations = [Generation(**{k: v for k, v in g.items() if k != "file"})
                                 for g in old["generations"]]

@@ -14,6 +14,14 @@ manifest written: a reader that sees a manifest sees a complete tar.
 
 The index over the committed shards, and `DatasetMeta` that every reader uses,
 live in data/dataset_index.py.
+
+Latent forms (index.json and meta.json `latent_form`; data/vae.py makes both):
+    posterior  [T, 2C, h, w]: per frame the VAE posterior's scaled mean (channels :C), then its scaled
+               std (C:); the trainer draws a fresh latent from it every step (METHOD.md, Latents).
+               The default of `vgpt precompute` (`precompute.latents`).
+    sample     [T, C, h, w]: one scaled posterior draw per frame, fixed at precompute time (half the
+               bytes). An index without `latent_form` (written before it was recorded) holds this.
+Both forms keep the frames in the first axis, so a reader's frame windows work on either.
 """
 from __future__ import annotations
 
@@ -41,6 +49,14 @@ _KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 class ShardFormatError(ValueError):
     """A shard, manifest or sample does not match the format; the message names it."""
+
+
+def latent_form(index: dict, where: str = "index.json") -> str:
+    """The `latent_form` an index.json (or meta.json) records; `sample` when it records none."""
+    form = index.get("latent_form", "sample")
+    if form not in ("posterior", "sample"):
+        raise ShardFormatError(f"{where}: latent_form {form!r}, expected 'posterior' or 'sample'")
+    return form
 
 
 def get_fs(root: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -160,6 +176,9 @@ class ShardManifest:
     # the loader skip samples a stage cannot use, and group samples by shape, without opening the tar.
     # None in manifests written before it was recorded.
     sample_shapes: list[list[int]] | None = None
+    # Per sample: the index of its first frame in its input video (0 unless it is a later segment of a
+    # long video): the loader groups segments into videos by it (data/videos.py). None: not recorded.
+    sample_first_frames: list[int] | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True, indent=1)
@@ -175,15 +194,20 @@ class ShardManifest:
 
 
 def commit_shard(fs: fsspec.AbstractFileSystem, root: str, stem: str, tar_bytes: bytes,
-                 keys: list[str], num_frames: int, sample_shapes: list[list[int]] | None = None) -> ShardManifest:
+                 keys: list[str], num_frames: int, sample_shapes: list[list[int]] | None = None,
+                 first_frames: list[int] | None = None) -> ShardManifest:
     """Upload the complete tar, then write its manifest (the commit).
 
-    `sample_shapes`: each sample's latents shape [T, C, h, w], aligned with `keys`."""
+    `sample_shapes`: each sample's latents shape [T, C, h, w], aligned with `keys`; `first_frames`: each
+    sample's first frame in its input video (data/videos.py)."""
     shapes = [list(map(int, s)) for s in sample_shapes] if sample_shapes is not None else None
     if shapes is not None and len(shapes) != len(keys):
         raise ShardFormatError(f"{stem}: {len(shapes)} sample shapes for {len(keys)} keys")
+    if first_frames is not None and len(first_frames) != len(keys):
+        raise ShardFormatError(f"{stem}: {len(first_frames)} first frames for {len(keys)} keys")
     manifest = ShardManifest(stem, list(keys), len(keys), int(num_frames), len(tar_bytes),
-                             hashlib.sha256(tar_bytes).hexdigest(), sample_shapes=shapes)
+                             hashlib.sha256(tar_bytes).hexdigest(), sample_shapes=shapes,
+                             sample_first_frames=[int(f) for f in first_frames] if first_frames is not None else None)
     fs.makedirs(f"{root}/shards", exist_ok=True)
     fs.pipe_file(f"{root}/shards/{stem}.tar", tar_bytes)
     fs.pipe_file(f"{root}/shards/{stem}.json", manifest.to_json().encode())

@@ -128,8 +128,8 @@ class LatentSource:
         except StopIteration:
             raise RuntimeError("data: the loader ran out of samples (data.epochs reached) before train.steps; "
                                "raise data.epochs (0 = endless) or lower train.steps") from None
-        if b.clips:
-            self._shape = tuple(b.latents.shape[2:])
+        if b.clips:  # the placeholder is a single-draw batch: the model's channels, this batch's h x w
+            self._shape = (self._shape[0], *b.latents.shape[3:])
         return b, self.blend.rows(i, b)
 
     def placeholder(self) -> Batch:

@@ -8,6 +8,15 @@ the CPU: the stored latents then do not depend on batch size, worker, device
 or on which retry produced them, so a resumed job writes the same bytes as an
 uninterrupted one. `sample: mode` (the posterior mean) is offered for
 inspection and ablations.
+
+`moments` gives the posterior itself instead (the `posterior` latent form, data/shard_format.py,
+the precompute default): per frame the scaled mean (mean - shift_factor) * scaling_factor and the
+scaled std std * scaling_factor, concatenated on the channel axis [T, 2C, h, w], so that a draw
+mean + std * n at training time is exactly a scaled `posterior.sample()`. The spread is stored as
+the std, not the log-variance: latents are stored in bf16, whose rounding error is relative (at
+most 2^-8) at every magnitude, so a bf16 std is within 0.4% of the fp32 one however small it is,
+while a bf16 log-variance has an absolute error growing with |log-variance| (at -20, up to 0.06:
+3% of the std); and a draw needs no exp. (Stored in fp16, a std under 6e-5 loses precision: prefer bf16.)
 """
 from __future__ import annotations
 
@@ -25,7 +34,12 @@ from data.video import to_model_input
 from jobconfig.precompute import VaeConfig
 
 TINY_VAE = "tiny"
-TINY_VAE_VERSION = 1
+TINY_VAE_VERSION = 2  # 2: the posterior of a trained VAE (TINY_LOGVAR)
+# A trained VAE's posterior is nearly deterministic (KL weight ~1e-6): its spread is a small fraction
+# of the means' (METHOD.md Latents). A random init is not: its log-variances are ~0, the spread of
+# the (scaled) draws 4x that of the means, and training on fresh posterior draws would see mostly
+# noise. The tiny VAE's log-variance is therefore this constant (std e^-5).
+TINY_LOGVAR = -10.0
 
 
 def tiny_vae_kwargs() -> dict:
@@ -34,6 +48,18 @@ def tiny_vae_kwargs() -> dict:
                 up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16),
                 layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=128,
                 scaling_factor=0.13025)
+
+
+def tighten_posterior(vae) -> None:
+    """Give a tiny `AutoencoderKL` (random, or fitted as a deterministic autoencoder by
+    data/vae_fit.py, which never trains its log-variances) the near-deterministic posterior of a
+    trained VAE: log-variance TINY_LOGVAR everywhere, from the second half of `quant_conv`."""
+    if vae.quant_conv is None:
+        raise ValueError("tiny VAE: no quant_conv, so no log-variance output to set")
+    c = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[c:] = 0.0
+        vae.quant_conv.bias[c:] = TINY_LOGVAR
 
 
 def save_tiny_vae(directory: str | Path, seed: int = 0, **overrides) -> Path:
@@ -47,6 +73,7 @@ def save_tiny_vae(directory: str | Path, seed: int = 0, **overrides) -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         vae = AutoencoderKL(**{**tiny_vae_kwargs(), **overrides})
+    tighten_posterior(vae)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-vae-", dir=directory.parent))
     vae.save_pretrained(tmp, safe_serialization=True)
     try:
@@ -118,17 +145,26 @@ class LatentVae:
         self.latent_channels = self.identity["latent_channels"]
         self.downsample = self.identity["downsample"]
 
-    @torch.inference_mode()
-    def encode(self, frames: np.ndarray | torch.Tensor, key: str, first_frame: int = 0) -> torch.Tensor:
-        """uint8 [T, H, W, 3] -> float32 latents [T, C, H/8, W/8], scaled and shifted (METHOD.md)."""
+    def _posteriors(self, frames: np.ndarray | torch.Tensor):
+        """(first frame, unscaled mean, unscaled std), fp32 on the CPU, per encoder batch."""
         x = to_model_input(frames)
-        out = []
         for start in range(0, x.shape[0], self.cfg.batch_size):
             batch = x[start:start + self.cfg.batch_size].to(self.device, self.dtype)
             dist = self.vae.encode(batch).latent_dist
-            mean = dist.mean.float().cpu()
+            yield start, dist.mean.float().cpu(), dist.std.float().cpu()
+
+    @torch.inference_mode()
+    def moments(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 [T, H, W, 3] -> float32 [T, 2C, H/8, W/8]: the scaled posterior mean, then its scaled std."""
+        return torch.cat([torch.cat([(mean - self.shift_factor) * self.scaling_factor, std * self.scaling_factor], 1)
+                          for _, mean, std in self._posteriors(frames)])
+
+    @torch.inference_mode()
+    def encode(self, frames: np.ndarray | torch.Tensor, key: str, first_frame: int = 0) -> torch.Tensor:
+        """uint8 [T, H, W, 3] -> float32 latents [T, C, H/8, W/8], scaled and shifted (METHOD.md)."""
+        out = []
+        for start, mean, std in self._posteriors(frames):
             if self.cfg.sample == "sample":
-                std = dist.std.float().cpu()
                 noise = torch.stack([
                     torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(
                         frame_seed(self.cfg.seed, key, first_frame + start + i)))

@@ -9,7 +9,9 @@ during a fit this short drowns the latents in the untrained posterior's unit
 noise (the fit stalled at ~20 dB), so the quickstart precomputes with
 `vae.sample: mode`. It then sets `scaling_factor` to 1/std of the fitted
 latents, which is how the SD and SDXL VAEs chose theirs: the diffusion model
-sees unit-variance latents.
+sees unit-variance latents. Its log-variances, which the fit never uses, are set to those of
+a trained VAE (data/vae.py `tighten_posterior`), so the posterior-form shards hold a spread
+of about 1% of the latents' instead of the untrained encoder's unit noise.
 
 The result is an ordinary diffusers directory (`save_pretrained`, safetensors)
 that the precompute farm loads like any other VAE. Deterministic in `seed`.
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.vae import tiny_vae_kwargs
+from data.vae import tighten_posterior, tiny_vae_kwargs
 from data.video import to_model_input
 
 
@@ -51,6 +53,7 @@ def fit_tiny_vae(frames: np.ndarray, directory: str | Path, steps: int = 300, ba
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         vae = AutoencoderKL(**tiny_vae_kwargs())
+        tighten_posterior(vae)  # untouched by the fit: the posterior-form shards' spread
         x_all = to_model_input(frames)
         g = torch.Generator().manual_seed(seed)
         opt = torch.optim.Adam(vae.parameters(), lr=lr)

@@ -2,9 +2,10 @@
 
 Plain dataclasses with `validate()` raising `ConfigError("key: why")`, nested
 into `JobConfig` (jobconfig/job.py). Split by concern: what to read
-(inputs), what to write (output), how frames are taken (video), the VAE, and
-the Ray resources. Only `inputs`, `output.root`, `video`, `vae` and
-`output.shard_name/videos_per_shard` change the dataset; `ray` and `progress`
+(inputs), what to write (output), how frames are taken (video), the VAE, what
+a frame's latents hold (`latents`: the posterior's mean and std, or one draw),
+and the Ray resources. Only `inputs`, `output.root`, `video`, `vae`, `latents`
+and `output.shard_name/videos_per_shard` change the dataset; `ray` and `progress`
 only change speed, so they are left out of the config hash (see
 `PrecomputeConfig.dataset_dict`). Credentials never appear here: s3fs takes
 them from the environment (AWS_* variables, instance roles).
@@ -94,9 +95,11 @@ class VideoConfig:
 @dataclass
 class VaeConfig:
     path: str = "tiny"  # a local diffusers AutoencoderKL dir (the SDXL VAE), or 'tiny'
-    dtype: Literal["fp32", "bf16"] = "fp32"  # compute dtype of the encoder
+    dtype: Literal["fp32", "bf16"] = "fp32"  # compute dtype of the encoder (METHOD.md: fp32)
     batch_size: int = 16  # frames per encoder call
-    sample: Literal["sample", "mode"] = "sample"  # posterior sample (METHOD) with per-frame seeds, or its mode
+    # `precompute.latents: sample` (and inference's context encode): a posterior draw with per-frame seeds,
+    # or the mode; the `posterior` form stores the posterior itself and ignores it
+    sample: Literal["sample", "mode"] = "sample"
     seed: int = 0  # base of the per-(video, frame) sampling seeds
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the actor got a GPU
 
@@ -151,10 +154,16 @@ class PrecomputeConfig:
     vae: VaeConfig = field(default_factory=VaeConfig)
     ray: PrecomputeRayConfig = field(default_factory=PrecomputeRayConfig)
     progress_every_s: float = 10.0
+    # What a frame's latents hold (data/shard_format.py): `posterior`, the VAE posterior's mean and std
+    # (2C channels; the trainer draws a fresh latent every step, as METHOD.md's reference does), or
+    # `sample`, one draw fixed at precompute time (vae.sample/vae.seed; half the bytes).
+    latents: Literal["posterior", "sample"] = "posterior"
 
     def validate(self) -> None:
         if self.progress_every_s <= 0:
             raise ConfigError(f"progress_every_s: got {self.progress_every_s}, expected a positive number")
+        if self.latents not in ("posterior", "sample"):
+            raise ConfigError(f"latents: got {self.latents!r}, expected 'posterior' or 'sample'")
 
     def dataset_dict(self) -> dict:
         """The fields that decide the dataset's bytes: hashed into index.json. A root that grows
@@ -171,4 +180,6 @@ class PrecomputeConfig:
             d["video"].pop("long_videos")
         if not self.video.segment_overlap:
             d["video"].pop("segment_overlap")
+        if self.latents == "sample":  # what every dataset of before the field held
+            d.pop("latents")
         return d

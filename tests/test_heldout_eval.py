@@ -255,3 +255,23 @@ def test_a_two_rank_run_evaluates_its_weights_as_one_process_does(toy, tmp_path)
     assert [m["step"] for m in evals] == [2]
     assert evaluate_export(toy, export_path(tmp_path / "two")) == \
         {k: v for k, v in evals[0].items() if k.startswith("heldout_loss")}
+
+
+def test_a_posterior_dataset_is_evaluated_on_its_mean(tmp_path):
+    """Issue 29: held-out samples of a `posterior`-form dataset are its posterior means, no draw: the same
+    latents, and the same losses, as a one-draw dataset that stored those means."""
+    from pretrain.evaluation.latent_eval import latent_set
+
+    sets, losses = [], []
+    model = build_model(_job(tmp_path).model, device="cpu", seed=0)
+    jitter(model)
+    for form in ("posterior", None):
+        root = tmp_path / str(form)
+        write_toy_dataset(str(root), [12, 12], frames=8, shape=(4, 4, 4), latent_form=form, std=0.5)
+        job = _job(root)
+        sets.append(latent_set(job, 0, 1))
+        losses.append(make_evaluator(job, torch.device("cpu"), 0, 1).evaluate(model))
+    assert sets[0].count == sets[1].count > 0
+    for (_, a), (_, b) in zip(sets[0].mine, sets[1].mine):
+        assert a.key == b.key and a.latents.shape[1] == 4 and torch.equal(a.latents, b.latents)
+    assert losses[0] == losses[1]

@@ -42,6 +42,7 @@ from data.columns_file import map_columns
 from data.dataset_index import DatasetMeta, read_index
 from data.precompute_plan import make_key, source_key
 from data.shard_format import committed_manifests, decode_sample
+from data.videos import Videos
 from jobconfig.precompute import VaeConfig, VideoConfig
 from tests.runs import EARLY
 
@@ -96,6 +97,7 @@ def test_local_dataset_every_valid_video_once_and_latents_decode(env, full_run):
     index = read_index(fs, root)
     assert index["num_samples"] == len(GOOD) + 1 and index["num_shards"] == 5
     assert index["latent_channels"] == 4 and index["latent_dtype"] == "bfloat16"
+    assert index["latent_form"] == "posterior"  # the default: per frame the posterior's mean and std, 2 x 4 channels
     assert index["vae"]["name"] == "tiny" and index["num_inputs"] == len(GOOD) + len(BAD)
     # the index records every sample's latents shape (its frame count first), as the tars hold them,
     # in one column: no second copy of the frame counts to disagree with it
@@ -104,7 +106,12 @@ def test_local_dataset_every_valid_video_once_and_latents_decode(env, full_run):
     assert [meta.key(i) for i in range(meta.num_samples)] == keys
     recorded = {k: meta.sample_shape(i) for i, k in enumerate(keys)}
     cols = map_columns(f"{root}/{index['columns']['path']}")
-    assert sorted(k for k in cols if k.startswith("sample_")) == ["sample_frames", "sample_shape"]
+    assert sorted(k for k in cols if k.startswith("sample_")) == ["sample_first_frame", "sample_frames", "sample_shape"]
+    # ... and where each sample starts in its input, by which the loader groups clip_a's two segments into
+    # one video (data/videos.py)
+    assert cols["sample_first_frame"].tolist() == [16 if k.endswith("-s0001") else 0 for k in keys]
+    videos = Videos.of(meta)
+    assert videos.num == len(GOOD) and sorted(videos.frames.tolist()) == sorted(t for _, _, _, t, _, _ in GOOD)
     assert {k: list(decode_sample(m)[0].shape) for k, m in data.items()} == recorded
     assert meta.frames.tolist() == [recorded[k][0] for k in keys]
 
@@ -130,13 +137,14 @@ def test_local_dataset_every_valid_video_once_and_latents_decode(env, full_run):
         fw, fh = meta["frame_size"]
         assert fw % 16 == 0 and fh % 16 == 0 and max(meta["resized_size"]) <= 128
         assert meta["vae"]["sha256"] == index["vae"]["sha256"] and meta["scaling_factor"] == 0.13025
-        assert latents.dtype == torch.bfloat16 and tuple(latents.shape) == (t, 4, fh // 8, fw // 8)
+        assert latents.dtype == torch.bfloat16 and tuple(latents.shape) == (t, 8, fh // 8, fw // 8)
+        assert meta["latent_form"] == "posterior" and (latents[:, 4:] > 0).all()  # mean, then std
         # The stored latents (segments concatenated) are the ones an in-process encode of the whole input gives ...
         frames = decode_video(uri, video_cfg).frames
-        expect = vae.encode(frames, key)
+        expect = vae.moments(frames)
         torch.testing.assert_close(latents.float(), expect, atol=2e-2, rtol=2e-2)
-        # ... and decode back to the frames that in-process encode -> decode gives (tiny VAE quality).
-        back, ref = vae.decode(latents), vae.decode(expect)
+        # ... and their means decode back to the frames that in-process encode -> decode gives (tiny VAE quality).
+        back, ref = vae.decode(latents[:, :4]), vae.decode(expect[:, :4])
         assert back.shape == (t, 3, fh, fw) and back.min() >= -1 and back.max() <= 1
         assert (back - ref).abs().mean() < 1e-2
     assert "[precompute] videos" in out and "frames/s" in out and "ETA" in out  # progress in the job log

@@ -33,7 +33,8 @@ def test_precompute_configs_load_and_bad_values_name_the_key():
     tiny = load_config("configs/precompute/tiny.yaml").precompute
     assert tiny.vae.path == "tiny" and tiny.inputs.dir and tiny.output.videos_per_shard == 2
     sdxl = load_config("configs/precompute/sdxl.yaml").precompute
-    assert sdxl.video.max_image_size == 320 and sdxl.output.root.startswith("s3://") and sdxl.vae.dtype == "bf16"
+    assert sdxl.video.max_image_size == 320 and sdxl.output.root.startswith("s3://") and sdxl.vae.dtype == "fp32"
+    assert sdxl.latents == tiny.latents == "posterior" and sdxl.output.latent_dtype == "bf16"
     cases = {"--precompute.inputs.glob=/x/*.mp4": "precompute.inputs.dir/glob/list_file",
              "--precompute.output.videos_per_shard=0": "precompute.output.videos_per_shard",
              "--precompute.vae.dtype=fp8": "precompute.vae.dtype",
@@ -41,7 +42,8 @@ def test_precompute_configs_load_and_bad_values_name_the_key():
              "--precompute.video.max_aspect=0.5": "precompute.video.max_aspect",
              "--precompute.ray.encode_actorz=2": "unknown config key 'precompute.ray.encode_actorz'",
              "--precompute.ray.decode_resources={CPU: 1}": "precompute.ray.decode_resources.CPU",
-             "--precompute.video.segment_overlap=-1": "precompute.video.segment_overlap"}
+             "--precompute.video.segment_overlap=-1": "precompute.video.segment_overlap",
+             "--precompute.latents=mean": "precompute.latents"}
     for override, expect in cases.items():
         with pytest.raises(ConfigError, match=expect.replace(".", r"\.").replace("{", r"\{")):
             load_config("configs/precompute/tiny.yaml", [override])
@@ -160,6 +162,58 @@ def test_vae_sampling_is_seeded_per_frame(vae_dirs, clip):
     assert vae_identity(vae_dirs[0], "a")["sha256"] != vae_identity(vae_dirs[1], "a")["sha256"]
 
 
+def test_vae_moments_are_the_scaled_posterior_of_which_encode_is_a_draw(vae_dirs, clip):
+    """The posterior form: mean and std scaled alike, so mean + std * n is the scaled sample() encode
+    stores for the same n (the fixed per-frame draw of the `sample` form)."""
+    from data.vae import LatentVae, frame_seed
+    from data.video import to_model_input
+
+    frames = decode_video(str(clip[0]), VideoConfig(max_image_size=128, min_frames=1)).frames[:5]
+    vae = LatentVae(VaeConfig(path=str(vae_dirs[1]), batch_size=2))  # shift_factor 0.1
+    moments = vae.moments(frames)
+    assert moments.shape == (5, 8, 8, 16)
+    mean, std = moments[:, :4], moments[:, 4:]
+    with torch.no_grad():
+        dist = vae.vae.encode(to_model_input(frames)).latent_dist
+    s = vae.scaling_factor
+    torch.testing.assert_close(mean, (dist.mean - 0.1) * s, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(std, dist.std * s, atol=1e-7, rtol=1e-4)
+    n = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(frame_seed(0, "k", i)))
+                     for i in range(5)])
+    torch.testing.assert_close(mean + std * n, vae.encode(frames, "k"), atol=1e-5, rtol=1e-4)
+
+
+def test_encoder_writes_the_posterior_form_by_default_and_one_draw_on_request(vae_dirs, clip, monkeypatch):
+    """The encoder actor's sample (in process: no Ray job): 2C channels of moments and latent_form in
+    meta.json by default; `precompute.latents: sample` stores the draw, C channels, as before."""
+    import ray
+
+    from data.shard_format import decode_sample
+    from orchestration.precompute import workers
+
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    monkeypatch.setattr(workers, "_node", lambda: "node-0")
+    frames = decode_video(str(clip[0]), VideoConfig(max_image_size=128, min_frames=1)).frames[:4]
+    status = {"key": "k", "sample_key": "k", "first_frame": 0, "fps": 30.0, "frame_indices": [0, 1, 2, 3],
+              "meta": {}, "num_segments": 1}
+    vae_cfg = VaeConfig(path=str(vae_dirs[0]), device="cpu")
+    assert PrecomputeConfig().latents == "posterior"
+    out = {}
+    for form in ("posterior", "sample"):
+        enc = workers.Encoder(vae_cfg, "bf16", form) if form == "sample" else workers.Encoder(vae_cfg, "bf16")
+        sample = enc.encode(status, "file:///clip.mp4", frames)
+        out[form], meta = decode_sample(sample["members"])
+        assert meta["latent_form"] == form and out[form].dtype == torch.bfloat16
+        assert sample["shape"] == list(out[form].shape) == [4, 8 if form == "posterior" else 4, 8, 16]
+    ref = enc.vae.moments(frames)
+    torch.testing.assert_close(out["posterior"].float(), ref, atol=1e-2, rtol=1e-2)  # bf16 storage
+    assert (out["posterior"][:, 4:] > 0).all()  # the spread is a std
+    torch.testing.assert_close(out["sample"].float(), enc.vae.encode(frames, "k"), atol=2e-2, rtol=2e-2)
+    # a dataset written before the choice existed (one draw) keeps its config hash; the posterior form differs
+    sample_cfg = dataclasses.replace(PrecomputeConfig(), latents="sample")
+    assert "latents" not in sample_cfg.dataset_dict() and config_hash(sample_cfg) != config_hash(PrecomputeConfig())
+
+
 # ---------------------------------------------------------------- plan
 def test_keys_are_stable_ids_without_dots():
     k = make_key("/data/a b/My.Video.v2.mp4")
@@ -201,6 +255,18 @@ def test_plan_of_before_generations_is_adopted_or_refused(tmp_path):
     record_generation(fs, str(tmp_path), plan)
     assert json.loads((tmp_path / "plan.json").read_text())["format"] == 2
     assert [s.stem for s in plan_growth(fs, str(tmp_path), listed + ["/v/c.mp4"], cfg).new] == ["train-000002"]
+
+
+def test_a_root_of_one_draw_per_frame_grows_only_in_that_form(tmp_path):
+    """A root written before `precompute.latents` (one draw per frame: its settings have no `latents`) is
+    refused by a job of the new default, posterior, with the way out; with `latents: sample` it grows."""
+    fs = fsspec.filesystem("file")
+    old = PrecomputeConfig(output=OutputConfig(videos_per_shard=1), latents="sample")
+    record_generation(fs, str(tmp_path), plan_growth(fs, str(tmp_path), ["/v/a.mp4"], old))
+    new = dataclasses.replace(old, latents="posterior")
+    with pytest.raises(PlanError, match="one posterior draw per frame .* grow it with --precompute.latents=sample"):
+        plan_growth(fs, str(tmp_path), ["/v/a.mp4", "/v/b.mp4"], new)
+    assert [s.stem for s in plan_growth(fs, str(tmp_path), ["/v/a.mp4", "/v/b.mp4"], old).new] == ["train-000001"]
 
 
 def test_progress_line_reports_rate_eta_and_rejections():

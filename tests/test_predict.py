@@ -51,6 +51,41 @@ def test_kv_cache_generation_equals_recompute(model, clip_frames, window, guidan
         assert stats.cache_rebuilds == 4  # slid at every one of the 4 generated clips
 
 
+@pytest.mark.parametrize("clip_frames,window", [(2, 80), (2, 6)])
+def test_kv_cache_equals_recompute_when_the_history_is_refreshed_every_clip(model, clip_frames, window):
+    """predict.history: reencode hands the sampler new latents for the window before every clip after the
+    first: the cache is rebuilt then (stale keys/values never used), and shared by the clip's Euler steps."""
+    calls = []
+
+    def refresh(history, start, clip):
+        calls.append((len(history), start, clip))
+        return history[start:] * 0.8 + 0.1 * clip  # a change the model sees
+
+    context = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    results = {}
+    for kv in (True, False):
+        predictor = NextClipPredictor(model, PredictConfig(steps=3, clip_frames=clip_frames, max_frame_window=window,
+                                                           kv_cache=kv))
+        results[kv] = predictor.predict(context, 6, refresh), predictor.stats
+    (cached, stats), (full, _) = results[True], results[False]
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    assert (stats.cache_rebuilds, stats.cache_appends, stats.model_calls) == (3, 0, 3 * 3)
+    first = [max(0, h - (window - clip_frames)) for h in (6, 8)]
+    assert calls == [(6, first[0], 1), (8, first[1], 2)] * 2  # clips 1 and 2, for each of the two runs
+    plain, _ = generate(model, context, 6, clip_frames=clip_frames, max_frame_window=window, steps=3)
+    torch.testing.assert_close(cached[:clip_frames], plain[:clip_frames], rtol=1e-5, atol=1e-5)
+    assert (cached[clip_frames:] - plain[clip_frames:]).abs().max() > 1e-3  # the refreshed history mattered
+
+
+def test_noise_is_reseeded_per_clip_as_the_reference_does_or_seeded_per_clip(model):
+    same = NextClipPredictor(model, PredictConfig(seed=3))
+    a, b = same.noise(0, 2, (4, 8, 8)), same.noise(1, 2, (4, 8, 8))
+    g = torch.Generator().manual_seed(3)  # the reference: Generator().manual_seed(seed), one [1, C, h, w] per frame
+    assert torch.equal(a, b) and torch.equal(a, torch.cat([torch.randn(1, 4, 8, 8, generator=g) for _ in range(2)]))
+    per_clip = NextClipPredictor(model, PredictConfig(seed=3, noise_seed="per_clip"))
+    assert not torch.equal(per_clip.noise(0, 2, (4, 8, 8)), per_clip.noise(1, 2, (4, 8, 8)))
+
+
 def test_guidance_zero_ignores_the_context_and_guidance_uses_it(model):
     a = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     b = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(3))

@@ -120,3 +120,23 @@ def test_predict_reads_a_video_from_object_storage(setup, s3_bucket, s3_server, 
     assert rc == 0
     metrics = json.loads((tmp_path / "o" / "remote" / "metrics.json").read_text())
     assert metrics["video"] == f"s3://{bucket}/videos/remote.mp4" and len(metrics["psnr"]) == 2
+
+
+def test_history_is_reencoded_by_default_and_latent_on_request(setup, monkeypatch, tmp_path):
+    """Three one-frame clips: from the second on the default re-encodes the decoded history (the authors'
+    pipeline); --predict.history=latent appends the sampled latents. The first frame is the same."""
+    monkeypatch.setenv("VGPT_CACHE", str(tmp_path / "cache"))
+    root, video, export = setup
+    made = {}
+    for history in ("reencode", "latent"):
+        out = tmp_path / history
+        extra = [] if history == "reencode" else ["--predict.history=latent"]
+        assert predict_main(["--checkpoint", str(export), "--video", str(video), "--vae", "tiny", "--max-image-size",
+                             "64", "--out", str(out), "--predict.steps=2", "--predict.clip_frames=1", "--context", "3",
+                             "--generate", "3", *extra]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["predict"]["history"] == history and summary["predict"]["noise_seed"] == "same"
+        with np.load(out / "clip" / "frames.npz") as f:
+            made[history] = f["prediction"].astype(int)
+    assert np.array_equal(made["reencode"][0], made["latent"][0])
+    assert np.abs(made["reencode"][1:] - made["latent"][1:]).max() > 0

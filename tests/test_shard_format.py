@@ -45,7 +45,8 @@ def test_frame_counts_are_recorded_once_and_older_records_still_read(tmp_path):
 
     index = write_toy_dataset(str(tmp_path), [2, 1], frames=[5, 7, 3], shape=(4, 2, 2))
     cols = map_columns(tmp_path / index["columns"]["path"])  # frames: one column, the shape table [C, h, w] only
-    assert sorted(k for k in cols if k.startswith("sample_")) == ["sample_frames", "sample_shape"]
+    # (sample_first_frame is where each sample starts in its input video: data/videos.py)
+    assert sorted(k for k in cols if k.startswith("sample_")) == ["sample_first_frame", "sample_frames", "sample_shape"]
     assert cols["shape_table"].tolist() == [[4, 2, 2]]
     assert open_dataset(str(tmp_path)).frames.tolist() == [5, 7, 3]
     fs, root = get_fs(str(tmp_path))
@@ -60,3 +61,32 @@ def test_frame_counts_are_recorded_once_and_older_records_still_read(tmp_path):
     older = {**rewritten, "shards": [{**s, "sample_frames": [x[0] for x in s["sample_shapes"]]}
                                      for s in rewritten["shards"]]}
     assert DatasetMeta.from_index(older).frames.tolist() == [5, 7, 3]
+
+
+def test_the_latent_form_is_recorded_and_an_index_without_it_reads_as_one_draw(tmp_path):
+    """index.json `latent_form` (issue 29): `posterior` datasets hold [mean, std] in 2C channels; an
+    index without the field (every dataset of before it) reads as `sample`; DatasetMeta keeps the form
+    when it crosses to a DataLoader worker (pickled as its columns file); a bad value names the key."""
+    import pickle
+
+    from data.loader import LatentLoader
+    from jobconfig.data import DataConfig, StageSamplingConfig
+
+    stage = StageSamplingConfig(frames=2, interval="fixed", interval_value=1, clips="single_frame", patch_size=2)
+    for form, want in (("posterior", "posterior"), ("sample", "sample"), (None, "sample")):
+        root = tmp_path / str(form)
+        index = write_toy_dataset(str(root), [2], frames=4, shape=(4, 2, 2), latent_form=form, std=0.5)
+        assert index.get("latent_form") == form
+        meta = open_dataset(str(root))
+        assert meta.latent_form == want and pickle.loads(pickle.dumps(meta)).latent_form == want
+        channels = 8 if form == "posterior" else 4
+        assert meta.sample_shape(0) == [4, channels, 2, 2]
+        batch = next(iter(LatentLoader(DataConfig(root=str(root), batch_size=2, stage=stage))))
+        assert batch.moments == (want == "posterior") and batch.latents.shape[2] == channels
+        assert batch.to("cpu").moments == batch.moments
+        if form == "posterior":
+            assert (batch.latents[:, :, 4:] == 0.5).all()  # the std after the mean
+    text = (root / "index.json").read_text()
+    (root / "index.json").write_text(text.replace('"latent_form"', '"x"').replace("{", '{"latent_form": "mean", ', 1))
+    with pytest.raises(ShardFormatError, match="index.json: latent_form 'mean', expected 'posterior' or 'sample'"):
+        open_dataset(str(root))

@@ -5,6 +5,8 @@ Uses only `data.shard_format`'s writer helpers, so what the loader reads here is
 exactly what the precompute farm commits. Each video's latents encode its own
 identity: frame t of video v is filled with v * 1000 + t, so a test can check
 from the tensor alone which video and which stored frames a sample holds.
+Either latent form (data/shard_format.py): `posterior` stores that pattern as
+the mean and a constant `std` after it (2C channels).
 
 `write_synthetic_index` publishes the index of a dataset of millions of samples
 whose shards are never written (index scale: the bench, tests of the index):
@@ -30,10 +32,17 @@ def video_latents(video: int, frames: int, shape: tuple[int, int, int], dtype=to
 def write_toy_dataset(root: str, shard_sizes: list[int], frames: int | list[int] = 20,
                       shape: tuple[int, int, int] | list[tuple[int, int, int]] = (4, 4, 4),
                       storage_options: dict | None = None, name: str = "train", dtype=torch.float32,
-                      record_shapes: bool = True) -> dict:
+                      record_shapes: bool = True, latent_form: str | None = None, std: float = 0.25,
+                      segments: tuple[int, int] | None = None) -> dict:
     """Shards of the given sample counts; `frames` and `shape` [C, h, w] per video (one value for
     all, or one per video in order). record_shapes=False writes an index as it was before the
-    per-sample frame counts and shapes were recorded.
+    per-sample frame counts and shapes were recorded. `latent_form`: None writes an index without
+    the field (as before it was recorded: a `sample` dataset), 'sample' records it, 'posterior'
+    stores [mean, std] per frame, 2C channels (mean: the pattern above, std: `std`).
+    `segments` (max_frames, overlap): a video longer than max_frames is stored as the precompute
+    job stores one, as consecutive samples `<key>-s0000`, `<key>-s0001`, ... of at most max_frames
+    frames, each starting max_frames - overlap frames after the one before, with their first frames
+    recorded (data/videos.py); `shard_sizes` then counts videos.
 
     Keys are v000000, v000001, ... in writing order. Publishes the next index version
     (data/dataset_index.py); returns index.json as written.
@@ -46,23 +55,52 @@ def write_toy_dataset(root: str, shard_sizes: list[int], frames: int | list[int]
         raise ValueError(f"frames / shape: got {len(lengths)} lengths and {len(shapes)} shapes for {total} videos")
     manifests, v = {}, 0
     for s, size in enumerate(shard_sizes):
-        samples, keys, nframes, recorded = [], [], 0, []
+        samples, keys, nframes, recorded, first = [], [], 0, [], []
         for _ in range(size):
             key = f"v{v:06d}"
             lat = video_latents(v, lengths[v], shapes[v], dtype)
-            samples.append((key, encode_sample(lat, {"source": f"toy://{key}", "frames": lengths[v]})))
-            keys.append(key)
-            recorded.append(list(lat.shape))
-            nframes += lengths[v]
+            if latent_form == "posterior":
+                lat = torch.cat([lat, torch.full_like(lat, std)], dim=1)
+            bounds = toy_segments(lengths[v], segments)
+            for k, (a, b) in enumerate(bounds):
+                skey = key if len(bounds) == 1 else f"{key}-s{k:04d}"
+                part = lat[a:b].contiguous()
+                meta = {"source": f"toy://{key}", "frames": b - a,
+                        **({"source_key": key, "first_frame": a} if len(bounds) > 1 else {})}
+                samples.append((skey, encode_sample(part, meta)))
+                keys.append(skey)
+                recorded.append(list(part.shape))
+                first.append(a)
+                nframes += b - a
             v += 1
         stem = shard_stem(name, s)
         manifests[stem] = commit_shard(fs, root, stem, build_tar(samples), keys, nframes,
-                                       recorded if record_shapes else None)
-    return write_index(fs, root, manifests, latent_shape=list(shapes[0]), dtype=str(dtype).removeprefix("torch."))
+                                       recorded if record_shapes else None, first if record_shapes else None)
+    form = {"latent_form": latent_form} if latent_form is not None else {}
+    c, h, w = shapes[0]
+    return write_index(fs, root, manifests, latent_shape=[2 * c if latent_form == "posterior" else c, h, w],
+                       dtype=str(dtype).removeprefix("torch."), **form)
+
+
+def toy_segments(frames: int, segments: tuple[int, int] | None) -> list[tuple[int, int]]:
+    """[start, end) of each stored segment of a toy video (data/video.py's rule, without dropping a short
+    last piece): the whole video unless it is longer than segments[0]."""
+    cap, overlap = segments or (0, 0)
+    if not cap or frames <= cap:
+        return [(0, frames)]
+    if not 0 <= overlap < cap:
+        raise ValueError(f"segments: overlap {overlap} must be in [0, {cap})")
+    out = []
+    for start in range(0, frames, cap - overlap):
+        out.append((start, min(start + cap, frames)))
+        if start + cap >= frames:
+            return out
+    return out
 
 
 def video_of(key: str) -> int:
-    return int(key[1:])
+    """The toy video a key names (a segment's key `<key>-sNNNN` names its video's)."""
+    return int(key[1:].split("-")[0])
 
 
 # latent [C, h, w] of a 16-channel VAE at 8x downsampling: 16:9, 4:3, 1:1, 9:16 (weights: how common)

@@ -10,7 +10,13 @@ resize/crop, frame stride), and the stage's frame interval. `--vae`,
 trained on synthetic latents). The context is encoded with that VAE, the next
 `--generate` frames are predicted (pretrain/inference/sampler.py: Euler steps, image
 guidance, sliding window, KV cache; `--predict.*` overrides), decoded, and
-written per video: prediction.mp4 (context then prediction), frames.npz (the
+written per video. Generation follows the authors' pipeline (METHOD.md, Inference):
+before each clip after the first the whole history, the given context too, is decoded
+to uint8 and re-encoded with a fresh posterior draw (`--predict.history=latent` keeps
+the sampled latents instead: faster, a departure from the authors); the noise generator
+is re-seeded with predict.seed for every clip (`--predict.noise_seed=per_clip`: a seed
+per clip); on a GPU the model runs in bf16 (`--predict.dtype`), the VAE always in fp32.
+Outputs per video: prediction.mp4 (context then prediction), frames.npz (the
 same frames exactly, and the ground truth, as uint8 arrays), strip.png
 (context | prediction | ground truth), metrics.json and metrics.png (PSNR
 and SSIM per predicted frame against the ground truth when the video has it,

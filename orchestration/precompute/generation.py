@@ -93,6 +93,7 @@ def publish(cfg: PrecomputeConfig, fs, root: str, plan: GrowthPlan, vae: dict) -
     index = retrying(lambda: write_index(
         kill_while_publishing(fs), root, manifests, plan_hash=plan.plan_hash, config_hash=config_hash(cfg),
         vae=vae, latent_channels=vae["latent_channels"], downsample=vae["downsample"], latent_layout="TCHW",
+        latent_form=cfg.latents,  # posterior: the stored C is 2 x latent_channels (mean, std)
         latent_dtype="bfloat16" if cfg.output.latent_dtype == "bf16" else "float16",
         num_inputs=plan.num_inputs, num_rejected=rejected, generations=len(plan.generations)),
         f"{root}/index.json")

@@ -67,6 +67,7 @@ class _ShardWork:
         self.rejected: dict[str, str] = {}
         self.pending = len(plan.items)  # segments queued or in flight
         self.frames: dict[str, int] = {}  # key -> frames encoded so far
+        self.first_frames: dict[tuple[str, int], int] = {}  # (key, seg) -> its first frame in the input
 
     @property
     def complete(self) -> bool:
@@ -78,6 +79,11 @@ class _ShardWork:
     def ordered(self) -> list[tuple[str, dict[str, bytes], list[int]]]:
         """(sample key, members, shape) in plan order, segments in order; rejected inputs left out."""
         return [self.samples[(k, i)] for k, _ in self.plan.items if k not in self.rejected
+                for i in range(self.segments.get(k, 0))]
+
+    def ordered_first_frames(self) -> list[int]:
+        """Each sample's first frame in its input, aligned with `ordered` (the loader groups by it)."""
+        return [self.first_frames[(k, i)] for k, _ in self.plan.items if k not in self.rejected
                 for i in range(self.segments.get(k, 0))]
 
 
@@ -106,7 +112,8 @@ class _Committer:
         tar = build_tar((k, members) for k, members, _ in samples)
         # a throttled store costs time, not the job: the commit (tar, then manifest) is safe to redo
         retrying(lambda: commit_shard(self.fs, self.root, work.plan.stem, tar, [k for k, _, _ in samples],
-                                      sum(s[0] for _, _, s in samples), [s for _, _, s in samples]),
+                                      sum(s[0] for _, _, s in samples), [s for _, _, s in samples],
+                                      work.ordered_first_frames()),
                  f"commit of shard {work.plan.stem}")
         with self.lock:
             self.count += 1
@@ -150,7 +157,7 @@ def _run_pipeline(cfg: PrecomputeConfig, fs, root: str, todo: list[ShardPlan], v
     ray = _init_ray(cfg)
 
     decode = remote_decode(cfg.ray)
-    encoders = make_encoders(cfg.ray, cfg.vae, cfg.output.latent_dtype)
+    encoders = make_encoders(cfg.ray, cfg.vae, cfg.output.latent_dtype, cfg.latents)
     try:
         idents = ray.get([e.identity.remote() for e in encoders])
         for ident in idents:
@@ -160,7 +167,7 @@ def _run_pipeline(cfg: PrecomputeConfig, fs, root: str, todo: list[ShardPlan], v
         slots = NodeSlots(ray, cfg.ray)
         log(f"{len(encoders)} encoder actor(s) ready ({cfg.ray.encode_cpus} CPU, {cfg.ray.encode_gpus} GPU each) "
             f"on {len({i['node'] for i in idents})} node(s), vae {vae['name']} {vae['sha256']}, batch "
-            f"{cfg.vae.batch_size}, dtype {cfg.vae.dtype}; decoding on {len(slots.alive)} node(s), "
+            f"{cfg.vae.batch_size}, dtype {cfg.vae.dtype}, latents {cfg.latents}; decoding on {len(slots.alive)} node(s), "
             f"<= {cfg.ray.decode_in_flight} segments in flight each")
         committer = _Committer(fs, root, cfg.ray.commit_threads, after_commit=exit_after_commits())
         progress.restart()
@@ -199,6 +206,7 @@ def _drive(cfg: PrecomputeConfig, ray, decode, encoders: list, encoder_nodes: li
             progress.video(rejected=True)
         elif sample is not None and key not in w.rejected:
             w.samples[(key, segment)] = (sample["key"], sample["members"], sample["shape"])
+            w.first_frames[(key, segment)] = int(sample["first_frame"])
             w.frames[key] = w.frames.get(key, 0) + sample["frames"]
             if w.source_done(key):
                 progress.video(frames=w.frames[key])

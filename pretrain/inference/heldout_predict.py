@@ -7,9 +7,12 @@ from the frames before it with the KV-cache sampler (pretrain/inference/sampler.
 eval.predict_steps Euler steps, decoded with the dataset's VAE (its plan.json, as `vgpt predict`
 finds it), scored against the truth and the repeat-the-last-frame baseline (PSNR/SSIM,
 pretrain/evaluation/scoring.py), and drawn as one strip: per video, context then prediction, and
-context then truth. Rank 0 only, on the plain model (every weight on one rank: ZeRO <= 2, no
-TP/SP, checked by the config); the model's mode and torch's global RNG are restored, so training
-goes on as without it.
+context then truth. The history between clips stays in latents (predict.history: latent, no VAE
+round trip before each clip as `vgpt predict` makes by default): the held-out samples are latents
+(the posterior mean), and a prediction inside a training step should cost the model's time only.
+The model runs in whatever dtype training holds it in (predict.dtype is `vgpt predict`'s). Rank 0
+only, on the plain model (every weight on one rank: ZeRO <= 2, no TP/SP, checked by the config);
+the model's mode and torch's global RNG are restored, so training goes on as without it.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ class HeldOutPredictor:
         root = ec.root or job.data.blend()[0].root
         recipe = resolve_recipe({"data_root": root, "data_storage_options": job.data.storage_options})
         self.vae = LatentVae(recipe.vae, device=str(device))
-        self.cfg = dataclasses.replace(job.predict, steps=ec.predict_steps)
+        self.cfg = dataclasses.replace(job.predict, steps=ec.predict_steps, history="latent")
         self.out = Path(out_dir) / PREDICTIONS_DIR
 
     def predict(self, model, step: int) -> tuple[dict[str, float], np.ndarray | None]:

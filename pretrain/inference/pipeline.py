@@ -4,6 +4,14 @@ Frames are taken as the training latents were made (`Recipe`: the VAE, resize/cr
 frame stride and frame interval the export's dataset recorded), encoded, continued by
 the next-clip sampler, decoded, scored and written per video (prediction.mp4,
 frames.npz, strip.png, metrics.json, metrics.png; summary.json for the set).
+
+As the reference's pipeline (LVM/pipeline.py) generates: with predict.history:
+reencode (the default) the history is handed to the model between clips as the
+reference hands it (`HistoryReencoder`: every frame decoded to uint8 once, the
+window re-encoded with a fresh posterior draw before each clip); the model runs in
+the dtype predict.dtype picks for the device (`compute_dtypes`: bf16 on a GPU), the
+VAE in fp32 (the reference's, whatever encoder dtype the dataset's plan.json records).
+tests/test_predict_reference.py runs the reference's own pipeline code next to this one.
 """
 from __future__ import annotations
 
@@ -87,18 +95,66 @@ def take_frames(uri: str, recipe: Recipe, context: int, generate: int, start: in
     return frames[:context], frames[context:context + generate], video.fps / recipe.frame_interval
 
 
+def compute_dtypes(choice: str, device: str | torch.device) -> tuple[torch.dtype, str]:
+    """(model dtype, VAE dtype as VaeConfig.dtype names it) for predict.dtype on `device`: `auto` is
+    the reference's bf16 model on a GPU and fp32 on the CPU (bf16 matmuls there are slow and
+    imprecise); the VAE is fp32 in every case, as the reference runs it."""
+    if choice == "auto":
+        choice = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return (torch.bfloat16 if choice == "bf16" else torch.float32), "fp32"
+
+
+def reference_uint8(frames: torch.Tensor) -> np.ndarray:
+    """float [T, 3, H, W] in [-1, 1] -> uint8 [T, H, W, 3] as the reference turns decoded frames into
+    images: (x / 2 + 1 / 2) clamped to [0, 1], times 255, truncated (not rounded, unlike to_uint8)."""
+    return ((frames.float() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+class HistoryReencoder:
+    """The history between clips as the reference's pipeline makes it (a sampler `refresh`).
+
+    Before clip k >= 1 the reference takes its list of output images (the context as decoded
+    from the latents the first clip saw, then every generated frame, each decoded once, uint8,
+    `reference_uint8`), keeps the newest that fit the window, crops them (a no-op here: decoded
+    frames are the latent grid times 8, a multiple of 16, no larger than the frames the
+    context came from) and encodes them again, each with a fresh posterior draw. The draws
+    here come from LatentVae's per-(key, frame) seeds, the key naming the clip, so a run is
+    reproducible; the reference draws from torch's global RNG.
+    """
+
+    def __init__(self, vae: LatentVae, key: str):
+        self.vae, self.key = vae, key
+        self.frames: dict[int, np.ndarray] = {}  # history index -> uint8 frame, decoded once
+        self.decoded = self.encoded = 0          # frames through the decoder / the encoder
+
+    def __call__(self, history: torch.Tensor, start: int, clip: int) -> torch.Tensor:
+        first = max(start, max(self.frames, default=-1) + 1)  # decoded frames are a run ending at the newest
+        if first < len(history):
+            new = reference_uint8(self.vae.decode(history[first:].cpu()))
+            self.frames.update(zip(range(first, len(history)), new))
+            self.decoded += len(new)
+        for i in [i for i in self.frames if i < start]:  # out of the window for good (it only moves on)
+            del self.frames[i]
+        window = np.stack([self.frames[i] for i in range(start, len(history))])
+        self.encoded += len(window)
+        return self.vae.encode(window, key=f"{self.key}@clip{clip}", first_frame=start)
+
+
 class VideoPredictor:
     """Model + VAE + recipe: uint8 context frames -> uint8 predicted frames, and scores."""
 
-    def __init__(self, checkpoint: str | Path, cfg: PredictConfig, recipe: Recipe, model_cfg=None):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_exported_model(checkpoint, device=device, expect=model_cfg)
-        self.vae = LatentVae(recipe.vae, device=device)
+    def __init__(self, checkpoint: str | Path, cfg: PredictConfig, recipe: Recipe, model_cfg=None,
+                 device: str | None = None):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model_dtype, vae_dtype = compute_dtypes(cfg.dtype, device)
+        self.model = load_exported_model(checkpoint, device=device, expect=model_cfg).to(model_dtype)
+        self.vae = LatentVae(dataclasses.replace(recipe.vae, dtype=vae_dtype), device=device)
         if self.vae.latent_channels != self.model.cfg.latent_channels:
             raise ConfigError(f"VAE {recipe.vae.path!r} has {self.vae.latent_channels} latent channels, but the "
                               f"export {checkpoint} was trained on {self.model.cfg.latent_channels}")
         self.cfg, self.recipe = cfg, recipe
         self.predictor = NextClipPredictor(self.model, cfg)
+        self.last_history: HistoryReencoder | None = None
 
     def encode(self, frames: np.ndarray, key: str) -> torch.Tensor:
         return self.vae.encode(frames, key=key)
@@ -106,8 +162,14 @@ class VideoPredictor:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         return to_uint8(self.vae.decode(latents))
 
+    def predict_latents(self, context: np.ndarray, generate: int, key: str) -> torch.Tensor:
+        """uint8 context frames -> the `generate` next latents (float32), the history as predict.history says."""
+        refresh = HistoryReencoder(self.vae, key) if self.cfg.history == "reencode" else None
+        self.last_history = refresh  # for inspection: the frames the last clip's history was encoded from
+        return self.predictor.predict(self.encode(context, key), generate, refresh)
+
     def predict(self, context: np.ndarray, generate: int, key: str) -> np.ndarray:
-        return self.decode(self.predictor.predict(self.encode(context, key), generate))
+        return self.decode(self.predict_latents(context, generate, key))
 
 
 def write_outputs(out: Path, context: np.ndarray, pred: np.ndarray, truth: np.ndarray, fps: float,

@@ -10,7 +10,22 @@ history) with an unconditional one (the same noisy clip alone, at frame slot
 frames, without context noise. The history is a sliding window of the newest
 frames, at most `max_frame_window` together with the clip being generated;
 its position ids restart at slot 0 of the window. This is the reference's
-`prompt_condition_frame_block_autoregressive_inference`.
+`prompt_condition_frame_block_autoregressive_inference` (LVM/pipeline.py), with
+two of its choices as options:
+  history       before every clip after the first the reference decodes the
+                history to uint8 frames and re-encodes it with a fresh
+                posterior draw; `predict` takes that as a `refresh` callback
+                (pretrain/inference/pipeline.py `HistoryReencoder`), which
+                replaces the window's latents. Without one (predict.history:
+                latent) the sampled latents are appended as they are.
+  noise_seed    the reference re-seeds its noise generator with the same seed
+                for every clip (`same`, the default) and draws the clip's
+                noise frame by frame, [1, C, h, w] each; `per_clip` seeds
+                clip k from (seed, k).
+The Euler state stays float32 whatever the model's dtype (the reference keeps
+it in the model's dtype, bf16 on a GPU); the model's prediction is cast up.
+Guidance 1.0 returns every generated frame (the reference keeps only the first
+half of its samples, `samples[:len // 2]`, which is right only with guidance on).
 
 Two interchangeable ways to evaluate the model at one Euler step:
   kv_cache=True   the clean stream is frame-causal, so the history's keys and
@@ -20,7 +35,9 @@ Two interchangeable ways to evaluate the model at one Euler step:
                   itself, by role), and every Euler step runs only the noisy
                   clip's tokens against them. Appending frames to an unchanged
                   window is incremental; a window that slid is rebuilt (its
-                  positions moved).
+                  positions moved), and so is one whose latents a `refresh`
+                  replaced (every clip under predict.history: reencode). One
+                  clip's Euler steps always share one cache.
   kv_cache=False  the whole training-time token sequence [noisy/clean history,
                   noisy clip] through `VideoGPT.forward` at every step: the
                   reference the cache is tested against (the reference's own
@@ -31,6 +48,7 @@ agree to float32 rounding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +58,10 @@ from jobconfig.errors import ConfigError
 from jobconfig.predict import PredictConfig
 from pretrain.model.videogpt import VideoGPT
 from pretrain.training.objective import row_seed
+
+
+# (whole latent history [H, C, h, w], first frame of the window, clip index) -> new latents of history[start:]
+Refresh = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
 @dataclass
@@ -85,8 +107,13 @@ class NextClipPredictor:
 
     # ------------------------------------------------------------ public
     @torch.no_grad()
-    def predict(self, context: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """context latents [N, C, h, w] -> the next `num_frames` latents [M, C, h, w] (float32)."""
+    def predict(self, context: torch.Tensor, num_frames: int, refresh: Refresh | None = None) -> torch.Tensor:
+        """context latents [N, C, h, w] -> the next `num_frames` latents [M, C, h, w] (float32).
+
+        `refresh(history, start, clip)`: called before every clip after the first with the whole
+        latent history [H, C, h, w] (context, then every generated frame) and the first frame of
+        the clip's window; returns new latents for history[start:] (the reference re-encodes them).
+        """
         mc = self.model.cfg
         if context.ndim != 4 or context.shape[1] != mc.latent_channels:
             raise ConfigError(f"context: expected latents [N, {mc.latent_channels}, h, w] "
@@ -106,8 +133,14 @@ class NextClipPredictor:
         while done < num_frames:
             size = min(self.cfg.clip_frames, num_frames - done)
             start = max(0, len(history) - (self.cfg.max_frame_window - size))  # the newest frames that fit
-            g = torch.Generator().manual_seed(row_seed(self.cfg.seed, len(out), salt=7))
-            x = torch.randn((size, *context.shape[1:]), generator=g).to(device)
+            if refresh is not None and out:
+                window = refresh(history, start, len(out)).float().to(device)
+                if window.shape != history[start:].shape:
+                    raise ValueError(f"refresh: returned {tuple(window.shape)} for the window "
+                                     f"{tuple(history[start:].shape)}")
+                history = torch.cat([history[:start], window])
+                self._cache = None  # new latents: every cached key/value is stale
+            x = self.noise(len(out), size, tuple(context.shape[1:])).to(device)
             if self.cfg.kv_cache:
                 self._prepare_cache(history, start)
             for i in range(self.cfg.steps):
@@ -118,6 +151,15 @@ class NextClipPredictor:
             out.append(x)
             done += size
         return torch.cat(out).cpu()
+
+    def noise(self, clip: int, size: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """Clip `clip`'s starting noise [size, *shape], float32: the reference's draws (a generator
+        seeded per clip, one [1, *shape] draw per frame), always from a CPU generator so that a
+        seed means the same noise on every device (the reference's generator lives on its device:
+        the same numbers on a CPU run only)."""
+        seed = self.cfg.seed if self.cfg.noise_seed == "same" else row_seed(self.cfg.seed, clip, salt=7)
+        g = torch.Generator().manual_seed(seed)
+        return torch.cat([torch.randn((1, *shape), generator=g) for _ in range(size)])
 
     def _guided_x1(self, x: torch.Tensor, t: float, window: torch.Tensor) -> torch.Tensor:
         guided = self.cfg.guidance != 1.0

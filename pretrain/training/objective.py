@@ -10,6 +10,20 @@ seed (`row_seeds`), which the caller derives from (run seed, global sample
 index): the noise a sample gets does not depend on which rank, batch slot or
 world size it landed in, so data-parallel runs match single-process runs and
 resumed runs match uninterrupted ones.
+
+Posterior-form batches (`Batch.moments`: the VAE posterior's mean and std per frame, METHOD.md
+Latents) are drawn from here, as the reference draws `latent_dist.sample()` inside every step: the
+noisy target's clean latents x1 = mean + std * n1 and the context copy's source mean + std * n2,
+n1 and n2 independent, from the row's own posterior stream (`posterior_seed`: the row seed with its
+own salt, so the t/eps draws above are those of a single-draw batch, and a sample's draws, like its
+noise, depend only on run seed and global index: a new draw every epoch, the same on resume and on
+any world size). The loss target is that x1. Single-draw batches (`sample` form) are unchanged.
+
+Rows of one batch: eps, eps_ctx and t_ctx are drawn for the batch's F frames, so a row shorter than
+the batch's longest (packing pads rows) gets other noise than it would alone (same distribution;
+padding frames never count). Rows of equal length, the unpacked case (a stage's samples all have
+data.stage.frames), are exactly as they would be alone. The posterior draws are made over a row's
+own frames, so they never depend on the padding.
 """
 from __future__ import annotations
 
@@ -18,8 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data.batch import Batch, validate_clips
+from data.batch import Batch, split_moments, validate_clips
 from jobconfig.train import ObjectiveConfig
+
+POSTERIOR_STREAM = 0x504F5354  # "POST": salt of a row's posterior draws, apart from its t/eps stream
 
 
 @dataclass
@@ -28,6 +44,7 @@ class NoisedBatch:
     x_clean: torch.Tensor  # context copy, lightly noised
     t: torch.Tensor        # [B, F] per-frame t of its clip
     frame_mask: torch.Tensor  # [B, F] bool
+    x1: torch.Tensor       # the clean latents of the noisy copy: the loss target
 
 
 def row_seed(run_seed: int, global_row: int, salt: int = 0) -> int:
@@ -48,15 +65,45 @@ def per_frame_clip_t(clips: list[list[list[int]]], num_frames: int, row_seeds: l
                         for row, seed in zip(clips, row_seeds)])
 
 
+def posterior_seed(seed: int) -> int:
+    """The seed of a row's posterior draws, from its row seed (`row_seed`)."""
+    return int(np.random.SeedSequence([seed, POSTERIOR_STREAM]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def posterior_draws(moments: torch.Tensor, row_seeds: list[int],
+                    frames: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, F, 2C, h, w] moments -> (x1, context source), each [B, F, C, h, w]: mean + std * n, two
+    independent n per row from its posterior stream (drawn on the CPU in fp32, like eps; the sum in
+    fp32 or wider, then in the batch's dtype). `frames`: each row's real frames (default F); n is
+    drawn for those only (0 on padding), so a row's draws do not depend on the batch's padded length."""
+    mean, std = split_moments(moments, dim=2)
+    F, shape = mean.shape[1], mean.shape[2:]
+    n1, n2 = [], []
+    for seed, f in zip(row_seeds, frames or [F] * len(row_seeds)):
+        g = torch.Generator().manual_seed(posterior_seed(seed))
+        pad = torch.zeros(F - f, *shape)
+        n1.append(torch.cat([torch.randn(f, *shape, generator=g), pad]))
+        n2.append(torch.cat([torch.randn(f, *shape, generator=g), pad]))
+    wide = torch.promote_types(moments.dtype, torch.float32)
+    n1, n2 = (torch.stack(n).to(moments.device, wide) for n in (n1, n2))
+    m, s = mean.to(wide), std.to(wide)
+    return (m + s * n1).to(moments.dtype), (m + s * n2).to(moments.dtype)
+
+
 def add_noise(batch: Batch, cfg: ObjectiveConfig, row_seeds: list[int],
               fixed_t: list[float] | None = None) -> NoisedBatch:
     """`fixed_t`: one noise level per row for every clip of the row (held-out evaluation,
     pretrain/evaluation/latent_eval.py); the row's draws are made as without it, so its noise
-    eps is the same at every level."""
-    x1 = batch.latents
-    B, F = x1.shape[:2]
+    eps is the same at every level. A posterior-form batch (`batch.moments`) is drawn first
+    (`posterior_draws`): the noisy copy noises x1, the context copy the independent second draw."""
+    B = batch.latents.shape[0]
     if len(row_seeds) != B:
         raise ValueError(f"row_seeds: got {len(row_seeds)} seeds for a batch of {B} rows")
+    if batch.moments:
+        x1, source = posterior_draws(batch.latents, row_seeds, batch.frames_per_row())
+    else:
+        x1 = source = batch.latents
+    F = x1.shape[1]
     lo = cfg.context_noise_min
     ts, eps, eps_ctx, t_ctx = [], [], [], []
     for r, (row, seed) in enumerate(zip(batch.clips, row_seeds)):
@@ -74,9 +121,10 @@ def add_noise(batch: Batch, cfg: ObjectiveConfig, row_seeds: list[int],
     bc = lambda s: s.to(x1.dtype)[:, :, None, None, None]
     return NoisedBatch(
         x_noisy=bc(t) * x1 + (1 - bc(t)) * eps,
-        x_clean=bc(t_ctx) * x1 + (1 - bc(t_ctx)) * eps_ctx,
+        x_clean=bc(t_ctx) * source + (1 - bc(t_ctx)) * eps_ctx,
         t=t.to(x1.dtype),
         frame_mask=batch.frame_mask().to(x1.device),
+        x1=x1,
     )
 
 
@@ -92,9 +140,9 @@ def next_clip_loss(model, batch: Batch, cfg: ObjectiveConfig, row_seeds: list[in
     `model` is the plain VideoGPT (config, sequence tables); `forward` is what
     runs it, the DeepSpeed engine wrapping it in distributed runs (default: the model).
     """
-    x1 = batch.latents
-    validate_clips(batch.clips, x1.shape[1], x1.shape[2], model.cfg.latent_channels)
+    x = batch.latents
+    validate_clips(batch.clips, x.shape[1], x.shape[2], model.cfg.latent_channels, moments=batch.moments)
     noised = add_noise(batch, cfg, row_seeds)
-    seq = model.sequence(batch.clips, tuple(x1.shape[-2:]))
+    seq = model.sequence(batch.clips, tuple(x.shape[-2:]))
     pred = (forward or model)(noised.x_noisy, noised.x_clean, noised.t, seq)
-    return masked_frame_mse(pred, x1, noised.frame_mask)
+    return masked_frame_mse(pred, noised.x1, noised.frame_mask)
