@@ -1,7 +1,10 @@
-"""`vgpt sweep`: bad grids fail before any trial; the example sweep (configs/sweep/example.yaml) runs
-end to end on a local Ray, is identifiable and reports its extrapolation error (issue 20,
-acceptance 5); a killed sweep resumes without re-running its finished trials and ends with the
-results of an uninterrupted one; old budgets-grid sweep dirs still fit."""
+"""`vgpt sweep`: bad grids and datasets fail before any trial; the example sweep (configs/sweep/example.yaml)
+runs end to end on a local Ray on a small latent dataset made from real mp4 files (tests/sweep_latents.py),
+is identifiable and reports its extrapolation error (issue 20, acceptance 5); its trials train on the
+dataset less its held-out split, never on a held-out key, and are judged on that split by the training
+evaluator (issue 27, acceptance 3); a killed sweep resumes without re-running its finished trials and
+ends with the results of an uninterrupted one; old budgets-grid sweep dirs still fit; a size of several
+GPUs splits its batch over one torchrun per trial."""
 from __future__ import annotations
 
 import json
@@ -10,7 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from orchestration.cli.sweep import main as sweep_main
 from tests.runs import background_result
@@ -19,6 +24,8 @@ from tests.sockets import is_loopback
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/sweep/tiny.yaml")
 EXAMPLE = str(REPO / "configs/sweep/example.yaml")
+CLUSTER = str(REPO / "configs/sweep/cluster.yaml")
+LATENT_VIDEOS = 256  # the example sweep's dataset: as many samples as its synthetic data has videos
 
 
 @pytest.mark.parametrize("override, message", [
@@ -43,6 +50,53 @@ def test_bad_model_override_names_the_key(tmp_path, capsys):
     assert rc == 2 and "num_heads" in capsys.readouterr().err
 
 
+def test_a_dataset_that_cannot_be_trained_on_fails_before_any_trial(tmp_path, capsys):
+    """One line naming the key, before Ray: the GPU example's unset placeholder, a bucket name S3 would
+    refuse, a root that does not exist or is no dataset, a base that trains on latents with no dataset."""
+    import ray
+
+    (tmp_path / "empty").mkdir()
+    base = tmp_path / "latents.yaml"
+    base.write_text("model: {preset: debug}\ntrain: {data: latents}\n")
+    for args, message in [
+        (["--config", CLUSTER], "dataset: 's3://<your-bucket>/latents' is a placeholder"),
+        (["--config", TINY, "--dataset=s3://My_Bucket/latents"], "dataset: 's3://My_Bucket/latents' has no valid S3 "
+                                                                 "bucket name"),
+        (["--config", TINY, f"--dataset={tmp_path / 'nope'}"], f"dataset: {tmp_path / 'nope'} does not exist"),
+        (["--config", TINY, f"--dataset={tmp_path / 'empty'}"], f"dataset: {tmp_path / 'empty'}/index.json: no "
+                                                                "index.json"),
+        (["--config", TINY, f"--base={base}"], f"dataset: empty, but {base} trains on train.data=latents"),
+    ]:
+        for action in ("plan", "run"):
+            assert sweep_main([action, *args, f"--out_dir={tmp_path / 'sweep'}"]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"vgpt sweep: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "sweep").exists() and not ray.is_initialized()
+
+
+def test_a_size_of_several_gpus_splits_its_batch_over_one_torchrun(tmp_path):
+    """grid.sizes[].gpus > 1: the trial asks Ray for that many GPUs and runs one process per GPU
+    (trial.launch_trial: one torchrun), each rank a share of the batch; the step count is the
+    one-process plan's (the same rows per step). A batch that does not split is refused, naming the key.
+    (A 2-rank trial on CPU was checked to give the 1-process trial's FLOPs and held-out loss.)"""
+    from jobconfig.errors import ConfigError
+    from jobconfig.loader import load_config
+    from orchestration.sweep.config import SweepConfig
+    from orchestration.sweep.trial import plan
+
+    sizes = "--grid.sizes=[{name: xs, preset: debug, model: {hidden_size: 16, num_layers: 1, num_heads: 2, " \
+            "mlp_size: 32}}, {name: s, preset: debug, model: {hidden_size: 32, num_layers: 1, num_heads: 2, " \
+            "mlp_size: 64}, gpus: 2}]"
+    one, two = (plan(load_config(TINY, [sizes.replace(", gpus: 2", g)], cls=SweepConfig)) for g in ("", ", gpus: 2"))
+    assert [t["job"]["train"]["steps"] for t in one] == [t["job"]["train"]["steps"] for t in two]
+    for a, b in zip(one, two):
+        assert "nproc" not in a and b.get("nproc", 1) == (2 if b["size"] == "s" else 1)
+        assert b["job"]["train"]["batch_size"] * b.get("nproc", 1) == a["job"]["train"]["batch_size"] == 4
+    assert {t["gpus"] for t in two if t["size"] == "s"} == {2}
+    with pytest.raises(ConfigError, match=r"batch_sizes: 4 samples per step do not split over the 3 GPUs of size s"):
+        plan(load_config(TINY, [sizes.replace("gpus: 2", "gpus: 3")], cls=SweepConfig))
+
+
 # The example sweep (configs/sweep/example.yaml) as the one end-to-end Ray sweep: its IsoFLOP grid at
 # one point of its lr x batch sub-grid (the sub-grid multiplies the trials; its laws are tested on
 # synthetic losses in test_sweep_lr_batch.py). Same trial keys as the full example's.
@@ -51,21 +105,27 @@ E2E = ["--grid.lrs=[2.0e-2]", "--grid.batch_sizes=[4]"]
 
 def _sweep(action: str, out: Path, env: dict | None = None, run=subprocess.run) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "orchestration.cli", "sweep", action, "--config", EXAMPLE, f"--out_dir={out}",
-           "--fit.bootstrap=40", *E2E]
+           "--fit.bootstrap=40", *E2E, f"--dataset={_dataset(out)}"]
     return run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def _dataset(out: Path) -> Path:
+    """The latent dataset the example sweep in `out` trains on (written beside it)."""
+    return out.parent / "latents"
 
 
 def _results(out: Path) -> dict[str, dict]:
     return {r["key"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
 
 
-def _plan(*extra: str) -> dict[str, dict]:
+def _plan(out: Path, *extra: str) -> dict[str, dict]:
     from jobconfig.loader import load_config
     from orchestration.sweep.config import SweepConfig
     from orchestration.sweep.trial import plan
 
-    return {t["key"]: t for t in plan(load_config(EXAMPLE, [*E2E, *extra], cls=SweepConfig))}
+    cfg = load_config(EXAMPLE, [*E2E, f"--dataset={_dataset(out)}", *extra], cls=SweepConfig)
+    return {t["key"]: t for t in plan(cfg)}
 
 
 def _mtimes(out: Path, keys) -> dict[str, int]:
@@ -73,8 +133,12 @@ def _mtimes(out: Path, keys) -> dict[str, int]:
 
 
 def killed_and_resumed_sweep(out: Path, run=subprocess.run) -> tuple:
-    """The example sweep killed after its first two trials (the driver exits 3), then run again to the
+    """The example sweep on LATENT_VIDEOS real mp4s encoded in this process (tests/sweep_latents.py: no
+    precompute Ray job), killed after its first two trials (the driver exits 3), then run again to the
     end: (out, first run, its results, their exports' mtimes, second run)."""
+    from tests.sweep_latents import write_video_latents
+
+    write_video_latents(_dataset(out), out.parent / "videos", LATENT_VIDEOS)
     killed = _sweep("run", out, {"VGPT_SWEEP_FAULT_EXIT_AFTER": "2"}, run=run)
     first = _results(out) if (out / "results.jsonl").exists() else {}
     stamps = _mtimes(out, first)
@@ -83,9 +147,9 @@ def killed_and_resumed_sweep(out: Path, run=subprocess.run) -> tuple:
 
 @pytest.fixture(scope="module")
 def full_sweep(tmp_path_factory):
-    """The example sweep, killed after its first two trials and resumed to the end (one Ray sweep serves
-    acceptance 5 and the resume test); started in the background when collection ended
-    (tests/conftest.py)."""
+    """The example sweep on a latent dataset, killed after its first two trials and resumed to the end
+    (one Ray sweep serves acceptance 5 of issue 20, acceptance 3 of issue 27 and the resume test); started
+    in the background when collection ended (tests/conftest.py)."""
     (out, killed, first, stamps, resumed), listened = background_result(
         "sweep", lambda bg: killed_and_resumed_sweep(tmp_path_factory.mktemp("sweep") / "full", run=bg.run))
     assert killed.returncode == 3, killed.stdout + killed.stderr
@@ -99,14 +163,15 @@ def full_sweep(tmp_path_factory):
 @pytest.mark.slow
 def test_example_sweep_runs_is_identifiable_and_checks_extrapolation(full_sweep):
     out, log, _ = full_sweep
-    results, planned = _results(out), _plan()
+    results, planned = _results(out), _plan(out)
     assert set(results) == set(planned) and f"{len(planned)}/{len(planned)} trials done" in log
     for k, r in results.items():
         t = planned[k]
         assert r["N"] == t["N"] and r["level"] == t["level"] and r["eval_loss"] > 0
         assert r["flops"] == pytest.approx(t["planned_flops"], rel=1e-9)  # on its IsoFLOP line, as planned
         assert r["flops"] > r["flops_6nd"] > 0 and len(r["curve"]) == r["steps"] == t["job"]["train"]["steps"]
-    assert sweep_main(["fit", "--config", EXAMPLE, f"--out_dir={out}", "--fit.bootstrap=40", *E2E]) == 0
+    assert sweep_main(["fit", "--config", EXAMPLE, f"--out_dir={out}", "--fit.bootstrap=40", *E2E,
+                       f"--dataset={_dataset(out)}"]) == 0
     for name in ("loss_vs_compute.png", "isoflop.png", "frontier.png"):
         assert (out / "fit" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "fit" / "report.md").read_text()
@@ -137,7 +202,7 @@ print(json.dumps(run_trial(json.loads(sys.argv[1]), sys.argv[2])))
 @pytest.mark.slow
 def test_killed_sweep_resumes_to_the_same_results(full_sweep, tmp_path, capsys):
     out, log, stamps = full_sweep
-    planned = _plan()
+    planned = _plan(out)
     n = len(planned)
     assert f"2 finished earlier, {n - 2} to run" in log
     assert _mtimes(out, stamps) == stamps
@@ -156,9 +221,50 @@ def test_killed_sweep_resumes_to_the_same_results(full_sweep, tmp_path, capsys):
     import ray
 
     # everything finished: nothing runs, Ray is not even started
-    assert sweep_main(["run", "--config", EXAMPLE, f"--out_dir={out}", "--fit.bootstrap=40", *E2E]) == 0
+    assert sweep_main(["run", "--config", EXAMPLE, f"--out_dir={out}", "--fit.bootstrap=40", *E2E,
+                       f"--dataset={_dataset(out)}"]) == 0
     assert "0 to run" in capsys.readouterr().out and not ray.is_initialized()
     assert len((out / "results.jsonl").read_text().splitlines()) == n
+
+
+@pytest.mark.slow
+def test_trials_never_train_on_the_heldout_split_and_are_judged_on_it(full_sweep):
+    """From what each trial's Trainer was served (the keys its data source handed over, recorded in the
+    trial dir): no held-out key, every step a full batch of the dataset's other keys; the trials that ran
+    a few epochs were served every one of them, so the split, not a short run, kept the held-out keys out.
+    Judged on the split: a trial's held-out loss (its Trainer's evaluation after its last step, on its
+    device) is the evaluator's loss of its export on the held-out samples, recomputed here."""
+    from data.dataset_index import DatasetMeta
+    from data.heldout_split import heldout_mask
+    from data.shard_format import get_fs
+    from jobconfig.job import JobConfig
+    from jobconfig.loader import from_dict
+    from orchestration.sweep.dataset import trained_keys
+    from pretrain.checkpoint.export import load_export
+    from pretrain.evaluation.latent_eval import make_evaluator
+    from pretrain.model.videogpt import build_model
+
+    out, _, _ = full_sweep
+    results, planned = _results(out), _plan(out)
+    meta = DatasetMeta.load(*get_fs(str(_dataset(out))))
+    keys = {meta.key(i) for i in range(meta.num_samples)}
+    fraction = next(iter(planned.values()))["eval"]["heldout_fraction"]
+    held = {meta.key(int(i)) for i in np.flatnonzero(heldout_mask(meta, fraction))}
+    assert len(keys) == LATENT_VIDEOS and 10 <= len(held) <= 45  # about 10% of 256
+    for k, r in results.items():
+        served = trained_keys(out / "trials" / k)
+        assert sum(served.values()) == r["trained_samples"] == r["steps"] * r["batch_size"], k
+        assert not set(served) & held and set(served) <= keys, k
+        assert r["eval_loss"] == r["heldout"]["heldout_loss"] and planned[k]["job"]["train"]["data"] == "latents"
+    full = [k for k, r in results.items() if r["trained_samples"] >= 3 * len(keys)]
+    assert full and all(set(trained_keys(out / "trials" / k)) == keys - held for k in full)
+    k = min(results, key=lambda k: results[k]["flops"])
+    job = from_dict(JobConfig, planned[k]["job"])
+    evaluator = make_evaluator(job, torch.device("cpu"), 0, 1)
+    assert {s.key for _, s in evaluator.set.mine} == held  # every held-out sample (at most eval.num_videos)
+    model = build_model(job.model, device="cpu", seed=job.train.seed)
+    load_export(model, out / "trials" / k / "export")
+    assert evaluator.evaluate(model)["heldout_loss"] == pytest.approx(results[k]["eval_loss"], rel=1e-5)
 
 
 def test_fit_reads_an_old_budgets_sweep(tmp_path):

@@ -1,5 +1,7 @@
 """IsoFLOP grids (issue 20, acceptance 3): the planner's trials lie on their compute levels within
-one step, counted as the runner counts FLOPs, with at least three sizes per level."""
+one step, counted as the runner counts FLOPs, with at least three sizes per level; on synthetic rows
+(replayed here) and on a latent dataset (the GPU example; the example sweep's end-to-end run on
+latents checks the runner's FLOPs against the plan, tests/test_sweep.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +10,7 @@ import pytest
 
 from data.batch import patches_per_frame, sequence_length
 from data.sources import SyntheticSource
+from data.synthetic.shards import write_synthetic_index
 from jobconfig.job import JobConfig
 from jobconfig.loader import from_dict, load_config
 from orchestration.cli.sweep import main as sweep_main
@@ -53,14 +56,26 @@ def test_planned_trials_lie_on_their_levels_with_three_sizes_each():
         assert runner_flops(job, count_params(job.model)) == pytest.approx(t["planned_flops"], rel=1e-9)
 
 
-def test_cluster_example_plans_three_sizes_per_level():
-    cfg = load_config(CLUSTER, [], cls=SweepConfig)
+def test_cluster_example_plans_three_sizes_per_level(tmp_path):
+    """The GPU example on a dataset's index (a large synthetic one: shapes and keys only, no shard is
+    read; its own `dataset:` is a placeholder the loader refuses): 93 trials, each training on the
+    dataset less its held-out split, judged on the split after its last step, on its GPU."""
+    root = tmp_path / "latents"
+    write_synthetic_index(str(root), 5000, shard_size=500)
+    cfg = load_config(CLUSTER, [f"--dataset={root}"], cls=SweepConfig)
     trials = plan(cfg)
+    assert len(trials) == 93 and {t["size"] for t in trials} == {"s1", "s2", "s3", "s4"}
     for c in cfg.grid.compute_levels:
         here = [t for t in trials if t["level"] == c]
         assert len({t["size"] for t in here}) >= 3
         for t in here:
             assert abs(t["planned_flops"] - c) <= t["step_flops"] + 1e-3 * c
+    for t in trials:
+        job = t["job"]
+        assert job["train"]["data"] == "latents" and job["data"]["root"] == str(root) and not job["data"]["sources"]
+        assert job["data"]["batch_size"] == t["batch_size"] and job["parallel"]["device"] == "cuda"
+        assert job["eval"]["every"] == job["train"]["steps"] >= 50 and job["eval"]["heldout_fraction"] == 0.01
+        assert job["data"]["stage"]["frames"] == 16 and job["data"]["stage"]["clips"] == "single_frame"
 
 
 def test_a_level_too_small_for_three_sizes_fails_before_any_trial(tmp_path, capsys):

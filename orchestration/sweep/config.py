@@ -6,10 +6,20 @@ and objective the sweep uses) plus `job_overrides`, plus the trial's own model
 size, learning rate, batch size and step count (budget // batch). Grid errors
 (an unknown size, a budget smaller than one batch) are ConfigErrors raised at
 load time, before Ray or any trial starts.
+
+What trials train on: `dataset`, a precomputed latent root (`vgpt precompute`),
+sampled as the base config's `data.stage` says, and judged on that dataset's
+held-out split (eval.heldout_fraction, by key hash: data/heldout_split.py); or,
+with `dataset` empty, the base config's synthetic moving squares (the CPU
+examples and the quickstart scale). A dataset URL that cannot name a dataset
+(an unfilled placeholder such as s3://<your-bucket>/..., a malformed bucket) is
+refused here, naming the key; one that names nothing readable is refused when
+the trials are planned (orchestration/sweep/trial.py), before Ray starts.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,10 +33,15 @@ class SizeSpec:
     name: str = ""
     preset: str = ""  # empty: the size's name is the preset
     model: dict[str, Any] = field(default_factory=dict)  # e.g. {hidden_size: 32, num_layers: 1}
+    # GPUs of one node each trial of this size trains on: one torchrun per trial, data parallel, the grid's
+    # batch sizes split over them; 0: resources.num_gpus in one process
+    gpus: int = 0
 
     def validate(self) -> None:
         if not self.name:
             raise ConfigError("name: every size needs a name")
+        if self.gpus < 0:
+            raise ConfigError(f"gpus: got {self.gpus}, expected >= 0 (0: resources.num_gpus, one process)")
         if not self.preset:
             self.preset = self.name
         if self.preset not in model_presets():
@@ -75,13 +90,19 @@ class GridConfig:
 
 @dataclass
 class EvalConfig:
-    """The held-out set: fixed moving-square videos (a seed the training data never uses) and fixed noise."""
+    """The held-out set. Synthetic data: `num_videos` fixed moving-square videos (a seed the training data
+    never uses) and fixed noise. A dataset: up to `num_videos` samples of its held-out split (the fraction
+    `heldout_fraction` of its keys, by hash, that no trial trains on), judged by the training evaluator
+    (pretrain/evaluation/latent_eval.py: fixed noise levels, clip partitions and noise from `seed`)."""
     num_videos: int = 8
     seed: int = 12345
+    heldout_fraction: float = 0.05  # with a dataset: the share of its samples held out (never trained on)
 
     def validate(self) -> None:
         if self.num_videos <= 0:
             raise ConfigError(f"num_videos: got {self.num_videos}, expected a positive integer")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ConfigError(f"heldout_fraction: got {self.heldout_fraction}, expected a fraction in (0, 1)")
 
 
 @dataclass
@@ -117,6 +138,9 @@ class SweepConfig:
     name: str = "sweep"
     base: str = "configs/debug.yaml"  # base job config; relative paths from the repository root
     job_overrides: list[str] = field(default_factory=list)  # --section.key=value for every trial
+    # a precomputed latent dataset root (/path, s3://bucket/prefix) the trials train on, sampled by the base
+    # config's data.stage; empty: the base config's synthetic data (train.data=synthetic)
+    dataset: str = ""
     out_dir: str = "runs/sweep"  # sweep directory: local path or s3://
     scratch_dir: str = ""  # local trial dirs when out_dir is remote (default: a temp dir)
     grid: GridConfig = field(default_factory=GridConfig)
@@ -128,6 +152,27 @@ class SweepConfig:
         for o in self.job_overrides:
             if not o.startswith("--") or "=" not in o:
                 raise ConfigError(f"job_overrides: {o!r} is not of the form --section.key=value")
+            if o.startswith(("--data.root=", "--data.sources=")):
+                raise ConfigError(f"job_overrides: {o!r}; the sweep's data is its `dataset` key (a latent root, "
+                                  "or empty for the base config's synthetic data)")
+        check_dataset_url(self.dataset)
+
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def check_dataset_url(url: str) -> None:
+    """`dataset` names a dataset at all (no IO): not an unfilled placeholder, an S3 URL with a valid bucket."""
+    if not url:
+        return
+    if any(c in url for c in "<>{}$") or url.strip() != url:
+        raise ConfigError(f"dataset: {url!r} is a placeholder; set it to the precomputed latent root the trials "
+                          "train on (vgpt precompute's output: /path or s3://bucket/prefix)")
+    if "://" in url:
+        scheme, _, rest = url.partition("://")
+        if scheme in ("s3", "s3a") and not _BUCKET.fullmatch(rest.split("/", 1)[0]):
+            raise ConfigError(f"dataset: {url!r} has no valid S3 bucket name (3-63 lowercase letters, digits, '.' "
+                              "or '-'); set it to the precomputed latent root the trials train on")
 
 
 def as_dict(cfg: SweepConfig) -> dict:

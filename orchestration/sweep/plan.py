@@ -3,13 +3,16 @@
 A `grid.compute_levels` sweep asks, for every compute level C and size N, for
 the number of steps whose training FLOPs equal C, counted exactly as the
 runner counts them (pretrain/training/metrics.py `train_flops`: 6N per token
-plus attention over the pairs the mask allows). Trials train on synthetic rows
-that are a pure function of (train.seed, global row index) (data/sources.py
-SyntheticSource), so the planner replays the rows' clip cuts without building
+plus attention over the pairs the mask allows). Trials on synthetic rows,
+a pure function of (train.seed, global row index) (data/sources.py
+SyntheticSource): the planner replays the rows' clip cuts without building
 any latents and sums the same FLOPs step by step: the step count it picks is
 the one whose cumulative FLOPs lie closest to C, so a trial lies on its level
 within half a step. Past REPLAY_ROWS rows (cluster-sized runs) the mean
-per-row cost of the replayed rows extrapolates the rest.
+per-row cost of the replayed rows extrapolates the rest. Trials on a latent
+dataset: every step trains batch_size rows of the cost `row_cost` gives
+(orchestration/sweep/dataset.py: exact for one latent shape and fixed clips,
+else the mean), so the same rule picks the steps.
 
 A (level, size) pair that would train fewer than `grid.min_steps` steps is
 dropped (the size is too big for that level); a level left with fewer than
@@ -54,11 +57,14 @@ def _row_costs(seed: int, num_videos: int, frames: int, policy: str, patches: in
     return np.asarray(tok[:rows], float), np.asarray(pairs[:rows], float)
 
 
-def step_flops(job: JobConfig, n_params: int, steps: int) -> np.ndarray:
+def step_flops(job: JobConfig, n_params: int, steps: int, row: tuple[float, float] | None = None) -> np.ndarray:
     """Cumulative training FLOPs after 1..steps steps of `job` (one process, grad_accum_steps rows
-    of batch_size each per step), as trial.run_trial sums them from metrics.jsonl."""
+    of batch_size each per step), as trial.run_trial sums them from metrics.jsonl. `row`: on a latent
+    dataset, the (tokens, attention pairs) of one row (orchestration/sweep/dataset.py `row_cost`)."""
     syn, m = job.synthetic, job.model
     rows_per_step = job.train.batch_size * job.train.grad_accum_steps
+    if row is not None:
+        return np.cumsum(np.full(steps, rows_per_step * float(train_flops(m, n_params, row[0], row[1]))))
     patches = patches_per_frame((syn.latent_height, syn.latent_width), m.patch_size)
     want = steps * rows_per_step
     replay = min(want, max(REPLAY_ROWS // rows_per_step, 1) * rows_per_step)
@@ -70,11 +76,12 @@ def step_flops(job: JobConfig, n_params: int, steps: int) -> np.ndarray:
     return np.cumsum(per_step)
 
 
-def steps_for_level(job: JobConfig, n_params: int, level: float) -> tuple[int, float, float]:
+def steps_for_level(job: JobConfig, n_params: int, level: float,
+                    row: tuple[float, float] | None = None) -> tuple[int, float, float]:
     """(steps, their cumulative FLOPs, FLOPs of one step at the level) closest to `level`."""
-    probe = step_flops(job, n_params, 16)
+    probe = step_flops(job, n_params, 16, row)
     guess = max(1, int(level / (probe[-1] / len(probe))))
-    cum = step_flops(job, n_params, int(guess * 1.5) + 16)
+    cum = step_flops(job, n_params, int(guess * 1.5) + 16, row)
     i = int(np.argmin(np.abs(cum - level)))
     steps = np.diff(np.concatenate([[0.0], cum]))
     one = float(steps[i:i + 2].max())  # the larger of the last step and the next: the level lies within half of it
@@ -115,9 +122,11 @@ def check_levels(trials: list[dict], dropped: list[str]) -> None:
                               f"{sorted(sizes)}, an IsoFLOP line needs at least {MIN_SIZES_PER_LEVEL}{why}")
 
 
-def planned_tokens(job: JobConfig, steps: int) -> float:
+def planned_tokens(job: JobConfig, steps: int, row: tuple[float, float] | None = None) -> float:
     syn = job.synthetic
     rows = steps * job.train.batch_size * job.train.grad_accum_steps
+    if row is not None:
+        return rows * row[0]
     patches = patches_per_frame((syn.latent_height, syn.latent_width), job.model.patch_size)
     replay = min(rows, REPLAY_ROWS)
     tok, _ = _row_costs(job.train.seed, syn.num_videos, syn.frames, syn.clip_policy, patches, replay)

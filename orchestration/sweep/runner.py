@@ -3,8 +3,10 @@
 run: plan every trial of the grid (orchestration/sweep/trial.py; a bad grid fails
 here, before Ray starts), skip trials whose result line is already in
 `<sweep_dir>/results.jsonl`, schedule the rest as Ray tasks (each with the
-sweep's resource request, `max_calls=1` so every Trainer gets a fresh
-process, `max_retries` for crashed workers and raised errors), and append one
+sweep's resource request, or the GPUs of a size that asks for several, run
+under one torchrun per trial: trial.launch_trial; `max_calls=1` so every
+Trainer gets a fresh process, `max_retries` for crashed workers and raised
+errors), and append one
 complete JSON line per finished trial. Only this driver writes the results
 file, so an interrupted sweep leaves whole lines only and a re-run resumes;
 failed trials are listed in failures.jsonl and retried by the next run.
@@ -38,7 +40,7 @@ from orchestration.sweep.analysis import analyse
 from orchestration.sweep.config import SweepConfig
 from orchestration.sweep.fit import BOOTSTRAP_CHUNK
 from orchestration.sweep.report import write_outputs
-from orchestration.sweep.trial import plan, run_trial
+from orchestration.sweep.trial import launch_trial, plan
 
 RAY_ENV = {**LOOPBACK_ENV, "RAY_AUTH_MODE": "disabled"}
 
@@ -122,8 +124,10 @@ def run_sweep(cfg: SweepConfig) -> int:
     try:
         rc = cfg.resources
         task = ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_retries=rc.max_retries,
-                          retry_exceptions=True, max_calls=1)(run_trial)
-        pending = {task.remote(t, str(root / t["key"])): t for t in todo}
+                          retry_exceptions=True, max_calls=1)(launch_trial)
+        # a size of several GPUs (grid.sizes[].gpus): its trials ask Ray for them, on one node
+        pending = {task.options(num_gpus=t.get("gpus", rc.num_gpus)).remote(t, str(root / t["key"])): t
+                   for t in todo}
         t0, recorded = time.time(), 0
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
