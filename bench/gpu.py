@@ -15,13 +15,17 @@
       forward/backward, which dominate, are the same).
   (c) an SDXL-architecture VAE (random weights, the cost is the architecture's) encoding
       320x176 frames, bf16: frames/s.
+  (d) the memory plan on this device: planned (fake-tensor trace, pretrain/training/memory_trace.py)
+      over measured (torch.cuda.max_memory_allocated) peak of the 3.8B model's forward + backward at
+      the stage-2 and stage-4 lengths of (b), and the stall of an async checkpoint's pinned
+      device-to-host copy of its weights over the step time; as ratios.
 
 Every section keeps one clip layout for all its steps (a fixed length), so what is timed is
 kernels, not recompiles; each is timed after warm-up with the device synchronised (a bench
 may sync, the trainer may not), and the JSON is rewritten after each section, so a run cut
 short keeps what it measured. A section that fails records its error and the next runs.
 
---tiny runs the same three sections end to end on CPU in well under a minute (debug model,
+--tiny runs the same four sections end to end on CPU in well under a minute (debug model,
 a few frames, the tiny VAE; FlexAttention forward only: it has no CPU backward; no MFU:
 no CPU peak): tests/test_bench_gpu.py runs it.
 
@@ -185,6 +189,67 @@ def bench_model(p: dict, device: torch.device, tiny: bool, compile: bool) -> dic
     return out
 
 
+# ---------------------------------------------------------------- (d) the memory plan
+def bench_plan(p: dict, device: torch.device, tiny: bool) -> dict:
+    """Planned (pretrain/training/memory_trace.py, fake tensors) vs measured peak of forward + backward
+    above the resting weights, at the stage-2 and stage-4 lengths of (b), eager (the plan traces eager
+    code), activation checkpointing, whole gradients (no ZeRO: one device); and the stall of an async
+    checkpoint's device-to-host copy of the weights into pinned host buffers, over the step time.
+    Measured: torch.cuda.max_memory_allocated on a GPU; on CPU (--tiny) a tracked allocator
+    (bench/plan.py LiveBytes), as the CPU allocator keeps no statistics."""
+    from bench.plan import LiveBytes
+    from pretrain.training.memory_trace import trace_step
+
+    cfg = load_config(None, [f"--model.preset={p['preset']}", f"--model.attention={p['attention']}",
+                             "--model.max_tokens=1000000"])
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(cfg.model, device=device, dtype=dtype)
+    apply_activation_checkpointing(model)
+    backend = "flex" if p["attention"] == "flex" else "blockwise"
+    out = {"preset": p["preset"], "dtype": str(dtype).split(".")[-1], "stages": {}}
+    g = torch.Generator().manual_seed(0)
+    for stage, frames in p["frames"].items():
+        clips = random_clips(frames, LAYOUT_SEED)
+        planned = trace_step(cfg.model, clips, p["latent_hw"], dtype, checkpointing=True, keep_grads=True,
+                             backend=backend)
+        latents = torch.randn(1, frames, cfg.model.latent_channels, *p["latent_hw"], generator=g).to(device)
+        batch = Batch(latents, clips)
+        model.zero_grad(set_to_none=True)
+        sync(device)
+        tracker = LiveBytes().exclude([*model.parameters(), *model.buffers()]) if device.type != "cuda" else None
+        if tracker is None:
+            reset_peak(device)
+            rest = torch.cuda.memory_allocated(device)
+        t0 = time.perf_counter()
+        if tracker is not None:
+            with tracker:
+                next_clip_loss(model, batch, cfg.objective, [row_seed(0, 0)]).backward()
+            measured = tracker.peak
+        else:
+            next_clip_loss(model, batch, cfg.objective, [row_seed(0, 0)]).backward()
+            sync(device)
+            measured = torch.cuda.max_memory_allocated(device) - rest
+        step_s = time.perf_counter() - t0
+        model.zero_grad(set_to_none=True)
+        plan_bytes = planned.activations + planned.gradients
+        out["stages"][stage] = {"frames": frames, "planned_gb": plan_bytes / 2**30, "measured_gb": measured / 2**30,
+                                "planned_over_measured": plan_bytes / max(measured, 1), "fwd_bwd_s": step_s}
+    # the async checkpoint's stall: the device-to-host copy of the weights into pinned buffers (what the
+    # training loop waits for before the writer thread takes over)
+    pin = device.type == "cuda"
+    host = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for n, t in model.state_dict().items()}
+    sync(device)
+    t0 = time.perf_counter()
+    for n, t in model.state_dict().items():
+        host[n].copy_(t, non_blocking=pin)
+    sync(device)
+    stall = time.perf_counter() - t0
+    step = out["stages"][list(p["frames"])[-1]]["fwd_bwd_s"]
+    out["checkpoint"] = {"bytes": sum(t.numel() * t.element_size() for t in host.values()), "stall_s": stall,
+                         "stall_over_step": stall / step, "pinned": pin}
+    return out
+
+
 # ---------------------------------------------------------------- (c) VAE encode
 def bench_vae(p: dict, device: torch.device, tiny: bool) -> dict:
     torch.manual_seed(0)
@@ -236,7 +301,16 @@ def print_table(res: dict) -> None:
     if "frames_per_s" in v:
         print(f"\n(c) VAE ({v['architecture']}) encode {v['width']}x{v['height']}, batch {v['batch']}, "
               f"{v['dtype']}: {v['frames_per_s']:.1f} frames/s")
-    for name in ("attention", "model", "vae"):
+    pl = res.get("plan", {})
+    if "stages" in pl:
+        print(f"\n(d) memory plan vs measured, {pl['preset']} {pl['dtype']}, forward + backward above the weights")
+        for stage, r in pl["stages"].items():
+            print(f"{stage:7s} planned {r['planned_gb']:8.3f} GB  measured {r['measured_gb']:8.3f} GB  "
+                  f"ratio {r['planned_over_measured']:.3f}")
+        c = pl["checkpoint"]
+        print(f"async checkpoint stall: {c['stall_s'] * 1e3:.1f} ms for {c['bytes'] / 2**30:.2f} GB "
+              f"({'pinned' if c['pinned'] else 'pageable'}), {c['stall_over_step']:.3f} x the step")
+    for name in ("attention", "model", "vae", "plan"):
         if "error" in res.get(name, {}):
             print(f"\n{name}: FAILED {res[name]['error']}")
 
@@ -257,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
            "tiny": args.tiny, "torch": torch.__version__}
     sections = [("attention", lambda: bench_attention(p, device, args.tiny)),
                 ("model", lambda: bench_model(p, device, args.tiny, args.compile)),
-                ("vae", lambda: bench_vae(p, device, args.tiny))]
+                ("vae", lambda: bench_vae(p, device, args.tiny)),
+                ("plan", lambda: bench_plan(p, device, args.tiny))]
     failed = False
     for name, run in sections:
         t0 = time.perf_counter()

@@ -9,6 +9,7 @@ from jobconfig.errors import ConfigError
 from jobconfig.eval import EvalConfig
 from jobconfig.model import ModelConfig
 from jobconfig.parallel import ParallelConfig
+from jobconfig.plan import PlanConfig
 from jobconfig.precompute import PrecomputeConfig
 from jobconfig.predict import PredictConfig
 from jobconfig.train import ObjectiveConfig, TrainConfig
@@ -25,6 +26,7 @@ class JobConfig:
     precompute: PrecomputeConfig = dataclasses.field(default_factory=PrecomputeConfig)
     predict: PredictConfig = dataclasses.field(default_factory=PredictConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    plan: PlanConfig = dataclasses.field(default_factory=PlanConfig)  # `vgpt plan` and the preflight's memory plan
 
     def validate(self) -> None:
         """Checks across sections (each section validates its own keys first)."""

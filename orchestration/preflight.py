@@ -26,6 +26,7 @@ from data.dataset_index import DatasetMeta
 from data.shard_format import ShardFormatError, get_fs
 from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
+from orchestration.planning import check_fits, train_device
 from orchestration.stages import already_done, exported_by
 from pretrain.checkpoint.export import CONFIG_NAME, export_path, read_export_metadata
 from pretrain.checkpoint.storage import is_remote, verify_checkpoint
@@ -167,7 +168,7 @@ def check_dataset(name: str, cfg: JobConfig, meta: DatasetMeta, root: str | None
                                   f"frames, but no shard of {root} holds that many frames in all (at most "
                                   f"{longest_possible}); every sample would be skipped")
         build_buckets(meta, cfg.data, where=where)
-    except ConfigError as e:
+    except (ConfigError, ShardFormatError) as e:  # ShardFormatError: segments that group into no video
         raise ConfigError(f"{name}: {source}: {e}" if source else f"{name}: {e}") from None
 
 
@@ -200,6 +201,13 @@ def check_train(plan: list[tuple[str, JobConfig]], only_stage: int | None = None
             if ckey not in indexes:
                 indexes[ckey] = read_dataset_index(src.root, options, key)
             check_dataset(name, cfg, indexes[ckey], src.root, source)
+
+
+def check_memory(plan: list[tuple[str, JobConfig]], world_size: int, only_stage: int | None = None) -> None:
+    """Every stage this run starts fits its device by its memory plan (orchestration/planning.py);
+    CPU runs plan against no device and pass."""
+    stages = [s for i, s in enumerate(plan, start=1) if only_stage is None or i == only_stage]
+    check_fits(stages, world_size, train_device)
 
 
 def check_precompute(cfg) -> None:

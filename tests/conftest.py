@@ -15,7 +15,8 @@ import torch
 
 from orchestration.launch.plan import plan_launch, render
 from orchestration.preflight import ASSUME_S3, S3_ENV
-from tests.runs import AWS, BACKGROUND, EARLY, LAUNCH_TINY, ONE_RANK, REPO, TINY, TWO_RANK_ZERO2, env, train
+from tests.runs import (AWS, BACKGROUND, EARLY, LAUNCH_TINY, ONE_RANK, PLAN_REFUSED, REPO, TINY, TWO_RANK_ZERO2, env,
+                        train)
 from tests.sockets import run_watching_sockets
 
 # One intra-op thread in the test process, as in every process the tests start (tests/runs.py env):
@@ -84,7 +85,7 @@ def one_rank_run(tmp_path_factory):
     ONE_RANK): the run that test_fail_loudly_ckpt, test_checkpoint, test_checkpoint_s3 and test_secrets
     read. Read-only: copy it (runs.copy_run) to change it."""
     out = tmp_path_factory.mktemp("one_rank_run")
-    train(out, *ONE_RANK, env_extra=AWS)
+    train(out, *ONE_RANK, *PLAN_REFUSED, "--plan.ignore=true", env_extra=AWS)  # the plan's override starts
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000005", "step_00000010"]
     return out
 
@@ -128,13 +129,16 @@ def rendered_torchrun(tmp_path_factory):
 # ---------------------------------------------------------------- order, and the long jobs in the background
 @pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselection: these are the tests that will run
 def pytest_collection_modifyitems(session, config, items):
-    """The quick tier first (a failure there shows in the first minute), then the slow tests, each in
-    collection order; the session's long jobs start now, in a thread beside them (tests/runs.py
-    Background): `bench/gpu.py --tiny`, the real growth job, the quickstart's first run and the example
-    sweep's killed-and-resumed run; and the precompute tests' Ray head is set up beside the quick tier
-    (tests/runs.py EARLY)."""
-    items[:] = [i for i in items if i.get_closest_marker("slow") is None] + \
-               [i for i in items if i.get_closest_marker("slow") is not None]
+    """The quick tier first (a failure there shows in the first minute), then the slow tests, the
+    precompute tests first, each tier in collection order; the session's long jobs start now, in a
+    thread beside them (tests/runs.py Background): `bench/gpu.py --tiny`, the real growth job, the
+    quickstart's first run and the example sweep's killed-and-resumed run; and the precompute tests'
+    Ray head is set up beside the quick tier (tests/runs.py EARLY)."""
+    slow = [i for i in items if i.get_closest_marker("slow") is not None]
+    # the precompute tests open the slow tier: their Ray head, up since collection ended, costs about
+    # 0.13 of a core while it waits for them (measured), so it should not wait for the rest of the tier
+    slow.sort(key=lambda i: Path(str(i.fspath)).name != "test_precompute_job.py")
+    items[:] = [i for i in items if i.get_closest_marker("slow") is None] + slow
     if config.option.collectonly:
         return
     files = {Path(str(i.fspath)).name for i in items}

@@ -45,4 +45,10 @@ def test_bench_gpu_tiny_writes_all_sections(tmp_path):
 
     vae = res["vae"]
     assert vae["frames_per_s"] > 0 and vae["batch"] > 0
+
+    plan = res["plan"]  # (d): the fake-tensor plan against the tracked allocator on CPU
+    assert set(plan["stages"]) == {"stage2", "stage4"}
+    for stage, r in plan["stages"].items():
+        assert 0.85 <= r["planned_over_measured"] <= 1.15, (stage, r)
+    assert plan["checkpoint"]["stall_s"] > 0 and plan["checkpoint"]["bytes"] > 0
     assert "(a) clip attention" in proc.stdout and "(c) VAE" in proc.stdout

@@ -38,6 +38,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("orchestration.cli.launch", "write torchrun/DeepSpeed/Slurm/Kubernetes/Ray launch files for one stage"),
     "sweep": ("orchestration.cli.sweep", "scaling-law sweep: `run` trials on Ray, `fit` L(N, D) and recommend N, D"),
     "ckpt": ("orchestration.cli.ckpt", "list, verify, inspect, export, reshard or prune a run's checkpoints"),
+    "plan": ("orchestration.cli.plan", "will each stage fit: per-device peak memory by part, verdict, smallest "
+                                       "fix, step time and tokens/s"),
     "config": ("orchestration.cli.config", "print the resolved config after presets and overrides"),
     "convert": ("orchestration.cli.convert", "the authors' released checkpoint <-> an export: from-reference, "
                                              "to-reference"),

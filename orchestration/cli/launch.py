@@ -8,6 +8,10 @@ Replaces the reference's hand-edited per-stage bash scripts: the stage's config
 comes from the curriculum (`plan_stages`), the cluster's shape from
 `configs/cluster/*.yaml`, and the parallel layout (DP x TP x SP) is derived and
 checked for every node count of the elastic range before anything is written.
+The stage's memory is planned on the cluster's device (`device`, else its
+accelerator's usual kind) and a layout that does not fit is refused, naming the
+shortfall and the smallest fix (`--plan.ignore=true` writes it anyway); the
+plan is written next to the files (plan.txt, plan.json).
 `--cluster.x=y` overrides edit the cluster description; other `--a.b=c`
 overrides go to the training job (and into the rendered command).
 """
@@ -18,6 +22,7 @@ from orchestration.cli import CONFIG_HELP, reports_bad_input, verb_parser
 from orchestration.launch.cluster import ClusterConfig
 from orchestration.launch.plan import plan_launch, render
 from orchestration.launch.targets import TARGETS
+from orchestration.planning import write_plan
 
 
 @reports_bad_input("launch")
@@ -37,6 +42,12 @@ def main(argv: list[str]) -> int:
     overrides = [a for a in rest if not a.startswith("--cluster.")]
     spec = plan_launch(args.stage, args.cluster, args.config, overrides, cluster_ov)
     files = render(spec, args.target, args.out)
+    if spec.memory_plans:  # planned on the cluster's device (none for a CPU cluster)
+        files += write_plan(args.out, spec.memory_plans)
+        p = spec.memory_plans[0]
+        assumed = "" if spec.cluster.device or "--plan.device" in " ".join(overrides) else \
+            " (assumed: the cluster names no `device`)"
+        print(f"  memory plan on {p.device.kind}{assumed}: {p.verdict()}")
     lay = spec.layout
     print(f"stage {args.stage} on {spec.cluster.name}: {lay.world_size} devices = DP {lay.dp} x TP {lay.tp} "
           f"x SP {lay.sp}")

@@ -11,7 +11,10 @@ N's export (`train.init_from`), and each stage writes under `<out_dir>/stageN`
 Every stage's config, parallel layout and token limits, its dataset (root,
 index.json, a video long enough for the stage), out_dir, init_from, --resume
 and s3 credentials (orchestration/preflight.py) are checked before any process
-group starts, so a bad key in stage 4 fails in the first second.
+group starts, so a bad key in stage 4 fails in the first second; so is each
+stage's memory plan on the device it will run on (orchestration/planning.py: a
+layout planned not to fit is refused with its shortfall and smallest fix;
+`--plan.ignore=true` starts it anyway).
 `train.data: synthetic` trains on moving-square latents instead of a dataset
 (configs/debug.yaml); `vgpt train-debug` is the deprecated name of that.
 """
@@ -68,8 +71,11 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--max-restarts: got {args.max_restarts}, expected >= 0")
     plan = chain_stages(plan_stages(args.config, overrides, args.stage))
     spawn = args.nproc > 1 and "WORLD_SIZE" not in os.environ
+    world = args.nproc if spawn else int(os.environ.get("WORLD_SIZE", "1"))
     for _, cfg in plan:  # every stage's layout and token limits, before any process group starts
-        check_layout_fits(cfg, args.nproc if spawn else int(os.environ.get("WORLD_SIZE", "1")))
+        check_layout_fits(cfg, world)
+    # every stage's memory plan on its device (CPU runs: none), before any process group starts
+    preflight.check_memory(plan, world, args.stage)
     # data, paths, credentials, init_from and --resume, before any process group, model or DeepSpeed
     preflight.check_train(plan, args.stage, args.resume)
     if spawn:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from jobconfig.errors import ConfigError
+from jobconfig.plan import device_spec
 from jobconfig.secrets import check_no_credentials
 
 
@@ -84,6 +85,9 @@ class ClusterConfig:
     nodes: int = 1
     devices_per_node: int = 8
     accelerator: Literal["cuda", "npu", "cpu"] = "cuda"
+    # the device kind the memory plan fits stages to (jobconfig/plan.py DEVICES: h100-80gb, h200, 910b, ...);
+    # empty: the accelerator's usual one (orchestration/planning.py)
+    device: str = ""
     hosts: list[str] = field(default_factory=list)  # DeepSpeed hostfile names; empty = node-0..node-N-1
     image: str = ""                # container image (Kubernetes, Slurm+pyxis)
     python: str = "python"         # the interpreter on the nodes
@@ -121,6 +125,8 @@ class ClusterConfig:
             raise ConfigError(f"hosts: {len(self.hosts)} names for up to {hi} nodes")
         if self.elastic.max_restarts < 0:
             raise ConfigError(f"elastic.max_restarts: got {self.elastic.max_restarts}, expected >= 0")
+        if self.device:
+            device_spec(self.device, "device")
         check_no_credentials(self.env, "env")   # written into every launch file
 
     @property

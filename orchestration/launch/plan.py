@@ -4,7 +4,8 @@
 stage's config from the curriculum (jobconfig/curriculum.py) with the
 cluster's storage and accelerator, and derives the stage's parallel layout
 (DP x TP x SP, layout.py) for every node count of the elastic range, so an
-impossible launch fails before anything is written. `render` writes one
+impossible launch fails before anything is written; so does a layout whose memory
+plan does not fit the cluster's device (orchestration/planning.py). `render` writes one
 target's files (targets.py) under a directory, scripts executable.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from jobconfig.secrets import redact_text
 from orchestration.launch.cluster import ClusterConfig
 from orchestration.launch.layout import StageLayout, stage_layout
 from orchestration.launch.targets import TARGETS, LaunchSpec
+from orchestration.planning import check_fits, launch_device
 
 
 def plan_launch(stage: int, cluster_path: str, config: str = "configs/pretrain.yaml",
@@ -33,8 +35,16 @@ def plan_launch(stage: int, cluster_path: str, config: str = "configs/pretrain.y
         storage.append(f"--data.root={cluster.storage.latents}")
     name, cfg = plan_stages(config, [*storage, *overrides], stage)[stage - 1]
     layout: StageLayout = stage_layout(name, cfg, cluster)
-    return LaunchSpec(cluster=cluster, stage=stage, layout=layout, config=config, overrides=list(overrides),
+    spec = LaunchSpec(cluster=cluster, stage=stage, layout=layout, config=config, overrides=list(overrides),
                       cluster_data_root=not blend)
+    # the memory plan of the layout the files will start, on the cluster's device: refused now if it does
+    # not fit (orchestration/planning.py); `render` callers write it next to the files
+    cfg.parallel.tensor_parallel, cfg.parallel.sequence_parallel = layout.tp, layout.sp
+    if cfg.plan.latent_size is None:
+        cfg.plan.latent_size = list(cluster.latent_size)
+    spec.memory_plans = check_fits([(name, cfg)], layout.world_size,
+                                   lambda c: launch_device(c, cluster.device, cluster.accelerator))
+    return spec
 
 
 def render(spec: LaunchSpec, target: str, out: str | Path) -> list[Path]:

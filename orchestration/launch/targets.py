@@ -52,6 +52,7 @@ class LaunchSpec:
     config: str                      # the curriculum YAML, relative to workdir
     overrides: list[str] = field(default_factory=list)
     cluster_data_root: bool = True   # the stage reads the cluster's storage.latents (False: its data.sources)
+    memory_plans: list = field(default_factory=list)  # the stage's memory plan (orchestration/planning.py)
 
     @property
     def job_name(self) -> str:

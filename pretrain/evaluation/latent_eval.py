@@ -7,7 +7,11 @@ synthetic data). Everything random about a held-out sample comes from its key, e
 the stage (data.stage): its frames and clip partition from a hash of (key, seed, stage
 config), its noise from (seed, key hash), never from the training RNG streams, so the loss is
 a function of the weights alone: the same on any world size, at any step of any run, and
-comparable across runs of one stage.
+comparable across runs of one stage. A dataset of the `posterior` latent form (data/shard_format.py)
+is evaluated on the posterior mean, not on a draw: no draw at all keeps the loss a function of the
+weights, the mean is what training's draws average to (the target's least noisy value, so the loss
+measures the model and not the VAE's noise), and the held-out predictions (pretrain/inference/
+heldout_predict.py) condition on and score against the same mean latents.
 
 The loss at each t in eval.t_values (every clip of the sample noised to t; the clean context
 noised as in training) is each sample's mean frame MSE; `heldout_loss_t{t}` is its mean over
@@ -29,12 +33,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from data.batch import Batch
+from data.batch import Batch, posterior_mean
 from data.dataset_index import DatasetMeta
 from data.heldout_split import key_hash, heldout_samples
 from data.shard_format import decode_sample, get_fs
 from data.shards import load_shard
-from data.stage import plan_sample, sample_tokens
+from data.stage import SamplePlan, plan_sample, sample_tokens
 from jobconfig.data import StageSamplingConfig
 from jobconfig.errors import ConfigError
 from jobconfig.eval import EvalConfig
@@ -71,15 +75,10 @@ def noise_seed(key: str, seed: int) -> int:
     return row_seed(seed, key_hash(key), salt=EVAL_VERSION)
 
 
-def latent_set(job: JobConfig, dp_rank: int, dp_size: int) -> HeldOutSet:
-    """The held-out samples of eval.root, or of the split of data.root (a blend: of its first dataset),
-    planned for data.stage; this rank reads only its own share. Samples the stage cannot use (too
-    short, too many tokens) are left out."""
+def plan_heldout(meta: DatasetMeta, job: JobConfig, root: str) -> list[tuple[int, str, SamplePlan]]:
+    """(flat index, key, plan) of every held-out sample evaluated, from the index alone (nothing read):
+    the lowest key hashes of eval.root, or of the split of `meta`, that fit data.stage."""
     ec, stage = job.eval, job.data.stage
-    src = job.data.blend()[0]
-    root, options = (ec.root, job.data.storage_options) if ec.root else (src.root, job.data.options_of(src))
-    fs, path = get_fs(root, options)
-    meta = DatasetMeta.load(fs, path, where=f"{root}/index.json")
     if not meta.has_shapes:
         raise ConfigError(f"eval: {root}/index.json records no per-sample shapes; rebuild the index with the "
                           "precompute job to evaluate on it")
@@ -93,13 +92,27 @@ def latent_set(job: JobConfig, dp_rank: int, dp_size: int) -> HeldOutSet:
     if not planned:
         raise ConfigError(f"eval: no held-out sample of {root} fits data.stage (frames={stage.frames}, "
                           f"max_tokens={stage.max_tokens}); raise eval.heldout_fraction or eval.heldout_max")
+    return planned
+
+
+def latent_set(job: JobConfig, dp_rank: int, dp_size: int) -> HeldOutSet:
+    """The held-out samples of eval.root, or of the split of data.root (a blend: of its first dataset),
+    planned for data.stage; this rank reads only its own share. Samples the stage cannot use (too
+    short, too many tokens) are left out."""
+    ec = job.eval
+    src = job.data.blend()[0]
+    root, options = (ec.root, job.data.storage_options) if ec.root else (src.root, job.data.options_of(src))
+    fs, path = get_fs(root, options)
+    meta = DatasetMeta.load(fs, path, where=f"{root}/index.json")
+    planned = plan_heldout(meta, job, root)
     mine = [(pos, p) for pos, p in enumerate(planned) if pos % dp_size == dp_rank]
     shard_of = {i: int(s) for i, s in ((i, (meta.offsets <= i).sum() - 1) for i, _, _ in planned)}
     loaded: dict[int, torch.Tensor] = {}
     for shard in sorted({shard_of[i] for _, (i, _, _) in mine}):
         want = {i - int(meta.offsets[shard]) for _, (i, _, _) in mine if shard_of[i] == shard}
         for idx, (_, members) in load_shard(fs, path, meta, shard, keep=want).items():
-            loaded[int(meta.offsets[shard]) + idx], _ = decode_sample(members, where=f"{root} shard {shard}")
+            latents, _ = decode_sample(members, where=f"{root} shard {shard}")
+            loaded[int(meta.offsets[shard]) + idx] = posterior_mean(latents, meta.moments)
     out = []
     for pos, (i, key, plan) in mine:
         f = plan.frame_indices

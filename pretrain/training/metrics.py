@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import torch
 
-# peak dense bf16 FLOP/s per device, for MFU
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "910B": 313e12}
+from jobconfig.plan import DEVICES, device_by_name
+
+# peak dense bf16 FLOP/s per device name, for MFU: the one device table (jobconfig/plan.py), which the
+# memory plan reads too
+PEAK_FLOPS = {d.match: d.peak_flops for d in DEVICES.values() if d.match}
 
 ATTENTION_FLOPS_PER_PAIR_PER_HIDDEN = 12
 
@@ -29,8 +32,8 @@ def peak_flops(device) -> float | None:
     """Peak dense bf16 FLOP/s of one `device` (a torch.device), or None when it is not one we know."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)  # (QK^T + AV) x 2 FLOPs x (forward 1 + backward 2)
+    spec = device_by_name(torch.cuda.get_device_name(device))
+    return spec.peak_flops if spec else None
 
 
 def allowed_attention_pairs(clips_row, patches: int) -> int:
