@@ -17,6 +17,7 @@ from orchestration.launch.plan import plan_launch, render
 from orchestration.preflight import ASSUME_S3, S3_ENV
 from tests.runs import (AWS, BACKGROUND, EARLY, LAUNCH_TINY, ONE_RANK, PLAN_REFUSED, REPO, TINY, TWO_RANK_ZERO2, env,
                         train)
+from tests.offload import durations_line, offload, offloadable
 from tests.sockets import run_watching_sockets
 
 # One intra-op thread in the test process, as in every process the tests start (tests/runs.py env):
@@ -129,20 +130,19 @@ def rendered_torchrun(tmp_path_factory):
 # ---------------------------------------------------------------- order, and the long jobs in the background
 @pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselection: these are the tests that will run
 def pytest_collection_modifyitems(session, config, items):
-    """The quick tier first (a failure there shows in the first minute), then the slow tests, the
-    precompute tests first, each tier in collection order; the session's long jobs start now, in a
-    thread beside them (tests/runs.py Background): `bench/gpu.py --tiny`, the real growth job, the
-    quickstart's first run and the example sweep's killed-and-resumed run; and the precompute tests'
-    Ray head is set up beside the quick tier (tests/runs.py EARLY)."""
-    slow = [i for i in items if i.get_closest_marker("slow") is not None]
-    # the precompute tests open the slow tier: their Ray head, up since collection ended, costs about
-    # 0.13 of a core while it waits for them (measured), so it should not wait for the rest of the tier
-    slow.sort(key=lambda i: Path(str(i.fspath)).name != "test_precompute_job.py")
-    items[:] = [i for i in items if i.get_closest_marker("slow") is None] + slow
+    """The quick tier first (a failure there shows in the first minute), then the slow tests, each in
+    collection order; the session's long jobs start now, in a thread beside them (tests/runs.py
+    Background): `bench/gpu.py --tiny`, the real growth job, the quickstart's first run, the example
+    sweep's killed-and-resumed run, and last the precompute tests, in a pytest process of their own
+    (tests/offload.py), whose stand-ins end the session. Where they run in this process (a file run
+    alone), their Ray head is set up beside the tests before them (tests/runs.py EARLY)."""
+    items[:] = [i for i in items if i.get_closest_marker("slow") is None] + \
+               [i for i in items if i.get_closest_marker("slow") is not None]
     if config.option.collectonly:
         return
-    files = {Path(str(i.fspath)).name for i in items}
     factory = config._tmp_path_factory  # what the tmp_path_factory fixture hands out
+    offloaded = offloadable(items)
+    files = {Path(str(i.fspath)).name for i in items if i not in offloaded}
     if "test_bench_gpu.py" in files:  # first: its test comes early in the slow tier
         from test_bench_gpu import bench_gpu_tiny
 
@@ -163,6 +163,7 @@ def pytest_collection_modifyitems(session, config, items):
 
         out = factory.mktemp("sweep") / "full"
         BACKGROUND.add("sweep", lambda: killed_and_resumed_sweep(out, run=BACKGROUND.run))
+    items[:] = offload(items, offloaded, factory)  # queued last: the lane's other jobs feed tests before
     BACKGROUND.start()
     if "test_precompute_job.py" in files:  # its Ray head and input videos, set up beside the quick tier
         from test_precompute_job import precompute_env
@@ -174,3 +175,9 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_sessionfinish(session, exitstatus):
     BACKGROUND.stop()
     EARLY.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    line = durations_line()
+    if line:
+        terminalreporter.write_line(line)

@@ -157,6 +157,10 @@ class Background:
     def queued(self, name: str) -> bool:
         return name in self._jobs
 
+    def finished(self, name: str) -> bool:
+        """Whether job `name` has ended (result(name) will not wait)."""
+        return name in self._jobs and self._jobs[name][0].is_set()
+
     def result(self, name: str):
         done, out = self._jobs[name]
         done.wait()
