@@ -133,9 +133,10 @@ def pytest_collection_modifyitems(session, config, items):
     """The quick tier first (a failure there shows in the first minute), then the slow tests, each in
     collection order; the session's long jobs start now, in a thread beside them (tests/runs.py
     Background): `bench/gpu.py --tiny`, the real growth job, the quickstart's first run, the example
-    sweep's killed-and-resumed run, and last the precompute tests, in a pytest process of their own
-    (tests/offload.py), whose stand-ins end the session. Where they run in this process (a file run
-    alone), their Ray head is set up beside the tests before them (tests/runs.py EARLY)."""
+    sweep's killed-and-resumed run, and last the slow tests of tests/offload.py's files (the
+    precompute farm's, sequence parallelism's) in a pytest process of their own, whose stand-ins end
+    the session. Where the precompute tests run in this process (a file run alone), their Ray head
+    is set up beside the tests before them (tests/runs.py EARLY)."""
     items[:] = [i for i in items if i.get_closest_marker("slow") is None] + \
                [i for i in items if i.get_closest_marker("slow") is not None]
     if config.option.collectonly:

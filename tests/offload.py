@@ -1,9 +1,10 @@
 """Test files run in a pytest process of their own, as a background job beside the main session.
 
 The precompute farm's tests (test_precompute_job.py) spend two minutes driving a Ray head with
-`ray job submit`, at about one core; the 2-rank tests at the end of the session leave most of
-the second core idle once the other background jobs (tests/runs.py Background) have ended. So
-the main session does not run those files itself: it hands their tests, by node id, to one
+`ray job submit`, at about one core, and the sequence-parallel parity tests (test_parallel_sp.py)
+most of a minute; the 2-rank tests at the end of the session leave part of the second core idle
+once the other background jobs (tests/runs.py Background) have ended. So the main session does
+not run the slow tests of those files itself: it hands them, by node id, to one
 `python -m pytest` process (`VGPT_TEST_OFFLOADED` set there: it runs them as usual, with its
 own fixtures, Ray head and moto server) queued in the background lane, and puts in their place
 items of the same node ids, at the end of the session, that wait for that process and report
@@ -24,7 +25,8 @@ import pytest
 
 from tests.runs import BACKGROUND, REPO
 
-OFFLOADED_FILES = ("test_precompute_job.py",)
+# the slow tests of these files: self-contained (no session fixture shared with other files), long
+OFFLOADED_FILES = ("test_precompute_job.py", "test_parallel_sp.py")
 CHILD = "VGPT_TEST_OFFLOADED"  # set in the pytest process that runs the offloaded tests itself
 JOB = "offloaded_tests"
 
@@ -34,7 +36,7 @@ def offloadable(items) -> list:
     and none when they are all the session runs (nothing to run beside)."""
     if os.environ.get(CHILD):
         return []
-    picked = [i for i in items if Path(str(i.fspath)).name in OFFLOADED_FILES]
+    picked = [i for i in items if Path(str(i.fspath)).name in OFFLOADED_FILES and i.get_closest_marker("slow")]
     return picked if len(picked) < len(items) else []
 
 
