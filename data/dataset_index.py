@@ -56,6 +56,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from data.columns_file import check_file, columns_bytes, map_columns
+from data.object_store import put_atomic
 from data.shard_format import ShardFormatError, ShardManifest, get_fs, latent_form
 from jobconfig.errors import ConfigError
 
@@ -157,25 +158,6 @@ def _local_columns(fs: fsspec.AbstractFileSystem, root: str, ref: dict, where: s
 
 
 # ---------------------------------------------------------------- publishing
-def _put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Readers see the old file or the new one: a local file is renamed into place; an object store PUT
-    is atomic."""
-    if isinstance(fs, LocalFileSystem):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    else:
-        fs.pipe_file(path, data)
-
-
 def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict:
     try:
         index = json.loads(fs.cat_file(path))
@@ -206,12 +188,12 @@ def publish_columns(fs: fsspec.AbstractFileSystem, root: str, cols: dict[str, np
     sha = hashlib.sha256(data).hexdigest()
     version = previous + 1
     rel = f"{COLUMNS_DIR}/v{version:06d}-{sha[:16]}.npz"
-    _put_atomic(fs, f"{root}/{rel}", data)
+    put_atomic(fs, f"{root}/{rel}", data)
     index = {**info, "format_version": FORMAT_VERSION, "version": version,
              "num_shards": len(cols["shard_name"]), "num_samples": int(cols["shard_num_samples"].sum()),
              "num_frames": int(cols["shard_num_frames"].sum()),
              "columns": {"path": rel, "sha256": sha, "bytes": len(data)}}
-    _put_atomic(fs, path, json.dumps(index, sort_keys=True, indent=1).encode())
+    put_atomic(fs, path, json.dumps(index, sort_keys=True, indent=1).encode())
     return index
 
 

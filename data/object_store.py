@@ -38,6 +38,7 @@ import errno
 import logging
 import os
 import random
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -45,6 +46,7 @@ from typing import Any, Callable, TypeVar
 
 import fsspec
 from fsspec.asyn import sync_wrapper
+from fsspec.implementations.local import LocalFileSystem
 from s3fs import S3FileSystem
 
 log = logging.getLogger(__name__)
@@ -289,3 +291,22 @@ def retrying(fn: Callable[[], T], what: str, backoff: Backoff | None = None,
             _note_retry(_describe(e), what, attempt + 1, b.max_attempts, delay)
             time.sleep(delay)
             attempt += 1
+
+
+def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Readers see the old file or the new one, never part of it (a writer killed mid-write leaves at
+    most a hidden temp file): a local file is renamed into place; an object store PUT is atomic."""
+    if isinstance(fs, LocalFileSystem):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        fs.pipe_file(path, data)

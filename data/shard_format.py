@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from data.object_store import open_fs
+from data.object_store import open_fs, put_atomic
 
 FORMAT_VERSION = 1  # of a shard manifest
 LATENTS_MEMBER = "latents.safetensors"
@@ -210,7 +210,8 @@ def commit_shard(fs: fsspec.AbstractFileSystem, root: str, stem: str, tar_bytes:
                              sample_first_frames=[int(f) for f in first_frames] if first_frames is not None else None)
     fs.makedirs(f"{root}/shards", exist_ok=True)
     fs.pipe_file(f"{root}/shards/{stem}.tar", tar_bytes)
-    fs.pipe_file(f"{root}/shards/{stem}.json", manifest.to_json().encode())
+    # the manifest's existence is the commit: never visible half-written (a driver killed mid-commit)
+    put_atomic(fs, f"{root}/shards/{stem}.json", manifest.to_json().encode())
     return manifest
 
 
@@ -230,5 +231,5 @@ def committed_manifests(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, S
 
 def write_error(fs: fsspec.AbstractFileSystem, root: str, key: str, source: str, reason: str) -> None:
     fs.makedirs(f"{root}/errors", exist_ok=True)
-    fs.pipe_file(f"{root}/errors/{check_key(key)}.json",
-                 json.dumps({"key": key, "source": source, "reason": reason}, sort_keys=True).encode())
+    put_atomic(fs, f"{root}/errors/{check_key(key)}.json",
+               json.dumps({"key": key, "source": source, "reason": reason}, sort_keys=True).encode())

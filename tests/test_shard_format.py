@@ -90,3 +90,26 @@ def test_the_latent_form_is_recorded_and_an_index_without_it_reads_as_one_draw(t
     (root / "index.json").write_text(text.replace('"latent_form"', '"x"').replace("{", '{"latent_form": "mean", ', 1))
     with pytest.raises(ShardFormatError, match="index.json: latent_form 'mean', expected 'posterior' or 'sample'"):
         open_dataset(str(root))
+
+
+def test_a_commit_killed_before_its_manifest_is_whole_leaves_no_manifest(tmp_path, monkeypatch):
+    """The manifest's existence is the commit: a driver killed while writing it (here: just before the
+    rename that publishes it) leaves the shard uncommitted, never an empty or partial manifest that
+    every reader of the dataset would then fail on."""
+    import fsspec
+
+    import data.object_store as object_store
+    from data.shard_format import commit_shard, committed_manifests
+
+    fs, root = fsspec.filesystem("file"), str(tmp_path)
+    tar = build_tar([("k0", encode_sample(torch.zeros(2, 4, 2, 2, dtype=torch.bfloat16), {"key": "k0"}))])
+    commit_shard(fs, root, "train-000000", tar, ["k0"], 2)
+
+    def killed(src, dst):
+        raise SystemExit("killed while committing")
+
+    monkeypatch.setattr(object_store.os, "replace", killed)
+    with pytest.raises(SystemExit):
+        commit_shard(fs, root, "train-000001", tar, ["k0"], 2)
+    assert not (tmp_path / "shards" / "train-000001.json").exists()
+    assert list(committed_manifests(fs, root)) == ["train-000000"]  # the one whole commit, readable
