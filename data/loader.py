@@ -258,8 +258,9 @@ class LatentLoader:
             raise ConfigError(f"rank: got {rank}, expected 0 <= rank < world_size={world_size}")
         self.cfg, self.rank, self.world_size, self.heldout = cfg, rank, world_size, heldout
         where = f"{cfg.root}/index.json"
-        index = read_index(*get_fs(cfg.root, cfg.storage_options))
-        self.meta = DatasetMeta.load(*get_fs(cfg.root, cfg.storage_options), index=index, where=where)
+        fs, path = get_fs(cfg.root, cfg.storage_options)
+        index = read_index(fs, path)
+        self.meta = DatasetMeta.load(fs, path, index=index, where=where)
         # the index version the current epoch uses (data/growth.py: a resumed epoch keeps its own)
         self.index_version, self.columns = self.meta.version, index.get("columns")
         self._growth: Growth | None = None  # set while a resumed epoch finishes over the old shards

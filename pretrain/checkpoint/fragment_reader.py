@@ -38,11 +38,11 @@ from data.object_store import retrying
 from parallel.tensor_parallel import plan_style, shard_tensor, unshard_tensor
 from pretrain.checkpoint import schema
 from pretrain.checkpoint.full_state import MOMENTS, ConsolidateError
-from pretrain.checkpoint.safetensors_stream import DTYPES
+from pretrain.checkpoint.safetensors_stream import TORCH_DTYPES
 
 KINDS = ("fp32", *MOMENTS)
 RANK_FILE, MODEL_FILE = re.compile(r"^rank-\d{5}\.safetensors$"), re.compile(r"^model-tp(\d{2})\.safetensors$")
-TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # what a saved fragment may be stored as
 
 
 class ByteRanges:
@@ -197,7 +197,7 @@ class SavedFragments:
             out = Fragment(start, held)
             for kind in KINDS:
                 got = tensors.get(f"{kind}/{name}")
-                if got is None or got[1] != [numel] or got[0] not in TORCH_DTYPES:
+                if got is None or got[1] != [numel] or got[0] not in FLOAT_DTYPES:
                     raise schema.refuse(path, f"tensor {schema.show(f'{kind}/{name}')}",
                                         f"a 1-D float tensor of {numel} elements (as {where} says)")
                 out.data[kind] = (path, got[0], got[2])
@@ -283,12 +283,8 @@ class SavedFragments:
                     break
                 size = math.prod(dims) * schema.SAFETENSORS_DTYPES[dtype]
                 raw = self.src.read(path, offset, size)
-                return raw.view(_any_dtype(dtype)).view(dims)
+                return raw.view(TORCH_DTYPES[dtype]).view(dims)
         return None
 
     def close(self) -> None:
         self.src.close()
-
-
-def _any_dtype(name: str) -> torch.dtype:
-    return {v: k for k, v in DTYPES.items()}[name]

@@ -25,6 +25,7 @@ SLICE = 16 << 20  # bytes per write: small enough to interleave with training's 
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPES.items()}  # a header's dtype name -> torch's
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
