@@ -56,3 +56,35 @@ def test_bad_input_under_torchrun_stays_one_line_and_exit_2_and_reaches_the_erro
     line = "train.steps: got 'many', expected an integer (from the command line: --train.steps)"
     assert res.returncode == 2 and res.stderr.strip() == f"vgpt config: {line}", res.stderr
     assert json.loads(error_file.read_text())["message"]["message"] == f"ConfigError: {line}"
+
+
+def test_a_rank_that_only_lost_its_peer_is_never_named_the_root_cause(tmp_path, monkeypatch):
+    """torchrun names the failure with the smallest whole-second timestamp, ties to the lowest rank.
+    Rank 0's collective fails the moment rank 1 dies, mostly within the same second (seen in CI:
+    torchrun then named rank 0's "Connection closed by peer"). Both error files written here, in
+    the same second, as the ranks' `@record` writes them; torch's own ChildFailedError chooses."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from orchestration.launch.root_cause import RootCauseErrorHandler, is_peer_loss
+
+    def fail(rank: int, error: Exception) -> ProcessFailure:
+        path = tmp_path / f"error_{rank}.json"
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+        try:
+            raise error
+        except Exception as e:
+            RootCauseErrorHandler().record_exception(e)
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=1, error_file=str(path))
+
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:2228. This is "
+                        "typically caused by a remote worker crashing.")
+    assert is_peer_loss(gloo) and not is_peer_loss(RuntimeError("CUDA out of memory"))
+    real = fail(1, RuntimeError("VGPT_FAULT_RAISE: rank 1 fails after step 1"))
+    lost = fail(0, gloo)  # written after the real one, as the loss follows the failure
+    assert lost.timestamp > real.timestamp
+    rank, first = ChildFailedError("vgpt", {0: lost, 1: real}).get_first_failure()
+    assert rank == 1 and first.message["message"] == "RuntimeError: VGPT_FAULT_RAISE: rank 1 fails after step 1"
+    # the consequence says it is one
+    assert json.loads((tmp_path / "error_0.json").read_text())["message"]["extraInfo"]["peer_failure"] is True
+    # any other failure is recorded as torch records it
+    assert "peer_failure" not in json.loads((tmp_path / "error_1.json").read_text())["message"]["extraInfo"]

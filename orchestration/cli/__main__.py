@@ -5,7 +5,9 @@ Under torchrun (which gives every rank a TORCHELASTIC_ERROR_FILE) `main` is wrap
 elastic's `@record`: an exception that ends a rank is written to that file, so torchrun's failure
 summary, and torchrun's own error file, name the root cause (exception and traceback) instead of
 only an exit code. Bad input (ConfigError) stays one line and exit status 2 (`reports_bad_input`),
-and is written to the error file too. Elsewhere `@record` would only enable faulthandler, so the
+and is written to the error file too. A rank that fails only because a peer has gone is recorded as
+the consequence it is (orchestration/launch/root_cause.py), so torchrun names the rank that failed
+first. Elsewhere `@record` would only enable faulthandler, so the
 import of torch's elastic package is skipped and `python -m orchestration.cli --help` stays fast.
 """
 import gc
@@ -15,10 +17,13 @@ import sys
 from orchestration.cli import BAD_INPUT_HOOKS, main
 
 if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-    from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
+    from torch.distributed.elastic.multiprocessing.errors import record
 
-    BAD_INPUT_HOOKS.append(get_error_handler().record_exception)
-    main = record(main)
+    from orchestration.launch.root_cause import RootCauseErrorHandler
+
+    _errors = RootCauseErrorHandler()
+    BAD_INPUT_HOOKS.append(_errors.record_exception)
+    main = record(main, error_handler=_errors)
 
 code = main()
 # Everything this command opened is closed by now; what is left is the interpreter's last garbage
