@@ -200,8 +200,8 @@ def test_datasets_of_either_form_train_and_a_resume_on_another_world_size_replay
 
 def test_a_batch_of_two_rows_trains_as_the_rows_one_at_a_time():
     """Acceptance 4: batch 2 per device = batch 1 twice (same row seeds): the loss is the mean of the rows'
-    losses and so is the gradient, rows of different clip layouts (of one length, as a stage's unpacked
-    samples are: a shorter, padded row draws other eps than alone, pretrain/training/objective.py)."""
+    losses and so is the gradient, for rows of different clip layouts and lengths (the shorter row
+    padded to the longer's 5 frames draws exactly what it draws alone)."""
     cfg = load_config(None, ["--model.attention=blockwise"])
     model = build_model(cfg.model, dtype=torch.float64)
     with torch.no_grad():
@@ -210,19 +210,25 @@ def test_a_batch_of_two_rows_trains_as_the_rows_one_at_a_time():
     g = torch.Generator().manual_seed(1)
     moments = torch.cat([torch.randn(2, 5, 4, 4, 4, generator=g, dtype=torch.float64),
                          0.2 * torch.rand(2, 5, 4, 4, 4, generator=g, dtype=torch.float64)], 2)
-    layout, seeds = [[[2, 3]], [[1, 1, 3]]], [row_seed(3, 40), row_seed(3, 41)]
+    moments[1, 3:] = 0  # row 1 has 3 frames, padded to 5
+    layout, seeds = [[[2, 3]], [[1, 2]]], [row_seed(3, 40), row_seed(3, 41)]
 
     def loss_and_grads(rows):
         model.zero_grad()
-        loss = next_clip_loss(model, Batch(moments[rows], [layout[r] for r in rows], moments=True),
+        frames = max(sum(map(sum, layout[r])) for r in rows)
+        loss = next_clip_loss(model, Batch(moments[rows, :frames], [layout[r] for r in rows], moments=True),
                               cfg.objective, [seeds[r] for r in rows])
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
-    # a padded row's posterior draws are the ones it gets alone (drawn over its own frames)
+    # a padded row's posterior draws and noise are the ones it gets alone (drawn over its own frames)
     alone = posterior_draws(moments[1:, :3], seeds[1:])[0]
-    padded = posterior_draws(torch.cat([moments[1:, :3], torch.zeros_like(moments[1:, :2])], 1), seeds[1:], [3])[0]
+    padded = posterior_draws(moments[1:], seeds[1:], [3])[0]
     assert torch.equal(padded[:, :3], alone) and not padded[:, 3:].any()
+    noised_alone = add_noise(Batch(moments[1:, :3], layout[1:], moments=True), cfg.objective, seeds[1:])
+    noised_both = add_noise(Batch(moments, layout, moments=True), cfg.objective, seeds)
+    for name in ("x_noisy", "x_clean", "t", "x1"):
+        assert torch.equal(getattr(noised_both, name)[1, :3], getattr(noised_alone, name)[0]), name
     both, grads = loss_and_grads([0, 1])
     (l0, g0), (l1, g1) = loss_and_grads([0]), loss_and_grads([1])
     torch.testing.assert_close(both, (l0 + l1) / 2, rtol=1e-6, atol=0)  # the MSE is taken in fp32

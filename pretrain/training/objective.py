@@ -4,7 +4,7 @@ For a batch of clean latents and its clip sizes (METHOD.md, Objective):
   t ~ U(0, 1) once per clip, shared by the clip's frames;
   x_t = t * x1 + (1 - t) * eps, eps ~ N(0, I)       (t = 1 is clean data);
   the clean context copy is itself noised: t_ctx ~ U(context_noise_min, 1) per frame;
-  loss = MSE(pred, x1) averaged per frame, then over the real frames of the batch.
+  loss = MSE(pred, x1) averaged per frame, then over a row's real frames, then over the rows.
 Padding frames never contribute. All randomness of a row comes from its own
 seed (`row_seeds`), which the caller derives from (run seed, global sample
 index): the noise a sample gets does not depend on which rank, batch slot or
@@ -19,11 +19,10 @@ own salt, so the t/eps draws above are those of a single-draw batch, and a sampl
 noise, depend only on run seed and global index: a new draw every epoch, the same on resume and on
 any world size). The loss target is that x1. Single-draw batches (`sample` form) are unchanged.
 
-Rows of one batch: eps, eps_ctx and t_ctx are drawn for the batch's F frames, so a row shorter than
-the batch's longest (packing pads rows) gets other noise than it would alone (same distribution;
-padding frames never count). Rows of equal length, the unpacked case (a stage's samples all have
-data.stage.frames), are exactly as they would be alone. The posterior draws are made over a row's
-own frames, so they never depend on the padding.
+Rows of one batch: every draw of a row (t, eps, eps_ctx, t_ctx, the posterior's) is made over its
+own frames, and each row weighs the same in the loss, so a row padded to a longer row's length
+(packing) trains exactly as it would alone, and a batch of B rows per device as the reference's
+batch 1 on B devices (METHOD.md: it trains batch 1, its collator is wrong for more).
 """
 from __future__ import annotations
 
@@ -103,17 +102,20 @@ def add_noise(batch: Batch, cfg: ObjectiveConfig, row_seeds: list[int],
         x1, source = posterior_draws(batch.latents, row_seeds, batch.frames_per_row())
     else:
         x1 = source = batch.latents
-    F = x1.shape[1]
+    F, shape = x1.shape[1], x1.shape[2:]
     lo = cfg.context_noise_min
     ts, eps, eps_ctx, t_ctx = [], [], [], []
-    for r, (row, seed) in enumerate(zip(batch.clips, row_seeds)):
+    # each row draws over its own frames only, so a row padded to a longer row's length gets the noise
+    # it gets alone (batch B per device = batch 1 B times); padding: eps 0, t_ctx 1, t 1 (_clip_t)
+    for r, (row, seed, f) in enumerate(zip(batch.clips, row_seeds, batch.frames_per_row())):
         g = torch.Generator().manual_seed(seed)
         ts.append(_clip_t([c for s in row for c in s], F, g))
         if fixed_t is not None:
             ts[-1] = torch.full((F,), float(fixed_t[r]))
-        eps.append(torch.randn(x1.shape[1:], generator=g))
-        eps_ctx.append(torch.randn(x1.shape[1:], generator=g))
-        t_ctx.append(lo + (1 - lo) * torch.rand(F, generator=g))
+        pad = torch.zeros(F - f, *shape)
+        eps.append(torch.cat([torch.randn(f, *shape, generator=g), pad]))
+        eps_ctx.append(torch.cat([torch.randn(f, *shape, generator=g), pad]))
+        t_ctx.append(torch.cat([lo + (1 - lo) * torch.rand(f, generator=g), torch.ones(F - f)]))
     t = torch.stack(ts).to(x1.device)
     t_ctx = torch.stack(t_ctx).to(x1.device)
     eps = torch.stack(eps).to(x1.device, x1.dtype)
@@ -129,9 +131,13 @@ def add_noise(batch: Batch, cfg: ObjectiveConfig, row_seeds: list[int],
 
 
 def masked_frame_mse(pred: torch.Tensor, target: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    """The mean over rows of each row's MSE over its real frames (padding excluded): the reference
+    trains batch 1 per device with the MSE's mean over frames, so B rows here weigh as B devices of
+    batch 1 do, whatever their lengths (a frame-weighted mean would weigh a longer row more)."""
     per_frame = (pred.float() - target.float()).pow(2).flatten(2).mean(-1)  # [B, F]
     mask = frame_mask.float()
-    return (per_frame * mask).sum() / mask.sum().clamp_min(1.0)
+    per_row = (per_frame * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    return per_row.sum() / max(per_row.shape[0], 1)  # a 0-row batch: 0, still part of the graph
 
 
 def next_clip_loss(model, batch: Batch, cfg: ObjectiveConfig, row_seeds: list[int], forward=None) -> torch.Tensor:
