@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -238,6 +239,21 @@ def _refuse(stage: StageSamplingConfig, where: str, longest: int, all_short: boo
                       f"sequence data.stage (frames={stage.frames}, clips={stage.clips}) can draw is {int(fewest[i])} "
                       f"tokens (latent {h}x{w}, patch {stage.patch_size}); every sample would be skipped "
                       f"({num_short} too short, {num_long} too many tokens)")
+
+
+def batch_of_shape(cfg: DataConfig, hw: tuple[int, int]) -> int:
+    """The per-rank batch size of the bucket of latent shape HW (what the loader gives its steps)."""
+    return _batch(cfg, bucket_name(*hw), hw)
+
+
+def heaviest_shape(names: Iterable[str], cfg: DataConfig) -> tuple[int, int] | None:
+    """Of buckets `names` ("HxW"), the latent shape whose steps carry the most tokens (its batch x the
+    stage's longest sample): the one a memory plan must fit. None when no shape is known ("any": an
+    index of before per-sample shapes that records none)."""
+    shapes = [tuple(int(x) for x in n.split("x")) for n in names if n != "any"]
+    if not shapes:
+        return None
+    return max(shapes, key=lambda hw: (batch_of_shape(cfg, hw) * token_range(cfg.stage, hw)[1], hw))
 
 
 def _batch(cfg: DataConfig, name: str, hw: tuple[int, int] | None) -> int:

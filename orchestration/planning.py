@@ -23,6 +23,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from data.buckets import Buckets, heaviest_shape
 from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
 from jobconfig.plan import GIB, DeviceSpec, device_by_name, device_spec
@@ -76,21 +77,31 @@ def refusal(p: StagePlan) -> str:
             f"--plan.ignore=true starts it anyway")
 
 
-def check_fits(stages: list[tuple[str, JobConfig]], world_size: int, device_of) -> list[StagePlan]:
+def check_fits(stages: list[tuple[str, JobConfig]], world_size: int, device_of,
+               latent_sizes: dict[str, tuple[int, int]] | None = None) -> list[StagePlan]:
     """Plan every stage (`device_of(cfg)`: its device or None) and refuse the first that does not fit,
-    unless its plan.ignore is set; returns the plans."""
+    unless its plan.ignore is set; returns the plans. `latent_sizes`: a stage's latent shape to plan
+    for, by stage name (its dataset's heaviest: `dataset_latent_size`), else the default."""
     plans = []
     for name, cfg in stages:
         device = device_of(cfg)
         if device is None:
             continue
-        p = plan_stage(cfg, world_size, device, stage=name)
+        p = plan_stage(cfg, world_size, device, (latent_sizes or {}).get(name), stage=name)
         if p.fits is False:
             if not cfg.plan.ignore:
                 raise ConfigError(refusal(p))
             log.warning("starting anyway (plan.ignore=true): %s", refusal(p).rsplit(";", 1)[0])
         plans.append(p)
     return plans
+
+
+def dataset_latent_size(cfg: JobConfig, buckets: list[Buckets]) -> tuple[int, int] | None:
+    """The latent shape a latent-data stage plans for: plan.latent_size when set, else the heaviest
+    of its datasets' shape buckets (data/buckets.py `heaviest_shape`: most tokens a step), else None."""
+    if cfg.plan.latent_size:
+        return tuple(cfg.plan.latent_size)
+    return heaviest_shape([name for b in buckets for name in b.names], cfg.data)
 
 
 def write_plan(out: str | Path, plans: list[StagePlan]) -> list[Path]:

@@ -21,12 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data.buckets import build_buckets
+from data.buckets import Buckets, build_buckets
 from data.dataset_index import DatasetMeta
 from data.shard_format import ShardFormatError, get_fs
 from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
-from orchestration.planning import check_fits, train_device
+from orchestration.planning import check_fits, dataset_latent_size, train_device
 from orchestration.stages import already_done, exported_by
 from pretrain.checkpoint.export import CONFIG_NAME, export_path, read_export_metadata
 from pretrain.checkpoint.storage import is_remote, verify_checkpoint
@@ -146,13 +146,15 @@ def read_dataset_index(root: str, storage_options: dict, key: str = "data.root")
         raise ConfigError(f"{key}: {root}/index.json cannot be read: {e}") from None
 
 
-def check_dataset(name: str, cfg: JobConfig, meta: DatasetMeta, root: str | None = None, source: str = "") -> None:
+def check_dataset(name: str, cfg: JobConfig, meta: DatasetMeta, root: str | None = None,
+                  source: str = "") -> Buckets:
     """The stage can use some sample of the dataset, decided as the loader decides it: its own shape
     buckets (data/buckets.py), built from the shapes index.json records per sample, refuse a stage
     whose videos are all too short, or none of whose samples fits data.stage.max_tokens even at its
     shortest draw, naming the key. An index of before per-sample shapes gives only shard totals: a
     stage longer than every shard's frames in all is refused, the rest is left to the loader.
-    `root`: the dataset's (default data.root); `source` names a dataset of data.sources in the error."""
+    `root`: the dataset's (default data.root); `source` names a dataset of data.sources in the error.
+    Returns the stage's shape buckets of the dataset."""
     st, root = cfg.data.stage, root or cfg.data.root
     if st.max_tokens > cfg.model.max_tokens:
         raise ConfigError(f"{name}: data.stage.max_tokens={st.max_tokens} exceeds model.max_tokens="
@@ -167,17 +169,20 @@ def check_dataset(name: str, cfg: JobConfig, meta: DatasetMeta, root: str | None
                 raise ConfigError(f"data.stage.frames={st.frames} at interval >= {d} needs videos of >= {need} "
                                   f"frames, but no shard of {root} holds that many frames in all (at most "
                                   f"{longest_possible}); every sample would be skipped")
-        build_buckets(meta, cfg.data, where=where)
+        return build_buckets(meta, cfg.data, where=where)
     except (ConfigError, ShardFormatError) as e:  # ShardFormatError: segments that group into no video
         raise ConfigError(f"{name}: {source}: {e}" if source else f"{name}: {e}") from None
 
 
 # ---------------------------------------------------------------- commands
-def check_train(plan: list[tuple[str, JobConfig]], only_stage: int | None = None, resume: str = "auto") -> None:
+def check_train(plan: list[tuple[str, JobConfig]], only_stage: int | None = None,
+                resume: str = "auto") -> dict[str, tuple[int, int]]:
     """Everything `vgpt train` will read or write, for every stage it will run, before any set-up.
-    `plan` is chained (orchestration/stages.py): its out_dir and init_from are the ones each stage runs with."""
+    `plan` is chained (orchestration/stages.py): its out_dir and init_from are the ones each stage runs with.
+    Returns the latent shape each latent-data stage's memory plan is for (`check_memory`)."""
     check_resume(resume)
-    indexes: dict[tuple[str, str], dict] = {}
+    indexes: dict[tuple[str, str], DatasetMeta] = {}
+    latent_sizes = {}
     for i, (name, cfg) in enumerate(plan, start=1):
         if only_stage is not None and i != only_stage:
             continue
@@ -193,21 +198,37 @@ def check_train(plan: list[tuple[str, JobConfig]], only_stage: int | None = None
             check_export_file(init, f"train.init_from ({producer}'s export)" if producer else "train.init_from")
         if cfg.train.data != "latents":
             continue
-        for j, src in enumerate(cfg.data.blend()):  # data.root, or each dataset of data.sources
-            key, source = ("data.root", "") if not cfg.data.sources else \
-                (f"data.sources[{j}].root", f"data.sources[{j}] ({src.label})")
-            options = cfg.data.options_of(src)
-            ckey = (src.root, json.dumps(options, sort_keys=True, default=str))
-            if ckey not in indexes:
-                indexes[ckey] = read_dataset_index(src.root, options, key)
-            check_dataset(name, cfg, indexes[ckey], src.root, source)
+        hw = check_stage_data(name, cfg, indexes)
+        if hw is not None:
+            latent_sizes[name] = hw
+    return latent_sizes
 
 
-def check_memory(plan: list[tuple[str, JobConfig]], world_size: int, only_stage: int | None = None) -> None:
-    """Every stage this run starts fits its device by its memory plan (orchestration/planning.py);
-    CPU runs plan against no device and pass."""
+def check_stage_data(name: str, cfg: JobConfig, indexes: dict | None = None) -> tuple[int, int] | None:
+    """A latent-data stage's datasets (data.root, or each of data.sources): readable, and usable by
+    the stage (`check_dataset`); returns the latent shape its memory plan is for (plan.latent_size,
+    else the heaviest shape bucket: orchestration/planning.py `dataset_latent_size`). `indexes`
+    caches the indexes read, by root and storage options."""
+    indexes = {} if indexes is None else indexes
+    buckets = []
+    for j, src in enumerate(cfg.data.blend()):
+        key, source = ("data.root", "") if not cfg.data.sources else \
+            (f"data.sources[{j}].root", f"data.sources[{j}] ({src.label})")
+        options = cfg.data.options_of(src)
+        ckey = (src.root, json.dumps(options, sort_keys=True, default=str))
+        if ckey not in indexes:
+            indexes[ckey] = read_dataset_index(src.root, options, key)
+        buckets.append(check_dataset(name, cfg, indexes[ckey], src.root, source))
+    return dataset_latent_size(cfg, buckets)
+
+
+def check_memory(plan: list[tuple[str, JobConfig]], world_size: int, only_stage: int | None = None,
+                 latent_sizes: dict[str, tuple[int, int]] | None = None) -> None:
+    """Every stage this run starts fits its device by its memory plan (orchestration/planning.py),
+    planned for its dataset's heaviest latent shape (`latent_sizes`, from `check_train`); CPU runs
+    plan against no device and pass."""
     stages = [s for i, s in enumerate(plan, start=1) if only_stage is None or i == only_stage]
-    check_fits(stages, world_size, train_device)
+    check_fits(stages, world_size, train_device, latent_sizes)
 
 
 def check_precompute(cfg) -> None:

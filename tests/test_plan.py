@@ -105,3 +105,37 @@ def test_launch_refuses_and_writes_the_plan(tmp_path):
 def test_cpu_runs_plan_against_no_device():
     from orchestration.planning import train_device
     assert train_device(load_config(DEBUG, ["--parallel.device=cpu"])) is None
+
+
+def test_latent_data_is_planned_for_its_datasets_heaviest_shape_and_that_shapes_batch(tmp_path):
+    """The loader batches by latent shape (data/buckets.py), each shape with its own per-rank batch: the
+    plan is for the shape whose steps carry the most tokens, with its batch (not train.batch_size, the
+    synthetic source's), read from the index as the training preflight reads it; a dataset that cannot
+    be read is planned for plan.latent_size's default, said on stderr."""
+    import torch
+
+    from data.synthetic.shards import write_toy_dataset
+    root = tmp_path / "latents"
+    write_toy_dataset(str(root), [4, 4], frames=8, shape=[(4, 8, 16)] * 4 + [(4, 16, 16)] * 4, dtype=torch.bfloat16)
+    latents = ["--train.data=latents", "--data.stage.frames=4", "--data.stage.interval_value=1",
+               "--plan.device=h100-80gb", "--json"]
+
+    def planned(*overrides):
+        r = cli("plan", "--config", DEBUG, *SMALL, *latents, *overrides)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)[0], r.stderr
+
+    # 16x16 latents: 64 patches a frame, batch 1; 8x16: 32 patches, batch 3 carries more tokens a step
+    bigger, _ = planned(f"--data.root={root}", "--data.batch_size=1")
+    assert bigger["rows"] == 1 and bigger["tokens"] == 4 * (64 + 2) + 3 * (64 + 2)
+    heavier, _ = planned(f"--data.root={root}", "--data.batch_size=1", '--data.bucket_batch_size={"8x16": 3}')
+    assert heavier["rows"] == 3 and heavier["tokens"] == 4 * (32 + 2) + 3 * (32 + 2)  # tokens of a row
+    assert heavier["breakdown_bytes"]["activations"] > bigger["breakdown_bytes"]["activations"]
+    # the training preflight plans the same shape
+    cfg = plan_stages(DEBUG, [*SMALL, *latents[:-1], f"--data.root={root}", '--data.bucket_batch_size={"8x16": 3}'],
+                      None)[0]
+    from orchestration.preflight import check_stage_data
+    assert check_stage_data(*cfg) == (8, 16)
+    # away from the data: 40 x 40, batch data.batch_size, and a line saying so
+    away, err = planned(f"--data.root={tmp_path / 'elsewhere'}", "--data.batch_size=2")
+    assert away["rows"] == 2 and "planned for latents of 40x40" in err and "does not exist" in err

@@ -13,11 +13,16 @@ cheapest change that does (SP, TP, ZeRO stage, offload, activation
 checkpointing); and the step time and tokens/s from the step's FLOPs at
 `plan.mfu` (pretrain/training/memory_plan.py). Devices: jobconfig/plan.py
 DEVICES. With `--cluster`, the world size, device and layout are the ones
-`vgpt launch` would use. Exit status 1 when a stage does not fit.
+`vgpt launch` would use. A stage on latent data is planned for its dataset's
+heaviest latent shape with that shape's batch (the loader's shape buckets,
+read from its index as `vgpt train` does); where the dataset cannot be read,
+for plan.latent_size (else the cluster's, else 40x40), said on stderr. Exit
+status 1 when a stage does not fit.
 """
 from __future__ import annotations
 
 import json
+import sys
 
 from jobconfig.curriculum import plan_stages
 from jobconfig.errors import ConfigError
@@ -28,7 +33,8 @@ from orchestration.cli import CONFIG_HELP, reports_bad_input, verb_parser
 from orchestration.launch.cluster import ClusterConfig
 from orchestration.launch.layout import stage_layout
 from orchestration.planning import launch_device
-from pretrain.training.memory_plan import format_plan, plan_stage
+from orchestration.preflight import check_s3_credentials, check_stage_data
+from pretrain.training.memory_plan import default_latent_size, format_plan, plan_stage
 
 
 @reports_bad_input("plan")
@@ -53,7 +59,7 @@ def main(argv: list[str]) -> int:
     world = args.world_size or (cluster.world_size if cluster else 8 if has_device else 1)
     if world < 1:
         raise ConfigError(f"--world-size: got {world}, expected >= 1")
-    plans = []
+    plans, indexes = [], {}
     for i, (name, cfg) in enumerate(plan_stages(args.config, overrides, args.stage), start=1):
         if args.stage is not None and i != args.stage:
             continue
@@ -65,6 +71,14 @@ def main(argv: list[str]) -> int:
             device = launch_device(cfg, cluster.device, cluster.accelerator)
         else:
             device = device_spec(cfg.plan.device) if cfg.plan.device else None
+        if cfg.train.data == "latents" and not cfg.plan.latent_size:
+            try:  # the heaviest latent shape of the stage's datasets, as `vgpt train` plans it
+                check_s3_credentials(cfg.data, "data")
+                latent = check_stage_data(name, cfg, indexes) or latent
+            except ConfigError as e:  # planning away from the data: say what the plan assumes instead
+                hw = latent or default_latent_size(cfg)
+                print(f"vgpt plan: {name}: planned for latents of {hw[0]}x{hw[1]} (plan.latent_size): "
+                      f"the dataset cannot be read here: {e}", file=sys.stderr)
         plans.append(plan_stage(cfg, world, device, latent, stage=name))
     if args.json:
         print(json.dumps([p.to_dict() for p in plans], indent=2))

@@ -74,10 +74,10 @@ def main(argv: list[str]) -> int:
     world = args.nproc if spawn else int(os.environ.get("WORLD_SIZE", "1"))
     for _, cfg in plan:  # every stage's layout and token limits, before any process group starts
         check_layout_fits(cfg, world)
-    # every stage's memory plan on its device (CPU runs: none), before any process group starts
-    preflight.check_memory(plan, world, args.stage)
     # data, paths, credentials, init_from and --resume, before any process group, model or DeepSpeed
-    preflight.check_train(plan, args.stage, args.resume)
+    latent_sizes = preflight.check_train(plan, args.stage, args.resume)
+    # every stage's memory plan on its device (CPU runs: none), for its dataset's heaviest latent shape
+    preflight.check_memory(plan, world, args.stage, latent_sizes)
     if spawn:
         return _spawn_torchrun(args.nproc, args.max_restarts, argv)
     try:

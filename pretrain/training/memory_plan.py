@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from data.batch import patches_per_frame, sequence_length
+from data.buckets import batch_of_shape
 from jobconfig.errors import ConfigError
 from jobconfig.job import JobConfig
 from jobconfig.plan import GIB, DeviceSpec
@@ -127,8 +128,10 @@ class StagePlan:
 
 # ---------------------------------------------------------------- pieces
 def planned_rows(cfg: JobConfig, latent_hw, tokens: int | None = None) -> list[list[list[int]]]:
-    """The rows that set the peak: batch_size rows, each the stage's longest sample (every clip one
-    frame), with frames dropped until it fits data.stage.max_tokens (and `tokens`, if given)."""
+    """The rows that set the peak: a step's rows, each the stage's longest sample (every clip one
+    frame), with frames dropped until it fits data.stage.max_tokens (and `tokens`, if given). A step
+    has train.batch_size rows of synthetic data, and the loader's batch of the latent shape of latent
+    data (data.batch_size, or its bucket's: data/buckets.py `batch_of_shape`)."""
     P = patches_per_frame(tuple(latent_hw), cfg.model.patch_size)
     synthetic = cfg.train.data == "synthetic"
     cap = min(cfg.model.max_tokens if synthetic else cfg.data.stage.max_tokens, cfg.model.max_tokens,
@@ -136,11 +139,14 @@ def planned_rows(cfg: JobConfig, latent_hw, tokens: int | None = None) -> list[l
     frames = cfg.synthetic.frames if synthetic else cfg.data.stage.frames
     while frames > 1 and sequence_length([[1] * frames], P) > cap:
         frames -= 1
-    return [[[1] * frames] for _ in range(cfg.train.batch_size)]
+    batch = cfg.train.batch_size if synthetic else batch_of_shape(cfg.data, tuple(latent_hw))
+    return [[[1] * frames] for _ in range(batch)]
 
 
 def default_latent_size(cfg: JobConfig) -> tuple[int, int]:
-    """plan.latent_size, else the synthetic latents' size for synthetic data, else 40 x 40 (320 px / 8)."""
+    """plan.latent_size, else the synthetic latents' size for synthetic data, else 40 x 40 (320 px / 8).
+    `vgpt train` and `vgpt plan` plan latent data for its dataset's heaviest shape instead, when they
+    can read its index (orchestration/planning.py `dataset_latent_size`)."""
     if cfg.plan.latent_size:
         return tuple(cfg.plan.latent_size)
     if cfg.train.data == "synthetic":
