@@ -115,19 +115,23 @@ def heldout_mask(meta: DatasetMeta, fraction: float) -> np.ndarray:
     return mask
 
 
-def heldout_samples(meta: DatasetMeta, fraction: float | None, limit: int) -> list[int]:
+def heldout_samples(meta: DatasetMeta, fraction: float | None, limit: int, videos: bool = False) -> list[int]:
     """Flat indices of up to `limit` held-out samples, the lowest key hashes first (so the set a run
     evaluates changes only when a new sample's hash is lower than one of them). `fraction` None:
-    every sample of the dataset is a candidate (a separate held-out root)."""
+    every sample of the dataset is a candidate (a separate held-out root). `videos`: only the first
+    segment of each video is a candidate (its first frame is 0, data/videos.py), so a long video
+    takes one place, not one per segment."""
     chosen = np.zeros(0, dtype=np.int64)
     best = np.zeros(0, dtype=np.uint64)
+    first = meta.first_frames if videos else None
     for lo in range(0, meta.num_samples, _CHUNK):
         hi = min(lo + _CHUNK, meta.num_samples)
         h = key_hashes(meta, lo, hi)
         idx = np.arange(lo, hi, dtype=np.int64)
-        if fraction is not None:
-            keep = unit(h) < fraction
-            h, idx = h[keep], idx[keep]
+        keep = np.ones(len(idx), dtype=bool) if fraction is None else unit(h) < fraction
+        if first is not None:
+            keep &= np.asarray(first[lo:hi]) == 0
+        h, idx = h[keep], idx[keep]
         h, idx = np.concatenate([best, h]), np.concatenate([chosen, idx])
         order = np.lexsort((idx, h))[:limit]  # by hash, ties by index: deterministic
         best, chosen = h[order], idx[order]

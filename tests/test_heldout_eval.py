@@ -275,3 +275,25 @@ def test_a_posterior_dataset_is_evaluated_on_its_mean(tmp_path):
     for (_, a), (_, b) in zip(sets[0].mine, sets[1].mine):
         assert a.key == b.key and a.latents.shape[1] == 4 and torch.equal(a.latents, b.latents)
     assert losses[0] == losses[1]
+
+
+def test_a_long_video_is_one_heldout_sample_its_window_cut_across_its_segments(tmp_path):
+    """A video stored as several segments is one held-out sample, as it is one training sample
+    (data/videos.py), not one per segment: the held-out set of a segmented dataset has the videos,
+    keys and windows of the same dataset stored unsegmented, tensor for tensor (eval.root: every
+    video a candidate, so the long one is in it)."""
+    from pretrain.evaluation.latent_eval import latent_set
+
+    sets = []
+    for segments in ((6, 1), None):  # video 0 of 20 frames: 4 segments of at most 6 frames, 1 shared
+        root = tmp_path / str(segments)
+        write_toy_dataset(str(root), [3, 3], frames=[20, 8, 8, 8, 8, 8], shape=(4, 4, 4), segments=segments)
+        job = load_config(None, [*latent_args(root), f"--eval.root={root}", "--eval.heldout_max=64",
+                                 "--data.stage.frames=5", "--data.stage.interval_value=4"])
+        sets.append(latent_set(job, 0, 1))
+    assert meta_of(tmp_path / str((6, 1))).num_samples == 4 + 5 * 2  # the 8-frame videos: 2 segments each
+    seg, whole = sets
+    assert [s.key for _, s in seg.mine] == [s.key for _, s in whole.mine] == ["v000000"]  # 5 frames at 4: 17+
+    (_, a), (_, b) = seg.mine[0], whole.mine[0]
+    assert torch.equal(a.latents, b.latents) and a.clips == b.clips and a.seed == b.seed
+    assert torch.equal(a.latents[:, 0, 0, 0], torch.tensor([float(f) for f in range(0, 17, 4)]))  # frames 0..16

@@ -3,9 +3,11 @@
 One evaluator for every held-out set (`HeldOutSet`): the held-out split of a latent dataset
 (data/heldout_split.py: by key hash, never served to training), a separate latent root
 (eval.root), or the synthetic moving squares of pretrain/evaluation/heldout.py (training on
-synthetic data). Everything random about a held-out sample comes from its key, eval.seed and
-the stage (data.stage): its frames and clip partition from a hash of (key, seed, stage
-config), its noise from (seed, key hash), never from the training RNG streams, so the loss is
+synthetic data). A held-out sample is a video, as in training (data/videos.py): a long video
+stored as several segments takes one place, keyed by its input's key, its window planned over the
+whole video and cut from the segments it touches. Everything random about a held-out sample comes
+from its key, eval.seed and the stage (data.stage): its frames and clip partition from a hash of
+(key, seed, stage config), its noise from (seed, key hash), never from the training RNG streams, so the loss is
 a function of the weights alone: the same on any world size, at any step of any run, and
 comparable across runs of one stage. A dataset of the `posterior` latent form (data/shard_format.py)
 is evaluated on the posterior mean, not on a draw: no draw at all keeps the loss a function of the
@@ -30,6 +32,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -39,6 +42,7 @@ from data.heldout_split import key_hash, heldout_samples
 from data.shard_format import decode_sample, get_fs
 from data.shards import load_shard
 from data.stage import SamplePlan, plan_sample, sample_tokens
+from data.videos import Videos, cut_window
 from jobconfig.data import StageSamplingConfig
 from jobconfig.errors import ConfigError
 from jobconfig.eval import EvalConfig
@@ -75,48 +79,56 @@ def noise_seed(key: str, seed: int) -> int:
     return row_seed(seed, key_hash(key), salt=EVAL_VERSION)
 
 
-def plan_heldout(meta: DatasetMeta, job: JobConfig, root: str) -> list[tuple[int, str, SamplePlan]]:
-    """(flat index, key, plan) of every held-out sample evaluated, from the index alone (nothing read):
-    the lowest key hashes of eval.root, or of the split of `meta`, that fit data.stage."""
+def plan_heldout(meta: DatasetMeta, job: JobConfig, root: str) -> tuple[Videos, list[tuple[int, str, SamplePlan]]]:
+    """The dataset's videos and (video index, video key, plan) of every held-out video evaluated, from
+    the index alone (nothing read): the lowest key hashes of eval.root, or of the split of `meta`, that
+    fit data.stage. A video is one held-out sample whatever its number of segments, its window planned
+    over the whole video as training plans it (data/videos.py); a video of one segment is planned
+    from the same key as before videos were grouped."""
     ec, stage = job.eval, job.data.stage
     if not meta.has_shapes:
         raise ConfigError(f"eval: {root}/index.json records no per-sample shapes; rebuild the index with the "
                           "precompute job to evaluate on it")
+    videos = Videos.of(meta)
     planned = []
-    for i in heldout_samples(meta, None if ec.root else ec.heldout_fraction, ec.heldout_max):
-        key = meta.key(i)
-        T, _, h, w = meta.sample_shape(i)
+    for i in heldout_samples(meta, None if ec.root else ec.heldout_fraction, ec.heldout_max, videos=True):
+        v = int(np.searchsorted(videos.starts, i)) if videos.grouped else i
+        key = videos.key(v, meta.key(i))
+        T, _, h, w = videos.shape(v)
         plan = plan_sample(stage, T, plan_rng(key, ec.seed, stage))
         if plan is not None and sample_tokens(stage, plan.clips, (h, w)) <= stage.max_tokens:
-            planned.append((i, key, plan))
+            planned.append((v, key, plan))
     if not planned:
         raise ConfigError(f"eval: no held-out sample of {root} fits data.stage (frames={stage.frames}, "
                           f"max_tokens={stage.max_tokens}); raise eval.heldout_fraction or eval.heldout_max")
-    return planned
+    return videos, planned
 
 
 def latent_set(job: JobConfig, dp_rank: int, dp_size: int) -> HeldOutSet:
-    """The held-out samples of eval.root, or of the split of data.root (a blend: of its first dataset),
-    planned for data.stage; this rank reads only its own share. Samples the stage cannot use (too
-    short, too many tokens) are left out."""
+    """The held-out videos of eval.root, or of the split of data.root (a blend: of its first dataset),
+    planned for data.stage; this rank reads only its own share, and of a long video only the segments
+    its window touches. Videos the stage cannot use (too short, too many tokens) are left out."""
     ec = job.eval
     src = job.data.blend()[0]
     root, options = (ec.root, job.data.storage_options) if ec.root else (src.root, job.data.options_of(src))
     fs, path = get_fs(root, options)
     meta = DatasetMeta.load(fs, path, where=f"{root}/index.json")
-    planned = plan_heldout(meta, job, root)
-    mine = [(pos, p) for pos, p in enumerate(planned) if pos % dp_size == dp_rank]
-    shard_of = {i: int(s) for i, s in ((i, (meta.offsets <= i).sum() - 1) for i, _, _ in planned)}
+    videos, planned = plan_heldout(meta, job, root)
+    mine = [(pos, v, key, plan, videos.pieces(v, plan.frame_indices, plan.interval))
+            for pos, (v, key, plan) in enumerate(planned) if pos % dp_size == dp_rank]
+    needed = sorted({i for *_, pieces in mine for i, _, _ in pieces})
+    shard_of = np.searchsorted(meta.offsets, needed, side="right") - 1
     loaded: dict[int, torch.Tensor] = {}
-    for shard in sorted({shard_of[i] for _, (i, _, _) in mine}):
-        want = {i - int(meta.offsets[shard]) for _, (i, _, _) in mine if shard_of[i] == shard}
+    for shard in sorted(set(shard_of.tolist())):
+        base = int(meta.offsets[shard])
+        want = {i - base for i, s in zip(needed, shard_of.tolist()) if s == shard}
         for idx, (_, members) in load_shard(fs, path, meta, shard, keep=want).items():
             latents, _ = decode_sample(members, where=f"{root} shard {shard}")
-            loaded[int(meta.offsets[shard]) + idx] = posterior_mean(latents, meta.moments)
+            loaded[base + idx] = latents
     out = []
-    for pos, (i, key, plan) in mine:
-        f = plan.frame_indices
-        out.append((pos, HeldOutSample(key, loaded[i][f[0]:f[-1] + 1:plan.interval].float(), list(plan.clips),
+    for pos, v, key, plan, pieces in mine:
+        window = cut_window([loaded[i] for i, _, _ in pieces], pieces, plan.interval)
+        out.append((pos, HeldOutSample(key, posterior_mean(window, meta.moments).float(), list(plan.clips),
                                        noise_seed(key, ec.seed))))
     return HeldOutSet(len(planned), out)
 
