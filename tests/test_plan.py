@@ -131,6 +131,7 @@ def test_latent_data_is_planned_for_its_datasets_heaviest_shape_and_that_shapes_
     heavier, _ = planned(f"--data.root={root}", "--data.batch_size=1", '--data.bucket_batch_size={"8x16": 3}')
     assert heavier["rows"] == 3 and heavier["tokens"] == 4 * (32 + 2) + 3 * (32 + 2)  # tokens of a row
     assert heavier["breakdown_bytes"]["activations"] > bigger["breakdown_bytes"]["activations"]
+    assert bigger["latent_hw"] == [16, 16] and heavier["latent_hw"] == [8, 16]
     # the training preflight plans the same shape
     cfg = plan_stages(DEBUG, [*SMALL, *latents[:-1], f"--data.root={root}", '--data.bucket_batch_size={"8x16": 3}'],
                       None)[0]

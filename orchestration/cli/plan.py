@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
                 latent = check_stage_data(name, cfg, indexes) or latent
             except ConfigError as e:  # planning away from the data: say what the plan assumes instead
                 hw = latent or default_latent_size(cfg)
-                print(f"vgpt plan: {name}: planned for latents of {hw[0]}x{hw[1]} (plan.latent_size): "
+                print(f"vgpt plan: {name}: planned for latents of {hw[0]}x{hw[1]} (plan.latent_size sets it): "
                       f"the dataset cannot be read here: {e}", file=sys.stderr)
         plans.append(plan_stage(cfg, world, device, latent, stage=name))
     if args.json:

@@ -95,6 +95,7 @@ class StagePlan:
     fix: str | None = None
     fix_peak: int | None = None
     mfu: float = 0.4
+    latent_hw: tuple[int, int] = (0, 0)  # the latent shape planned (a latent dataset's heaviest bucket)
 
     @property
     def peak(self) -> int:
@@ -121,7 +122,8 @@ class StagePlan:
     def to_dict(self) -> dict:
         return {"stage": self.stage, "layout": self.layout.describe(), "device": self.device.kind if self.device
                 else "host", "tokens": self.tokens, "rows": self.rows, "peak_bytes": self.peak,
-                "capacity_bytes": self.capacity, "fits": self.fits, "breakdown_bytes": dict(self.breakdown),
+                "capacity_bytes": self.capacity, "fits": self.fits, "latent_hw": list(self.latent_hw),
+                "breakdown_bytes": dict(self.breakdown),
                 "host_bytes": dict(self.host), "step_s": self.step_s, "tokens_per_s": self.tokens_per_s,
                 "fix": self.fix, "verdict": self.verdict()}
 
@@ -245,7 +247,8 @@ def plan_layout(cfg: JobConfig, lay: Layout, device: DeviceSpec | None, latent_h
     at_step = (b * n if lay.zero < 2 else 0) - grads + temps
     breakdown["optimizer step (beyond backward)"] = max(
         0, at_step - trace.activations - breakdown["attention workspace"])
-    plan = StagePlan(stage, lay, device, sequence_length(rows[0], P), len(rows), breakdown, host)
+    plan = StagePlan(stage, lay, device, sequence_length(rows[0], P), len(rows), breakdown, host,
+                     latent_hw=tuple(latent_hw))
     if device is not None:
         flops = sum(train_flops(cfg.model, n_all, sequence_length(r, P), allowed_attention_pairs(r, P))
                     for r in rows) / (lay.tp * lay.sp)
@@ -307,7 +310,8 @@ def format_plan(p: StagePlan) -> str:
     """The plan as the `vgpt plan` table of one stage."""
     gb = lambda b: f"{b / GIB:8.2f} GB"  # noqa: E731
     where = p.device.name if p.device else "host (CPU)"
-    lines = [f"{p.stage}: {p.layout.describe()} on {where}; {p.rows} row(s) of {p.tokens} tokens"]
+    lines = [f"{p.stage}: {p.layout.describe()} on {where}; {p.rows} row(s) of {p.tokens} tokens "
+             f"(latents {p.latent_hw[0]}x{p.latent_hw[1]})"]
     lines += [f"  {k:<34}{gb(v)}" for k, v in p.breakdown.items()]
     lines.append(f"  {'peak per device':<34}{gb(p.peak)}" + (f"  of {gb(p.capacity).strip()} usable "
                                                             f"({p.device.memory_gib:g} GB - "
