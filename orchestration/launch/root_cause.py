@@ -25,7 +25,6 @@ from torch.distributed.elastic.multiprocessing.errors.error_handler import Error
 PEER_LOSS_MARKERS = (
     "Connection closed by peer",  # gloo, the peer's process exited
     "Connection reset by peer",  # gloo and the TCP store
-    "Broken pipe",  # gloo, written to a peer that has gone
     "remote process exited or there was a network error",  # NCCL (ncclRemoteError)
     "NCCL communicator was aborted",
 )
