@@ -27,9 +27,7 @@ import json
 import os
 import random
 import shutil
-import signal
 import sys
-import traceback
 import warnings
 from pathlib import Path
 
@@ -44,10 +42,9 @@ from jobconfig.loader import load_config  # noqa: E402
 from pretrain.checkpoint import manager  # noqa: E402
 from pretrain.checkpoint.storage import CheckpointStore, tag_for  # noqa: E402
 from pretrain.training.trainer import Trainer  # noqa: E402
+from tests.forked_kill import kill_self, run_until_killed  # noqa: E402
 
 BASE_STEP, SAVE_STEP, LAST_STEP = 2, 4, 5
-NOT_REACHED = 3  # the child's exit status when its save finished without reaching the kill point
-FAILED = 4  # the child's exit status when its save raised
 
 
 def losses_of(trainer: Trainer, upto: int) -> dict[int, float]:
@@ -60,10 +57,9 @@ def losses_of(trainer: Trainer, upto: int) -> dict[int, float]:
 
 def save_and_die(trainer: Trainer, point, marker: Path) -> None:
     """In the forked child: the background save of SAVE_STEP, SIGKILLed at `point` after writing it to
-    `marker`; exits NOT_REACHED when the save finishes first."""
+    `marker`; returns when the save finishes first (the child then exits NOT_REACHED)."""
     def die() -> None:
-        marker.write_text(str(point))
-        os.kill(os.getpid(), signal.SIGKILL)
+        kill_self(marker, point)
     count = [0]
 
     def on_write(n: int) -> None:
@@ -80,8 +76,7 @@ def save_and_die(trainer: Trainer, point, marker: Path) -> None:
     trainer.ckpt.save(trainer.engine, SAVE_STEP, trainer.trainer_state(), model=trainer.model, background=True)
     trainer.ckpt.wait()
     if point == "committed":
-        die()
-    os._exit(NOT_REACHED)  # a point past the last write: the save finished, nothing killed it
+        die()  # a point past the last write returns: the save finished, nothing killed it
 
 
 def kill_and_restart(trainer: Trainer, root: Path, golden: Path, point, work: Path) -> dict:
@@ -93,15 +88,7 @@ def kill_and_restart(trainer: Trainer, root: Path, golden: Path, point, work: Pa
     trainer.resume(str(golden / tag_for(SAVE_STEP)))
     marker = work / "killed_at"
     marker.unlink(missing_ok=True)
-    pid = os.fork()
-    if pid == 0:  # the child: the real background save, killed at `point`; it never returns
-        try:
-            save_and_die(trainer, point, marker)
-        finally:
-            traceback.print_exc()
-            os._exit(FAILED)
-    _, status = os.waitpid(pid, 0)
-    ended = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.WEXITSTATUS(status)}")
+    killed, ended = run_until_killed(lambda: save_and_die(trainer, point, marker))
     killed_at = marker.read_text() if marker.exists() else None
     latest = CheckpointStore(root).latest()  # as the killed save left it
     with warnings.catch_warnings(record=True) as warned:
@@ -109,7 +96,7 @@ def kill_and_restart(trainer: Trainer, root: Path, golden: Path, point, work: Pa
         plan = trainer.resume("auto")  # what a restarted run does
     record = trainer.train_step()
     return {"point": point, "ended": ended, "killed_at": killed_at,
-            "killed": os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and killed_at == str(point),
+            "killed": killed and killed_at == str(point),
             "chosen": plan.checkpoint.name if plan.checkpoint else None, "skipped": [str(s) for s in plan.skipped],
             "warned": [str(w.message) for w in warned if str(w.message).startswith("checkpoint ")], "latest": latest,
             "latest_complete": latest is not None and not CheckpointStore(root).verify(latest),

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import traceback
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -33,18 +31,16 @@ import torch  # noqa: E402
 
 from jobconfig.loader import load_config  # noqa: E402
 from pretrain.training.trainer import Trainer  # noqa: E402
+from tests.forked_kill import kill_self, run_until_killed  # noqa: E402
 
-FAILED, NOT_REACHED = 4, 3  # the child's exit status when its resume raised, or finished without being killed
 
 
 def resume_and_die(trainer: Trainer, point: int, marker: Path) -> None:
     def on_read(n: int) -> None:
         if n == point:
-            marker.write_text(str(point))
-            os.kill(os.getpid(), signal.SIGKILL)
+            kill_self(marker, point)
     trainer.ckpt.on_read = on_read
     trainer.resume("auto")
-    os._exit(NOT_REACHED)
 
 
 def main() -> int:
@@ -63,18 +59,9 @@ def main() -> int:
     for point in (1, reads[0] // 2, reads[0]):
         marker = run.parent / "killed_at"
         marker.unlink(missing_ok=True)
-        pid = os.fork()
-        if pid == 0:  # the child: a resume killed at read `point`; it never returns
-            try:
-                resume_and_die(trainer, point, marker)
-            finally:
-                traceback.print_exc()
-                os._exit(FAILED)
-        _, status = os.waitpid(pid, 0)
-        killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-        kills.append({"point": point, "killed": killed and marker.exists() and marker.read_text() == str(point),
-                      "ended": f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else
-                               f"exit {os.WEXITSTATUS(status)}"})
+        killed, ended = run_until_killed(lambda: resume_and_die(trainer, point, marker))
+        kills.append({"point": point, "ended": ended,
+                      "killed": killed and marker.exists() and marker.read_text() == str(point)})
     plan = trainer.resume("auto")  # what a restarted run does
     records = [trainer.train_step() for _ in range(steps)]
     print(json.dumps({"reads": reads[0], "kills": kills, "chosen": plan.checkpoint.name if plan.checkpoint else None,
