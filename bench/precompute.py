@@ -1,6 +1,6 @@
 """Bench of the latent-precompute farm: decode speed, pipeline efficiency, worker and node scaling.
 
-    python bench/precompute.py [--part all|decode|encode|nodes|forms] [--vae tiny|sdxl-shape] [--videos 12]
+    python bench/precompute.py [--part all|decode|encode|nodes|forms] [--vae tiny|sdxl-shape|DIR] [--videos 12]
                                [--frames 24]
     python bench/precompute.py --part plan [--inputs 1000000] [--new 10000]
 
@@ -29,7 +29,10 @@ Prints, from one run on this machine:
   same plus `--new` (a growth: reads generation 1's file back as digests): planning seconds, the
   driver's peak memory and its memory before listing, and bytes per input (goal: 1M under 30 s).
 `sdxl-shape` is the SDXL VAE architecture with random weights (no download):
-the encode cost of production, at a smaller frame size to keep the bench short.
+the encode cost of production, at a smaller frame size to keep the bench short. `--vae DIR` runs
+a trained diffusers AutoencoderKL (SDXL's on a box that has it): part `forms` then also says how
+the posterior's std compares with the bf16 rounding of its stored mean, which decides what the
+posterior form adds over storing the mean.
 """
 from __future__ import annotations
 
@@ -216,7 +219,26 @@ def bench_forms(vae, decoded: list, args, repeats: int = 3) -> dict[str, float]:
         print(f"  {form:9s}: {best[form]:8.1f} frames/s, {nbytes[form]:8.0f} stored bytes/frame")
     print(f"  ratio posterior / sample: {best['posterior'] / best['sample']:5.2f} frames/s (goal >= 0.9), "
           f"{nbytes['posterior'] / nbytes['sample']:4.2f}x the bytes")
+    spread = posterior_spread(vae, decoded)
+    print(f"  posterior std / half the bf16 spacing at its stored mean: median {spread.median():.3g}, above 1 for "
+          f"{(spread > 1).float().mean():.1%} of elements (below 1, a 1-sigma draw is within the stored mean's "
+          "rounding); meaningful for a trained VAE only (--vae DIR)")
     return best
+
+
+def posterior_spread(vae, decoded: list):
+    """Per latent element: the VAE posterior's std over half the bf16 spacing at its mean, as stored (a
+    bf16 mean's rounding error is up to that half spacing)."""
+    import torch
+
+    from data.batch import split_moments
+
+    out = []
+    for _, f in decoded:
+        mean, std = split_moments(vae.moments(f).float(), dim=1)
+        half_step = torch.ldexp(torch.ones_like(mean), torch.frexp(mean.to(torch.bfloat16).float()).exponent - 9)
+        out.append((std / half_step).flatten())
+    return torch.cat(out)
 
 
 def bench_plan(tmp: Path, inputs: int, new: int) -> None:
@@ -273,7 +295,8 @@ def main() -> int:
     ap.add_argument("--inputs", type=int, default=1_000_000, help="part plan: URIs in the list file")
     ap.add_argument("--new", type=int, default=10_000, help="part plan: URIs added for the growth")
     ap.add_argument("--decode-frames", type=int, default=90)
-    ap.add_argument("--vae", default="tiny", choices=["tiny", "sdxl-shape"])
+    ap.add_argument("--vae", default="tiny", help="tiny, sdxl-shape, or a diffusers AutoencoderKL directory "
+                                                   "(a trained VAE, e.g. SDXL's: its real posterior spread)")
     ap.add_argument("--videos", type=int, default=12)
     ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--max-image-size", type=int, default=128)
@@ -287,7 +310,7 @@ def main() -> int:
     if args.part == "plan":
         bench_plan(tmp, args.inputs, args.new)
         return 0
-    vae_path = "tiny" if args.vae == "tiny" else str(sdxl_shape_vae(tmp / "sdxl-shape"))
+    vae_path = str(sdxl_shape_vae(tmp / "sdxl-shape")) if args.vae == "sdxl-shape" else args.vae
     if args.part in ("all", "decode"):
         bench_decode(tmp, args.decode_frames)
         if args.part == "decode":
