@@ -133,3 +133,14 @@ def test_the_preflight_refuses_before_any_process_starts_checking_sizes_only(run
     with pytest.raises(ResumeRefused, match="none of the 2 checkpoint"):
         check_resume("auto", str(run))
     check_resume("fresh", str(run))
+
+
+def test_a_checkpoint_on_an_object_store_is_refused_naming_the_command_that_brings_it_here(tmp_path):
+    """Training reads only local checkpoints; the refusal says how to get one (`vgpt ckpt reshard`
+    reads an object store by byte ranges, verified, into the layout given)."""
+    with pytest.raises(ResumeRefused) as refused:
+        plan_resume("s3://bucket/run/checkpoints/step_00000120", tmp_path / "run")
+    assert "vgpt ckpt reshard s3://bucket/run/checkpoints --step 120 --dp <ranks> --out DIR" in str(refused.value)
+    assert "--resume DIR/step_00000120" in str(refused.value)
+    with pytest.raises(ResumeRefused, match="vgpt ckpt reshard s3://bucket/run --dp <ranks> --out DIR"):
+        plan_resume("s3://bucket/run", tmp_path / "run")

@@ -18,6 +18,7 @@ A run directory holds `checkpoints/`, `metrics.jsonl`, `tensorboard/` and
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,8 +89,12 @@ def plan_resume(mode: str, out_dir: str | Path, problems: Callable[[Path], list[
                 + ". Repair or resume one (--resume PATH), or --resume fresh to move them aside and start over")
         return ResumePlan(mode, out, skipped=choice.skipped, leftover=bool(choice.skipped))
     if is_remote(mode):
+        root, _, tag = mode.rstrip("/").rpartition("/")
+        step = f" --step {int(tag[5:])}" if re.fullmatch(r"step_\d+", tag) else ""
         raise ResumeRefused(f"--resume: {mode} is on an object store; training resumes from a local checkpoint "
-                            "directory (copy it to local disk first)")
+                            f"directory. Bring it here, verified as it is read and laid out for this run: `vgpt ckpt "
+                            f"reshard {root if step else mode}{step} --dp <ranks> --out DIR`, then --resume "
+                            f"DIR/{tag if step else 'step_<N>'}")
     ckpt = Path(mode)
     if not ckpt.exists():
         raise ResumeRefused(f"--resume: {mode} does not exist (expected auto, none, fresh or a checkpoint directory)")
