@@ -7,7 +7,8 @@
 2. fits the tiny VAE on frames of the training videos for a few hundred steps,
    so that decoded latents are recognisable pictures (data/vae_fit.py);
 3. runs the latent-precompute job (`vgpt precompute`, a local Ray) over the
-   training videos into WebDataset shards;
+   training videos into WebDataset shards, and over the held-out videos into a
+   dataset of their own (stage 1's held-out loss: `eval.root`);
 4. trains the four curriculum stages of configs/quickstart.yaml with the debug
    model through the DeepSpeed engine on CPU (`vgpt train`), each stage
    starting from the previous one's export;
@@ -110,11 +111,11 @@ def precompute(videos_dir: Path, vae_dir: Path, latents: Path) -> None:
                  f"--precompute.vae.path={vae_dir}", "--precompute.vae.sample=mode",
                  f"--precompute.video.max_image_size={VIDEO_SIZE}", "--precompute.video.min_side=16",
                  "--precompute.output.videos_per_shard=8", "--precompute.progress_every_s=10"],
-                "step 3/6: latent precompute on a local Ray")
+                f"step 3/6: latent precompute of {videos_dir.name} videos on a local Ray")
 
 
-def train_overrides(latents: Path, out: Path, scale: Scale) -> list[str]:
-    over = [f"--data.root={latents}", f"--train.out_dir={out}"]
+def train_overrides(latents: Path, heldout_latents: Path, out: Path, scale: Scale) -> list[str]:
+    over = [f"--data.root={latents}", f"--eval.root={heldout_latents}", f"--train.out_dir={out}"]
     if scale.stage_steps:
         over += [f"--train.steps={scale.stage_steps}", f"--train.checkpoint_every={max(1, scale.stage_steps // 2)}"]
     return over
@@ -189,12 +190,13 @@ def run(workdir: Path, scale: Scale, nproc: int = 1) -> dict:
     log(f"VAE reconstruction PSNR {vae_stats['recon_psnr_db']:.1f} dB")
     t["vae_fit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    latents = workdir / "latents"
+    latents, heldout_latents = workdir / "latents", workdir / "heldout_latents"
     precompute(workdir / "videos" / "train", vae_dir, latents)
+    precompute(workdir / "videos" / "heldout", vae_dir, heldout_latents)  # stage 1's held-out loss (eval.root)
     t["precompute"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = workdir / "train"
-    over = train_overrides(latents, out, scale)
+    over = train_overrides(latents, heldout_latents, out, scale)
     if export_exists(export_path(out / "stage4")):
         log("step 4/6: all four stages are trained already")
     else:
