@@ -4,6 +4,7 @@ one step, counted as the runner counts FLOPs, with at least three sizes per leve
 latents checks the runner's FLOPs against the plan, tests/test_sweep.py)."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,17 @@ def test_plan_prints_the_grid(capsys):
     assert sweep_main(["plan", "--config", EXAMPLE]) == 0
     out = capsys.readouterr().out
     assert "3 compute levels" in out and "5 sizes (h4, h8, h16, h32, h64)" in out and "step)" in out
+
+
+def test_the_leak_check_knows_a_long_video_by_its_video_key(tmp_path):
+    """The loader serves a video stored as segments under its input's key (data/videos.py); the sweep's
+    check that no trial trained on a held-out key must compare those, not the segments' keys."""
+    import torch
+
+    from data.synthetic.shards import write_toy_dataset
+    from orchestration.sweep.dataset import write_trained_keys
+    root = tmp_path / "latents"
+    write_toy_dataset(str(root), [4], frames=[20, 8, 8, 8], shape=(4, 4, 4), dtype=torch.bfloat16, segments=(6, 1))
+    job = load_config(None, ["--train.data=latents", f"--data.root={root}", "--eval.heldout_fraction=0.999"])
+    with pytest.raises(RuntimeError, match="trained on 1 sample.*v000000"):  # every video is held out
+        write_trained_keys(job, Counter({"v000000": 1}), tmp_path, 0)

@@ -35,6 +35,7 @@ from data.batch import patches_per_frame, sequence_length
 from data.buckets import build_buckets
 from data.dataset_index import DatasetMeta
 from data.heldout_split import SPLIT_VERSION, heldout_mask
+from data.precompute_plan import source_key
 from data.shard_format import get_fs
 from data.sources import make_source
 from data.stage import clip_sizes
@@ -116,7 +117,8 @@ def write_trained_keys(job: JobConfig, served: Counter, out: Path, rank: int) ->
     (out / KEYS_FILE.format(rank=rank)).write_text(json.dumps(dict(sorted(served.items()))))
     root = job.data.root
     meta = DatasetMeta.load(*get_fs(root, job.data.storage_options), where=f"{root}/index.json")
-    held = {meta.key(int(i)) for i in np.flatnonzero(heldout_mask(meta, job.eval.split_fraction))}
+    # served keys are videos' (data/videos.py: a long video's segments serve under its input's key)
+    held = {source_key(meta.key(int(i))) for i in np.flatnonzero(heldout_mask(meta, job.eval.split_fraction))}
     if leaked := sorted(held & set(served)):
         raise RuntimeError(f"trial trained on {len(leaked)} sample(s) of the held-out split of {root}: "
                            f"{leaked[:5]}; its held-out loss would not be held out")
