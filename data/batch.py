@@ -25,8 +25,6 @@ import torch
 
 from jobconfig.errors import ConfigError
 
-LATENT_FORMS = ("posterior", "sample")  # index.json `latent_form`; an index without it holds `sample`
-
 
 def split_moments(latents: torch.Tensor, dim: int = -3) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of posterior-form latents: the first and second half of the channel axis `dim`."""

@@ -41,6 +41,7 @@ from safetensors.torch import save as st_save
 from data.object_store import open_fs, put_atomic
 
 FORMAT_VERSION = 1  # of a shard manifest
+LATENT_FORMS = ("posterior", "sample")  # index.json `latent_form`; an index without it holds `sample`
 LATENTS_MEMBER = "latents.safetensors"
 META_MEMBER = "meta.json"
 FIXED_MTIME = 1_700_000_000  # any constant: byte-identical tars across runs
@@ -54,8 +55,8 @@ class ShardFormatError(ValueError):
 def latent_form(index: dict, where: str = "index.json") -> str:
     """The `latent_form` an index.json (or meta.json) records; `sample` when it records none."""
     form = index.get("latent_form", "sample")
-    if form not in ("posterior", "sample"):
-        raise ShardFormatError(f"{where}: latent_form {form!r}, expected 'posterior' or 'sample'")
+    if form not in LATENT_FORMS:
+        raise ShardFormatError(f"{where}: latent_form {form!r}, expected {' or '.join(map(repr, LATENT_FORMS))}")
     return form
 
 
