@@ -9,7 +9,6 @@ a window holds its video's frames, whatever segments it was cut from.
 """
 from __future__ import annotations
 
-import itertools
 import json
 from collections import Counter
 
@@ -31,7 +30,7 @@ from jobconfig.data import DataConfig, StageSamplingConfig
 from jobconfig.errors import ConfigError
 from jobconfig.loader import load_config
 from orchestration.preflight import check_dataset
-from tests.test_loader_stream import check_content, global_sequence
+from tests.test_loader_stream import check_content, drain, global_sequence
 
 SIZES = [3, 2, 3]                               # videos per shard
 LENGTHS = [8, 70, 20, 3, 25, 30, 12, 19]        # v1: 6 segments; v2, v4, v7: 2; v5: 3
@@ -54,14 +53,6 @@ def roots(tmp_path_factory):
 
 def make_cfg(root, **kw) -> DataConfig:
     return DataConfig(**{**dict(root=root, seed=7, shuffle_buffer=3, batch_size=2, epochs=1, stage=STAGE), **kw})
-
-
-def drain(loader, steps=None):
-    out = []
-    for b in itertools.islice(loader, steps):
-        check_content(b)
-        out.append((b.samples(), [(g, reason) for g, _, reason in b.skipped]))
-    return out
 
 
 def test_the_index_groups_segments_into_videos(roots):
