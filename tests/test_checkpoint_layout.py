@@ -197,3 +197,18 @@ def test_sigkill_during_a_resharded_resume_leaves_the_checkpoint_untouched(resum
     three = losses(resumed_on_three_ranks[0])
     for step in (11, 12):
         assert got["losses"][str(step)] == pytest.approx(three[step], rel=1e-5, abs=1e-6), f"step {step}"
+
+
+def test_ranged_reads_fill_a_device_tensor_through_a_host_buffer(tmp_path):
+    """A resharded resume reads straight into the engine's state; on a GPU that state is a device tensor,
+    which pread cannot fill (it needs host memory). `meta` stands in for the device here (no GPU in CI):
+    the read goes through one host buffer, where reading into it directly raised."""
+    from pretrain.checkpoint.fragment_reader import ByteRanges
+    path = tmp_path / "bytes"
+    path.write_bytes(bytes(range(16)))
+    src = ByteRanges()
+    host = src.read_into(str(path), 4, torch.empty(8, dtype=torch.uint8))
+    assert host.tolist() == list(range(4, 12))
+    device = src.read_into(str(path), 4, torch.empty(8, dtype=torch.uint8, device="meta"))
+    assert device.device.type == "meta" and (src.count, src.bytes) == (2, 16)
+    src.close()

@@ -61,10 +61,15 @@ class ByteRanges:
         return self.read_into(path, offset, torch.empty(length, dtype=torch.uint8))
 
     def read_into(self, path: str, offset: int, out: torch.Tensor) -> torch.Tensor:
-        """Fill `out` (contiguous uint8) with the bytes of `path` from `offset`; returns it."""
+        """Fill `out` (contiguous uint8, on any device) with the bytes of `path` from `offset`; returns it.
+        A device tensor (an engine's state on a GPU) is filled through one host buffer."""
         length = out.numel()
         if length:
-            if self.fs is None:
+            if self.fs is None and out.device.type != "cpu":
+                host = torch.empty(length, dtype=torch.uint8)
+                self._pread(path, offset, host)
+                out.copy_(host)
+            elif self.fs is None:
                 self._pread(path, offset, out)
             else:
                 data = retrying(lambda: self.fs.cat_file(path, start=offset, end=offset + length), path)
