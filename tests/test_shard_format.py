@@ -1,6 +1,7 @@
 """Our shards are genuine WebDataset: the webdataset library itself reads them back."""
 import json
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -34,6 +35,41 @@ def test_tar_bytes_and_stream_parse_alike_and_truncation_is_caught():
         for data in (tar[:cut], io.BytesIO(tar[:cut])):
             with pytest.raises(ShardFormatError, match="shard-x: corrupt or truncated tar"):
                 list(iter_tar(data, where="shard-x"))
+
+
+def test_latents_decode_as_safetensors_reads_them_without_a_copy_and_bad_headers_are_refused():
+    """decode_sample gives what safetensors' own loader gives, for every stored dtype and both latent
+    forms, as a view of the member's bytes (the loader's one copy is into its batch); a payload whose
+    header lies about its tensor is refused naming the sample, never read past its end."""
+    import struct
+
+    from safetensors.torch import load as st_load
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for channels in (4, 8):  # sample form, posterior form (mean and std)
+            x = torch.randn(6, channels, 3, 5).to(dtype)
+            members = encode_sample(x, {"k": 1})
+            payload = members["latents.safetensors"]
+            got, meta = decode_sample(members)
+            assert got.dtype == dtype and torch.equal(got, st_load(payload)["latents"]) and meta == {"k": 1}
+            base = np.frombuffer(payload, np.uint8).ctypes.data  # where the member's bytes are
+            assert base < got.data_ptr() < base + len(payload)  # a view of them, not a fresh copy
+    assert decode_sample(encode_sample(torch.zeros(0, 4, 2, 2), {}))[0].shape == (0, 4, 2, 2)
+
+    def lying(entry: dict, data: bytes = b"\0" * 16) -> bytes:
+        head = json.dumps({"latents": entry}).encode()
+        return struct.pack("<Q", len(head)) + head + data
+
+    bad = [b"", b"short", struct.pack("<Q", 10 ** 9) + b"{}",
+           lying({"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}),
+           lying({"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}),  # past the payload's end
+           lying({"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}),  # span != shape's bytes
+           lying({"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}),
+           lying({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}),
+           struct.pack("<Q", 2) + b"{}"]  # no latents
+    for payload in bad:
+        with pytest.raises(ShardFormatError, match="shard-x sample k: cannot decode sample"):
+            decode_sample({"latents.safetensors": payload, "meta.json": b"{}"}, where="shard-x sample k")
 
 
 def test_frame_counts_are_recorded_once_and_older_records_still_read(tmp_path):
