@@ -157,6 +157,16 @@ def test_zero3_tp2_checkpoint_resumes_on_one_rank_zero2(zero3_tp2, uninterrupted
     assert_matches(out, uninterrupted, first_step=11)
 
 
+def test_zero3_tp2_checkpoint_resumes_on_the_same_layout(zero3_tp2, uninterrupted, tmp_path):
+    """Each rank reads back only its own files (sharded.py load_sharded): its ZeRO-3 module partition,
+    fp32 master and moments, its TP rank's module file, straight into the engine's tensors."""
+    out = start_from(zero3_tp2 / "checkpoints" / "step_00000010", tmp_path)
+    stdout = train(out, "--nproc=2", "--train.batch_size=2", "--parallel.zero_stage=3",
+                   "--parallel.tensor_parallel=2")
+    assert "PARALLEL LAYOUT CHANGED" not in stdout and RESHARDED not in stdout
+    assert_matches(out, uninterrupted, first_step=11)
+
+
 def checksums(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
