@@ -93,9 +93,10 @@ _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torc
 def latents_view(payload: bytes) -> torch.Tensor:
     """The `latents` tensor of a safetensors payload as a view of the payload's bytes, not a copy: the
     loader copies each window once, into its batch, and a decoding copy of every stored byte cost the
-    posterior form 14% of its samples/s (bench/loader.py --forms). The tensor is read-only (it aliases `bytes`) and keeps the
-    payload, one sample's member, alive. Checked as safetensors checks a file: the header inside the
-    payload, a dtype latents are stored in, and a byte span that is exactly the shape's."""
+    posterior form 14% of its samples/s (bench/loader.py --forms). The tensor is read-only (it aliases
+    `bytes`) and keeps the payload, one sample's member, alive. Checked as safetensors checks a file:
+    the header inside the payload, a dtype latents are stored in, and a byte span that is exactly the
+    shape's."""
     view = memoryview(payload)
     if len(view) < 8:
         raise ValueError(f"{len(view)} bytes, too short for a safetensors header")
@@ -113,8 +114,7 @@ def latents_view(payload: bytes) -> torch.Tensor:
             and isinstance(span, list) and len(span) == 2 and all(isinstance(o, int) for o in span)):
         raise ValueError(f"latents shape {shape!r} / data_offsets {span!r}: expected lists of non-negative ints")
     count, (begin, end) = math.prod(shape), span
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    if not 0 <= begin <= end <= len(view) - 8 - size or end - begin != count * itemsize:
+    if not 0 <= begin <= end <= len(view) - 8 - size or end - begin != count * dtype.itemsize:
         raise ValueError(f"latents data_offsets {span} do not hold {shape} {entry['dtype']} in the "
                          f"{len(view) - 8 - size} data bytes")
     if count == 0:

@@ -64,6 +64,12 @@ def per_frame_clip_t(clips: list[list[list[int]]], num_frames: int, row_seeds: l
                         for row, seed in zip(clips, row_seeds)])
 
 
+def _row_normal(g: torch.Generator, frames: int, padded: int, shape) -> torch.Tensor:
+    """[padded, *shape]: N(0, 1) from `g` for a row's `frames` real frames, then zeros for its padding
+    (a row's draws are made over its own frames: they never depend on the batch's padded length)."""
+    return torch.cat([torch.randn(frames, *shape, generator=g), torch.zeros(padded - frames, *shape)])
+
+
 def posterior_seed(seed: int) -> int:
     """The seed of a row's posterior draws, from its row seed (`row_seed`)."""
     return int(np.random.SeedSequence([seed, POSTERIOR_STREAM]).generate_state(1, np.uint64)[0] >> 1)
@@ -80,9 +86,8 @@ def posterior_draws(moments: torch.Tensor, row_seeds: list[int],
     n1, n2 = [], []
     for seed, f in zip(row_seeds, frames or [F] * len(row_seeds)):
         g = torch.Generator().manual_seed(posterior_seed(seed))
-        pad = torch.zeros(F - f, *shape)
-        n1.append(torch.cat([torch.randn(f, *shape, generator=g), pad]))
-        n2.append(torch.cat([torch.randn(f, *shape, generator=g), pad]))
+        n1.append(_row_normal(g, f, F, shape))
+        n2.append(_row_normal(g, f, F, shape))
     wide = torch.promote_types(moments.dtype, torch.float32)
     n1, n2 = (torch.stack(n).to(moments.device, wide) for n in (n1, n2))
     m, s = mean.to(wide), std.to(wide)
@@ -112,9 +117,8 @@ def add_noise(batch: Batch, cfg: ObjectiveConfig, row_seeds: list[int],
         ts.append(_clip_t([c for s in row for c in s], F, g))
         if fixed_t is not None:
             ts[-1] = torch.full((F,), float(fixed_t[r]))
-        pad = torch.zeros(F - f, *shape)
-        eps.append(torch.cat([torch.randn(f, *shape, generator=g), pad]))
-        eps_ctx.append(torch.cat([torch.randn(f, *shape, generator=g), pad]))
+        eps.append(_row_normal(g, f, F, shape))
+        eps_ctx.append(_row_normal(g, f, F, shape))
         t_ctx.append(torch.cat([lo + (1 - lo) * torch.rand(f, generator=g), torch.ones(F - f)]))
     t = torch.stack(ts).to(x1.device)
     t_ctx = torch.stack(t_ctx).to(x1.device)
