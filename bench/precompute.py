@@ -56,6 +56,7 @@ from jobconfig.precompute import (
     VaeConfig,
     VideoConfig,
 )
+from orchestration.local_ray import SHARED_HOST_WORKER_PORTS  # noqa: E402
 
 SIZES = [(256, 144), (224, 128), (192, 144), (160, 128)]
 
@@ -137,7 +138,7 @@ def _ray_node(tmp: Path, name: str, cpus: int, head_port: int | None = None) -> 
     port = head_port or free()
     cmd = ["ray", "start", "--block", "--node-ip-address", "127.0.0.2", "--num-cpus", str(cpus),
            "--resources", json.dumps({name: 1}), "--object-store-memory", str(200 << 20), "--disable-usage-stats",
-           "--dashboard-agent-listen-port", str(free()), "--metrics-export-port", str(free())]
+           "--dashboard-agent-listen-port", str(free()), "--metrics-export-port", str(free()), *SHARED_HOST_WORKER_PORTS]
     cmd += (["--address", f"127.0.0.2:{head_port}"] if head_port else
             ["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(tmp / "ray")])
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 forbids joining a head and, on, Ray rewrites the address 127.0.0.1

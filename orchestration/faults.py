@@ -20,9 +20,11 @@ variable, so it reaches torchrun workers and Ray workers:
                                        driver writes <dir>/paused.json (work per node) and waits for <dir>/resume
   VGPT_FAULT_DECODE_EXIT=<dir>         `vgpt precompute`: the first decode task kills its worker
   VGPT_FAULT_ENCODER_EXIT=<dir>        `vgpt precompute`: the first encode call kills its actor
+  VGPT_FAULT_ENCODER_START=<dir>       `vgpt precompute`: the first encoder actor fails to start (its
+                                       constructor raises, as when its node cannot set up the job)
   VGPT_SWEEP_FAULT_EXIT_AFTER=K        `vgpt sweep run`: the driver exits (3) after recording K trials
 
-The two `<dir>` switches fire once per marker directory (an O_EXCL file), so
+The three `<dir>` switches fire once per marker directory (an O_EXCL file), so
 Ray's retry of the killed work succeeds.
 """
 from __future__ import annotations
@@ -160,6 +162,20 @@ def worker_dies_once(kind: str) -> None:
     except FileExistsError:
         return
     os._exit(1)
+
+
+def encoder_fails_to_start() -> None:
+    """In an encoder actor's constructor: raise the first time, per marker directory. Ray does not
+    restart an actor whose creation raised, so the driver must go on without it."""
+    where = os.environ.get("VGPT_FAULT_ENCODER_START")
+    if not where:
+        return
+    try:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        os.close(os.open(Path(where) / "encoder-start", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    raise RuntimeError("FAULT INJECTION: this encoder fails to start")
 
 
 def exit_after_records() -> Callable[[int], None] | None:

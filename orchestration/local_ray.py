@@ -18,6 +18,13 @@ import os
 
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
+# `ray start` flags for a node that shares its machine with another node (the tests' and the bench's
+# loopback clusters): workers bind a port the kernel picks. By default every raylet hands its workers
+# ports 10002-19999 in order, checking each with a bind it then releases, so two raylets starting
+# workers at once can give out the same port, and the worker that loses the bind crashes at start
+# (ray-project/ray#19336). `ray.init` already picks random worker ports; a machine of its own needs none.
+SHARED_HOST_WORKER_PORTS = ("--min-worker-port", "0", "--max-worker-port", "0")
+
 
 def start_local_ray(**init_kwargs):
     """`ray.init(**init_kwargs)` of a new one-box Ray (no dashboard) on loopback only; returns the module."""

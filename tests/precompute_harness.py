@@ -21,6 +21,7 @@ from pathlib import Path
 
 from data.shard_format import committed_manifests, iter_tar
 from data.synthetic.videos import pattern_frames, write_bad_inputs, write_video
+from orchestration.local_ray import SHARED_HOST_WORKER_PORTS
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/precompute/tiny.yaml"
@@ -76,7 +77,8 @@ class RayHead:
              "--resources", json.dumps({HEAD_RESOURCE: 1}),
              # Free ports, not Ray's fixed defaults: another Ray on this machine holds those, and a head
              # whose agent cannot bind its HTTP port never accepts a job.
-             "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())],
+             "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
+             *SHARED_HOST_WORKER_PORTS],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self.address, self.node_ip = f"http://127.0.0.1:{self.dash}", node_ip
         try:
@@ -149,7 +151,8 @@ class RayNode:
             ["ray", "start", "--block", "--address", f"{head.node_ip}:{head.port}", "--node-ip-address", head.node_ip,
              "--num-cpus", str(num_cpus), "--resources", json.dumps({resource: 1}),
              "--object-store-memory", str(200 * 1024 * 1024), "--disable-usage-stats",
-             "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())],
+             "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
+             *SHARED_HOST_WORKER_PORTS],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         try:
             self._wait_joined(head, resource)

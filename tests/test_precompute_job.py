@@ -6,7 +6,8 @@ files made with PyAV, a moto S3 server. One head serves every test (module fixtu
    in-process encode of the same input gives, meta.json correct;
 2. the same on S3 (and byte-identical to the local run);
 3. crash (driver killed after its first commit) + resume with a worker and an
-   encoder killed on the way: equal to the uninterrupted run, byte for byte;
+   encoder killed on the way, and one of two encoders failing to start: equal
+   to the uninterrupted run, byte for byte;
 4. bad inputs land in errors/ with their reason and are counted;
 5. a rerun of a finished job encodes nothing and says so;
 6. two Ray nodes (the head and a second `ray start` node, each with its own
@@ -211,12 +212,17 @@ def test_crash_and_resume_equals_uninterrupted_run(env, full_run):
     (root / "shards" / f"{orphan}.tar").write_bytes(b"partial upload")
     assert orphan not in committed_manifests(fs, str(root))
 
+    # The resumed job asks for two encoders, and one of them fails to start (as on a node that cannot set up
+    # the job): it goes on with the other, whose process the encoder fault then kills once (Ray restarts it).
     faults = env["tmp"] / "faults"
-    rc, out = env["head"].submit(*args, env={"VGPT_FAULT_DECODE_EXIT": str(faults),
-                                             "VGPT_FAULT_ENCODER_EXIT": str(faults)})
+    rc, out = env["head"].submit(*args, "--precompute.ray.encode_actors=2", "--precompute.ray.encode_cpus=0.5",
+                                 env={"VGPT_FAULT_DECODE_EXIT": str(faults), "VGPT_FAULT_ENCODER_EXIT": str(faults),
+                                      "VGPT_FAULT_ENCODER_START": str(faults)})
     assert rc == 0, out
     assert f"{len(committed)} already committed, {5 - len(committed)} to do" in out
     assert (faults / "decode").exists() and (faults / "encoder").exists()  # both processes were killed
+    assert (faults / "encoder-start").exists() and "1 encoder actor(s) ready" in out, out
+    assert re.search(r"WARNING: encoder [01] did not start \(\w+Error: .+\); going on with the others", out), out
     full = full_run[0]
     assert read_dataset(fs, str(root)) == read_dataset(fs, full)
     for stem in committed_manifests(fs, full):
@@ -248,7 +254,8 @@ def test_two_nodes_share_the_work_and_losing_one_changes_nothing(env, full_run):
             if (pause / "paused.json").exists() or not job.is_alive():
                 break
             time.sleep(0.1)
-        assert (pause / "paused.json").exists(), result.get("done")
+        done = result.get("done")
+        assert (pause / "paused.json").exists(), done and (done[0], done[1][-4000:])  # the job's end, if it ended
         work = {r["resources"]: r for r in json.loads((pause / "paused.json").read_text()).values()}
         assert work[HEAD_RESOURCE]["decoded"] > 0 and work[NODE_B_RESOURCE]["decoded"] > 0, work
         node.kill()

@@ -13,8 +13,9 @@ per task, each becoming its own sample. Decode work is placed per node
 `ray.decode_in_flight` segments per node between decode and encode, so every
 node's object store stays small. Losing a node costs time, not data: its tasks
 are retried elsewhere, frames it held are recomputed from their task, its
-encoders restart on other nodes, and samples are keyed, so a retried one
-replaces nothing and duplicates nothing. Each shard is committed as soon as its
+encoders restart on other nodes (an encoder that cannot start at all is left
+out), and samples are keyed, so a retried one replaces nothing and duplicates
+nothing. Each shard is committed as soon as its
 last segment is done, in a background thread: rejected inputs go to errors/
 first, then the tar, then the manifest (the commit). A job killed at any point
 is finished by submitting it again; nothing is redone or duplicated, and
@@ -157,13 +158,9 @@ def _run_pipeline(cfg: PrecomputeConfig, fs, root: str, todo: list[ShardPlan], v
     ray = _init_ray(cfg)
 
     decode = remote_decode(cfg.ray)
-    encoders = make_encoders(cfg.ray, cfg.vae, cfg.output.latent_dtype, cfg.latents)
+    made = make_encoders(cfg.ray, cfg.vae, cfg.output.latent_dtype, cfg.latents)
     try:
-        idents = ray.get([e.identity.remote() for e in encoders])
-        for ident in idents:
-            if ident["sha256"] != vae["sha256"]:
-                raise RuntimeError(f"precompute.vae.path={cfg.vae.path!r}: an encoder loaded VAE {ident} but "
-                                   f"the driver sees {vae}: every node must hold the same VAE files")
+        encoders, idents = _started_encoders(ray, made, cfg, vae)
         slots = NodeSlots(ray, cfg.ray)
         log(f"{len(encoders)} encoder actor(s) ready ({cfg.ray.encode_cpus} CPU, {cfg.ray.encode_gpus} GPU each) "
             f"on {len({i['node'] for i in idents})} node(s), vae {vae['name']} {vae['sha256']}, batch "
@@ -175,8 +172,39 @@ def _run_pipeline(cfg: PrecomputeConfig, fs, root: str, todo: list[ShardPlan], v
         log(f"work by node: {slots.line()}")
         return slots.report()
     finally:
-        for e in encoders:  # a long-lived (e.g. local, reused) Ray must not keep idle VAEs around
+        for e in made:  # a long-lived (e.g. local, reused) Ray must not keep idle VAEs around
             ray.kill(e)
+
+
+def _started_encoders(ray, encoders: list, cfg: PrecomputeConfig, vae: dict) -> tuple[list, list[dict]]:
+    """The encoders that started, and their identities. One that cannot start (its node died, or failed
+    to set up the job's runtime env, or its VAE failed to load there) is dead for good: Ray restarts an
+    actor whose process died, not one whose creation failed. The job goes on with the others, as it
+    does when an encoder's node dies later; it fails only when none started. A VAE that differs from
+    the driver's fails the job: its latents would not be the dataset's."""
+    from ray.exceptions import RayError
+
+    started, idents = [], []
+    for i, (encoder, ref) in enumerate(zip(encoders, [e.identity.remote() for e in encoders])):
+        try:
+            ident = ray.get(ref)
+        except RayError as e:
+            log(f"WARNING: encoder {i} did not start ({type(e).__name__}: {_first_line(e)}); "
+                f"going on with the others")
+            continue
+        if ident["sha256"] != vae["sha256"]:
+            raise RuntimeError(f"precompute.vae.path={cfg.vae.path!r}: an encoder loaded VAE {ident} but "
+                               f"the driver sees {vae}: every node must hold the same VAE files")
+        started.append(encoder)
+        idents.append(ident)
+    if not started:
+        raise RuntimeError(f"none of the {len(encoders)} encoder actor(s) started (precompute.ray.encode_actors): "
+                           "see the warnings above for why")
+    return started, idents
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 def _drive(cfg: PrecomputeConfig, ray, decode, encoders: list, encoder_nodes: list[str], todo: list[ShardPlan],
@@ -257,7 +285,7 @@ def _drive(cfg: PrecomputeConfig, ray, decode, encoders: list, encoder_nodes: li
                 except RayError as e:  # retries exhausted: e.g. a file that crashes the decoder
                     status = {"ok": False, "segment": -1,
                               "reason": f"decode failed after {cfg.ray.max_retries} retries: "
-                                        f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+                                        f"{type(e).__name__}: {_first_line(e)}"}
                 slots.count("decode", status.get("node"))
                 if not status["ok"]:
                     seg = status["segment"]
@@ -286,7 +314,7 @@ def _drive(cfg: PrecomputeConfig, ray, decode, encoders: list, encoder_nodes: li
                     encode(stem, key, node, **{**args, "attempt": args["attempt"] + 1}, avoid=i)
                     continue
                 except RayTaskError as e:
-                    settle(stem, key, node, reason=f"encode failed: {str(e).splitlines()[0][:300]}")
+                    settle(stem, key, node, reason=f"encode failed: {_first_line(e)}")
                     continue
                 slots.count("encode", sample["node"])
                 settle(stem, key, node, sample=sample, segment=args["status"]["segment"])

@@ -12,7 +12,7 @@ which the driver collects per shard. Rejections are values, not exceptions: Ray
 retries only real failures (a worker or node that died, an I/O error), never a
 bad video. Both report the node they ran on, for the driver's per-node count.
 
-Fault injection for tests: orchestration/faults.py (`worker_dies_once`).
+Fault injection for tests: orchestration/faults.py (`worker_dies_once`, `encoder_fails_to_start`).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from data.shard_format import encode_sample
 from data.vae import LatentVae
 from data.video import FrameTable, VideoRejected, decode_segment
 from jobconfig.precompute import PrecomputeRayConfig, VaeConfig, VideoConfig
-from orchestration.faults import worker_dies_once
+from orchestration.faults import encoder_fails_to_start, worker_dies_once
 
 
 def _node() -> str:
@@ -53,6 +53,7 @@ class Encoder:
     """Holds one VAE; turns decoded frames into a finished sample (latents + meta.json)."""
 
     def __init__(self, cfg: VaeConfig, latent_dtype: str, latent_form: str = "posterior"):
+        encoder_fails_to_start()
         if cfg.device != "cuda" and not ray.get_gpu_ids():
             # Ray sets OMP threads from num_cpus; torch reads it only at import on some builds.
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
