@@ -107,9 +107,11 @@ class RayHead:
         `ray start --block` shutdown takes ~30 s here, and the temp dir is thrown away anyway."""
         kill_group(self.proc, self.log)
 
-    def submit(self, *overrides: str, env: dict | None = None, timeout: int = 300) -> tuple[int, str]:
-        """`ray job submit ... -- vgpt precompute --config tiny.yaml <overrides>`; (exit code, output)."""
-        runtime_env = {"env_vars": {"VGPT_CACHE": os.environ["VGPT_CACHE"], **(env or {})}}
+    def submit(self, *overrides: str, env: dict | None = None, timeout: int = 300,
+               runtime_env: dict | None = None) -> tuple[int, str]:
+        """`ray job submit ... -- vgpt precompute --config tiny.yaml <overrides>`; (exit code, output).
+        runtime_env: more entries of the job's runtime env (tests/refusing_node.py)."""
+        runtime_env = {"env_vars": {"VGPT_CACHE": os.environ["VGPT_CACHE"], **(env or {})}, **(runtime_env or {})}
         cmd = ["ray", "job", "submit", "--address", self.address, "--working-dir", str(REPO),
                "--runtime-env-json", json.dumps(runtime_env), "--",
                "vgpt", "precompute", "--config", TINY, *SEGMENTS, *overrides]
@@ -138,7 +140,9 @@ class RayNode:
     """A second Ray node on loopback joining `head`, with its own custom resource; `kill` loses it
     (SIGKILL to its raylet, object store and workers), as a machine failure would."""
 
-    def __init__(self, tmp: Path, head: RayHead, resource: str = NODE_B_RESOURCE, num_cpus: int = 2):
+    def __init__(self, tmp: Path, head: RayHead, resource: str = NODE_B_RESOURCE, num_cpus: int = 2,
+                 refuse_jobs: bool = False):
+        """refuse_jobs: the node fails to set up every job whose runtime env names tests/refusing_node.py."""
         from conftest import free_port
 
         self.log = open(tmp / f"ray-{resource}.log", "w")
@@ -147,6 +151,9 @@ class RayNode:
         # join listens on 127.0.0.2 (loopback too, but not rewritten), see `RayHead(node_ip=...)`.
         assert head.node_ip != "127.0.0.1", "start the head with node_ip='127.0.0.2' to let nodes join it"
         env = {**os.environ, **RAY_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+        if refuse_jobs:
+            env["RAY_RUNTIME_ENV_PLUGINS"] = json.dumps([{"class": "refusing_node.RefuseJobs"}])
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
             ["ray", "start", "--block", "--address", f"{head.node_ip}:{head.port}", "--node-ip-address", head.node_ip,
              "--num-cpus", str(num_cpus), "--resources", json.dumps({resource: 1}),

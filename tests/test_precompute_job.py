@@ -12,7 +12,10 @@ files made with PyAV, a moto S3 server. One head serves every test (module fixtu
 5. a rerun of a finished job encodes nothing and says so;
 6. two Ray nodes (the head and a second `ray start` node, each with its own
    custom resource) both decode; the second node is killed mid-job and the job
-   still finishes, equal to the uninterrupted run byte for byte.
+   still finishes, equal to the uninterrupted run byte for byte;
+7. a node that cannot set up the job (a real RuntimeEnvSetupError there, made by
+   tests/refusing_node.py) gets no more work after its first, which goes to the
+   head: no good video is rejected for a node's fault.
 Every job cuts videos longer than 16 frames into segments (harness SEGMENTS):
 clip_a (20 frames) is stored as two samples, 16 + 4 frames.
 """
@@ -37,6 +40,7 @@ from precompute_harness import (
     read_dataset,
     read_errors,
 )
+from refusing_node import REFUSE_ON_NODES
 from throttle_proxy import ThrottleProxy
 
 from data.columns_file import map_columns
@@ -272,4 +276,30 @@ def test_two_nodes_share_the_work_and_losing_one_changes_nothing(env, full_run):
     assert read_dataset(fs, str(root)) == read_dataset(fs, full)
     for stem in committed_manifests(fs, full):
         assert (root / "shards" / f"{stem}.tar").read_bytes() == fs.cat_file(f"{full}/shards/{stem}.tar")
+    assert read_index(fs, str(root)) == read_index(fs, full)
+
+
+def test_a_node_that_cannot_set_up_the_job_gets_no_more_work_and_loses_nothing(env, full_run):
+    """A node joins whose runtime-env agent fails to set up this job: Ray raises RuntimeEnvSetupError for
+    what is sent there and does not retry it. The decode it refused goes back to the queue, the node gets no
+    more work (an encoder placed there never starts and is left out), and the dataset equals the
+    uninterrupted run's: before, each video sent there was rejected for good as a bad video."""
+    head, tmp = env["head"], env["tmp"]
+    node = RayNode(tmp, head, resource="vgpt_node_refusing", refuse_jobs=True)
+    try:
+        root = tmp / "out-refused"
+        rc, out = head.submit(
+            f"--precompute.inputs.dir={env['inputs']}", f"--precompute.output.root={root}",
+            "--precompute.ray.encode_actors=2", "--precompute.ray.encode_cpus=0.5",
+            "--precompute.ray.decode_cpus=0.5", "--precompute.ray.decode_in_flight=2", runtime_env=REFUSE_ON_NODES)
+    finally:
+        node.kill()
+    assert rc == 0, out
+    assert re.search(r"WARNING: node \w+\[vgpt_node_refusing\] cannot run this job and gets no more work; its "
+                     r"segments go to other nodes: RuntimeEnvSetupError", out), out
+    assert "[vgpt_node_refusing] decoded 0 encoded 0 (refused the job: RuntimeEnvSetupError" in out, out
+    fs = fsspec.filesystem("file")
+    full = full_run[0]
+    assert read_dataset(fs, str(root)) == read_dataset(fs, full)
+    assert read_errors(fs, str(root)).keys() == read_errors(fs, full).keys()  # only the bad inputs
     assert read_index(fs, str(root)) == read_index(fs, full)

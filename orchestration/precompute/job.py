@@ -212,12 +212,12 @@ def _drive(cfg: PrecomputeConfig, ray, decode, encoders: list, encoder_nodes: li
     """The scheduling loop: decode segments on the least-loaded node (bounded per node) -> least-loaded
     encoder (same node first) -> per-shard collection -> commit. A long video's first segment tells how
     many follow; they are queued first, so a shard's inputs finish together."""
-    from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
+    from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError, RuntimeEnvSetupError
 
     threads = decode_threads(cfg.ray)
     queue = deque((s.stem, k, u, 0, None) for s in todo for k, u in s.items)
     work = {s.stem: _ShardWork(s) for s in todo}
-    decoding: dict = {}  # status ref -> (stem, key, uri, frames ref, table ref, node)
+    decoding: dict = {}  # status ref -> (stem, key, uri, frames ref, table ref, node, what the decode was given)
     encoding: dict = {}  # sample ref -> (stem, key, node, encoder index, what `encode` needs to redo it)
     load, dead = [0] * len(encoders), set()
     pause = pause_when_nodes_decoded()
@@ -267,11 +267,13 @@ def _drive(cfg: PrecomputeConfig, ray, decode, encoders: list, encoder_nodes: li
             slots.take(node)
             status_ref, frames_ref, out_table = decode(node).remote(
                 key, uri, cfg.video, cfg.inputs.storage_options, segment, table_ref, threads)
-            decoding[status_ref] = (stem, key, uri, frames_ref, out_table, node)
+            decoding[status_ref] = (stem, key, uri, frames_ref, out_table, node, (segment, table_ref))
         if not decoding and not encoding:
             if not queue:
                 break
             slots.refresh(force=True)  # every decode node is gone: wait for one (an autoscaler, a restart)
+            if not slots.alive and slots.refused:
+                raise RuntimeError(f"every decode node refused this job: {slots.line()}")
             log(f"WARNING: no live node can take decode work ({cfg.ray.decode_cpus} CPU + "
                 f"{cfg.ray.decode_resources or 'no custom resources'}); waiting")
             time.sleep(cfg.progress_every_s)
@@ -279,9 +281,19 @@ def _drive(cfg: PrecomputeConfig, ray, decode, encoders: list, encoder_nodes: li
         ready, _ = ray.wait(list(decoding) + list(encoding), num_returns=1, timeout=cfg.progress_every_s)
         for ref in ready:
             if ref in decoding:
-                stem, key, uri, frames_ref, table_ref, node = decoding.pop(ref)
+                stem, key, uri, frames_ref, table_ref, node, given = decoding.pop(ref)
                 try:
                     status = ray.get(ref)
+                except RuntimeEnvSetupError as e:
+                    # The node cannot set up this job (Ray does not retry that): its fault, not the video's.
+                    # It gets no more work, and the segment goes back to the queue for another node.
+                    why = f"{type(e).__name__}: {_first_line(e)}"
+                    if slots.refuse(node, why):
+                        log(f"WARNING: node {node[:8]}[{slots.labels.get(node, '')}] cannot run this job and gets "
+                            f"no more work; its segments go to other nodes: {why}")
+                    slots.release(node)
+                    queue.appendleft((stem, key, uri, *given))
+                    continue
                 except RayError as e:  # retries exhausted: e.g. a file that crashes the decoder
                     status = {"ok": False, "segment": -1,
                               "reason": f"decode failed after {cfg.ray.max_retries} retries: "

@@ -7,7 +7,8 @@ against its node from its decode until its encoder is done with it, because
 its frames sit in that node's object store until then. Soft affinity means a
 task whose node died runs elsewhere (Ray's retry) instead of waiting for it.
 The node list is re-read every few seconds: nodes that join get work, nodes
-that died get no more. Per-node counts of decodes and encodes are kept for the
+that died get no more, and neither does a node that refused the job (it could
+not set up the job's runtime env: the driver requeues what it was given). Per-node counts of decodes and encodes are kept for the
 job log (and the multi-node test: both nodes did work).
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ class NodeSlots:
         self.in_flight: dict[str, int] = {}
         self.decoded: dict[str, int] = {}
         self.encoded: dict[str, int] = {}
+        self.refused: dict[str, str] = {}  # node -> why it cannot run this job
         self.last = -float("inf")
         self.refresh(force=True)
 
@@ -47,7 +49,15 @@ class NodeSlots:
         nodes = [n for n in self.ray.nodes() if n.get("Alive")]
         for n in nodes:
             self.labels.setdefault(n["NodeID"], node_label(n.get("Resources", {})))
-        self.alive = sorted(n["NodeID"] for n in nodes if self._fits(n.get("Resources", {})))
+        self.alive = sorted(n["NodeID"] for n in nodes
+                            if self._fits(n.get("Resources", {})) and n["NodeID"] not in self.refused)
+
+    def refuse(self, node: str, why: str) -> bool:
+        """`node` cannot run this job: no more decode work goes there. True the first time."""
+        first = node not in self.refused
+        self.refused.setdefault(node, why)
+        self.alive = [n for n in self.alive if n != node]
+        return first
 
     def pick(self) -> str | None:
         """The live decode node with the fewest segments in flight, if it has room."""
@@ -68,10 +78,12 @@ class NodeSlots:
 
     def report(self) -> dict:
         """node id -> its custom resources, decodes and encodes so far, and whether it is a decode node now."""
-        nodes = sorted(set(self.decoded) | set(self.encoded) | set(self.alive))
+        nodes = sorted(set(self.decoded) | set(self.encoded) | set(self.alive) | set(self.refused))
         return {n: {"resources": self.labels.get(n, ""), "decoded": self.decoded.get(n, 0),
-                    "encoded": self.encoded.get(n, 0), "alive": n in self.alive} for n in nodes}
+                    "encoded": self.encoded.get(n, 0), "alive": n in self.alive,
+                    **({"refused": self.refused[n]} if n in self.refused else {})} for n in nodes}
 
     def line(self) -> str:
         return "; ".join(f"{n[:8]}[{r['resources']}] decoded {r['decoded']} encoded {r['encoded']}"
-                         + ("" if r["alive"] else " (gone)") for n, r in self.report().items())
+                         + (f" (refused the job: {r['refused']})" if "refused" in r else "" if r["alive"] else " (gone)")
+                         for n, r in self.report().items())
