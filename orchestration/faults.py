@@ -150,32 +150,32 @@ def pause_when_nodes_decoded() -> Callable[[dict], None] | None:
     return hook
 
 
+def _first_time(switch: str, marker: str) -> bool:
+    """True where the switch is set and this is the first call for its marker directory (an O_EXCL file,
+    so that exactly one process fires however many race)."""
+    where = os.environ.get(switch)
+    if not where:
+        return False
+    Path(where).mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(Path(where) / marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def worker_dies_once(kind: str) -> None:
     """In a Ray decode task (`kind` 'decode') or encoder call ('encoder'): exit the worker process
     the first time, per marker directory."""
-    where = os.environ.get({"decode": "VGPT_FAULT_DECODE_EXIT", "encoder": "VGPT_FAULT_ENCODER_EXIT"}[kind])
-    if not where:
-        return
-    try:
-        Path(where).mkdir(parents=True, exist_ok=True)
-        os.close(os.open(Path(where) / kind, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    os._exit(1)
+    if _first_time({"decode": "VGPT_FAULT_DECODE_EXIT", "encoder": "VGPT_FAULT_ENCODER_EXIT"}[kind], kind):
+        os._exit(1)
 
 
 def encoder_fails_to_start() -> None:
     """In an encoder actor's constructor: raise the first time, per marker directory. Ray does not
     restart an actor whose creation raised, so the driver must go on without it."""
-    where = os.environ.get("VGPT_FAULT_ENCODER_START")
-    if not where:
-        return
-    try:
-        Path(where).mkdir(parents=True, exist_ok=True)
-        os.close(os.open(Path(where) / "encoder-start", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    raise RuntimeError("FAULT INJECTION: this encoder fails to start")
+    if _first_time("VGPT_FAULT_ENCODER_START", "encoder-start"):
+        raise RuntimeError("FAULT INJECTION: this encoder fails to start")
 
 
 def exit_after_records() -> Callable[[int], None] | None:
