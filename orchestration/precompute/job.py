@@ -13,11 +13,13 @@ per task, each becoming its own sample. Decode work is placed per node
 `ray.decode_in_flight` segments per node between decode and encode, so every
 node's object store stays small. Losing a node costs time, not data: its tasks
 are retried elsewhere, frames it held are recomputed from their task, its
-encoders restart on other nodes (an encoder that cannot start at all is left
-out), and samples are keyed, so a retried one replaces nothing and duplicates
-nothing. Each shard is committed as soon as its
-last segment is done, in a background thread: rejected inputs go to errors/
-first, then the tar, then the manifest (the commit). A job killed at any point
+encoders restart on other nodes, and samples are keyed, so a retried one
+replaces nothing and duplicates nothing. A node that cannot set up the job
+(Ray's RuntimeEnvSetupError, which Ray does not retry) gets no more work: what
+it refused goes to other nodes, never to errors/ as a bad video; an encoder
+that cannot start is left out. Each shard is committed as soon as its last
+segment is done, in a background thread: rejected inputs go to errors/ first,
+then the tar, then the manifest (the commit). A job killed at any point
 is finished by submitting it again; nothing is redone or duplicated, and
 the index is published only when every shard of the plan is committed. Ray Jobs
 do not retry a failed job, so this idempotence is what makes a days-long job
@@ -177,9 +179,9 @@ def _run_pipeline(cfg: PrecomputeConfig, fs, root: str, todo: list[ShardPlan], v
 
 
 def _started_encoders(ray, encoders: list, cfg: PrecomputeConfig, vae: dict) -> tuple[list, list[dict]]:
-    """The encoders that started, and their identities. One that cannot start (its node died, or failed
-    to set up the job's runtime env, or its VAE failed to load there) is dead for good: Ray restarts an
-    actor whose process died, not one whose creation failed. The job goes on with the others, as it
+    """The encoders that started, and their identities. One that cannot start (its node cannot set up
+    the job's runtime env, or its VAE fails to load there) is dead for good: Ray restarts an actor whose
+    process died, not one whose creation failed. The job goes on with the others, as it
     does when an encoder's node dies later; it fails only when none started. A VAE that differs from
     the driver's fails the job: its latents would not be the dataset's."""
     from ray.exceptions import RayError

@@ -8,8 +8,9 @@ its frames sit in that node's object store until then. Soft affinity means a
 task whose node died runs elsewhere (Ray's retry) instead of waiting for it.
 The node list is re-read every few seconds: nodes that join get work, nodes
 that died get no more, and neither does a node that refused the job (it could
-not set up the job's runtime env: the driver requeues what it was given). Per-node counts of decodes and encodes are kept for the
-job log (and the multi-node test: both nodes did work).
+not set up the job's runtime env; the driver requeues what it was given).
+Per-node counts of decodes and encodes are kept for the job log (and the
+multi-node test: both nodes did work).
 """
 from __future__ import annotations
 
