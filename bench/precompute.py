@@ -139,8 +139,10 @@ def _ray_node(tmp: Path, name: str, cpus: int, head_port: int | None = None) -> 
     cmd = ["ray", "start", "--block", "--node-ip-address", "127.0.0.2", "--num-cpus", str(cpus),
            "--resources", json.dumps({name: 1}), "--object-store-memory", str(200 << 20), "--disable-usage-stats",
            "--dashboard-agent-listen-port", str(free()), "--metrics-export-port", str(free()), *SHARED_HOST_WORKER_PORTS]
-    cmd += (["--address", f"127.0.0.2:{head_port}"] if head_port else
-            ["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(tmp / "ray")])
+    # Each node a temp dir of its own, as on its own machine: a node that shares the head's would delete and
+    # unpack again the job's working dir under the running driver (tests/precompute_harness.py RayNode).
+    cmd += (["--address", f"127.0.0.2:{head_port}", "--temp-dir", tempfile.mkdtemp(prefix="r", dir=tmp)] if head_port
+            else ["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(tmp / "ray")])
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 forbids joining a head and, on, Ray rewrites the address 127.0.0.1
     # to the routable one: so every node listens on 127.0.0.2 (loopback, not rewritten).
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0" if head_port is None else "1"}

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -151,6 +152,12 @@ class RayNode:
         # join listens on 127.0.0.2 (loopback too, but not rewritten), see `RayHead(node_ip=...)`.
         assert head.node_ip != "127.0.0.1", "start the head with node_ip='127.0.0.2' to let nodes join it"
         env = {**os.environ, **RAY_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+        # A temp dir of its own, as a node on its own machine has: a node started without one shares the
+        # head's session dir, and with it the unpacked working dir of the job, which a node's runtime-env
+        # agent deletes and unpacks again the first time it sets the job up (Ray's working_dir plugin,
+        # overwrite=True), under the running driver, whose cwd it is: the job then dies at random.
+        # (Short: Ray's unix socket paths have a length limit.)
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="r", dir=tmp))
         if refuse_jobs:
             env["RAY_RUNTIME_ENV_PLUGINS"] = json.dumps([{"class": "refusing_node.RefuseJobs"}])
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), env.get("PYTHONPATH")]))
@@ -159,7 +166,7 @@ class RayNode:
              "--num-cpus", str(num_cpus), "--resources", json.dumps({resource: 1}),
              "--object-store-memory", str(200 * 1024 * 1024), "--disable-usage-stats",
              "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
-             *SHARED_HOST_WORKER_PORTS],
+             "--temp-dir", str(self.temp_dir), *SHARED_HOST_WORKER_PORTS],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         try:
             self._wait_joined(head, resource)
