@@ -15,7 +15,8 @@ files made with PyAV, a moto S3 server. One head serves every test (module fixtu
    still finishes, equal to the uninterrupted run byte for byte;
 7. a node that cannot set up the job (a real RuntimeEnvSetupError there, made by
    tests/refusing_node.py) gets no more work after its first, which goes to the
-   head: no good video is rejected for a node's fault.
+   head: no good video is rejected for a node's fault; a job that may decode
+   only there fails, naming it.
 Every job cuts videos longer than 16 frames into segments (harness SEGMENTS):
 clip_a (20 frames) is stored as two samples, 16 + 4 frames.
 """
@@ -282,18 +283,25 @@ def test_two_nodes_share_the_work_and_losing_one_changes_nothing(env, full_run):
 def test_a_node_that_cannot_set_up_the_job_gets_no_more_work_and_loses_nothing(env, full_run):
     """A node joins whose runtime-env agent fails to set up this job: Ray raises RuntimeEnvSetupError for
     what is sent there and does not retry it. The decode it refused goes back to the queue, the node gets no
-    more work (an encoder placed there never starts and is left out), and the dataset equals the
-    uninterrupted run's: before, each video sent there was rejected for good as a bad video."""
+    more work, and the dataset equals the uninterrupted run's: before, each video sent there was rejected for
+    good as a bad video. A job that may decode only there fails at once, naming the node and why, instead of
+    waiting for a node forever."""
     head, tmp = env["head"], env["tmp"]
     node = RayNode(tmp, head, resource="vgpt_node_refusing", refuse_jobs=True)
     try:
         root = tmp / "out-refused"
-        rc, out = head.submit(
-            f"--precompute.inputs.dir={env['inputs']}", f"--precompute.output.root={root}",
-            "--precompute.ray.encode_actors=2", "--precompute.ray.encode_cpus=0.5",
-            "--precompute.ray.decode_cpus=0.5", "--precompute.ray.decode_in_flight=2", runtime_env=REFUSE_ON_NODES)
+        # Encoders on the head (an encoder that cannot start is crash-resume's test, where it is certain).
+        args = (f"--precompute.inputs.dir={env['inputs']}", "--precompute.ray.decode_cpus=0.5",
+                "--precompute.ray.decode_in_flight=2", "--precompute.ray.encode_actors=2",
+                "--precompute.ray.encode_cpus=0.5", f"--precompute.ray.encode_resources={{{HEAD_RESOURCE}: 0.5}}")
+        rc, out = head.submit(*args, f"--precompute.output.root={root}", runtime_env=REFUSE_ON_NODES)
+        # Decode work only on that node (its custom resource): the job cannot go on, and says so instead of waiting.
+        rc_only, out_only = head.submit(*args, f"--precompute.output.root={tmp / 'out-refused-only'}",
+                                        "--precompute.ray.decode_resources={vgpt_node_refusing: 1}",
+                                        runtime_env=REFUSE_ON_NODES)
     finally:
         node.kill()
+    assert rc_only != 0 and "RuntimeError: every decode node refused this job: " in out_only, out_only[-4000:]
     assert rc == 0, out
     assert re.search(r"WARNING: node \w+\[vgpt_node_refusing\] cannot run this job and gets no more work; its "
                      r"segments go to other nodes: RuntimeEnvSetupError", out), out
