@@ -1,10 +1,12 @@
 """Our shards are genuine WebDataset: the webdataset library itself reads them back."""
 import json
+import struct
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from safetensors.torch import load as st_load
 
 from data.dataset_index import open_dataset
 from data.shard_format import ShardFormatError, build_tar, decode_sample, encode_sample, iter_tar
@@ -41,10 +43,6 @@ def test_latents_decode_as_safetensors_reads_them_without_a_copy_and_bad_headers
     """decode_sample gives what safetensors' own loader gives, for every stored dtype and both latent
     forms, as a view of the member's bytes (the loader's one copy is into its batch); a payload whose
     header lies about its tensor is refused naming the sample, never read past its end."""
-    import struct
-
-    from safetensors.torch import load as st_load
-
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for channels in (4, 8):  # sample form, posterior form (mean and std)
             x = torch.randn(6, channels, 3, 5).to(dtype)

@@ -8,14 +8,16 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from data.batch import patches_per_frame, sequence_length
 from data.sources import SyntheticSource
-from data.synthetic.shards import write_synthetic_index
+from data.synthetic.shards import write_synthetic_index, write_toy_dataset
 from jobconfig.job import JobConfig
 from jobconfig.loader import from_dict, load_config
 from orchestration.cli.sweep import main as sweep_main
 from orchestration.sweep.config import SweepConfig
+from orchestration.sweep.dataset import write_trained_keys
 from orchestration.sweep.plan import count_params
 from orchestration.sweep.trial import plan
 from pretrain.training.metrics import allowed_attention_pairs, train_flops
@@ -101,10 +103,6 @@ def test_plan_prints_the_grid(capsys):
 def test_the_leak_check_knows_a_long_video_by_its_video_key(tmp_path):
     """The loader serves a video stored as segments under its input's key (data/videos.py); the sweep's
     check that no trial trained on a held-out key must compare those, not the segments' keys."""
-    import torch
-
-    from data.synthetic.shards import write_toy_dataset
-    from orchestration.sweep.dataset import write_trained_keys
     root = tmp_path / "latents"
     write_toy_dataset(str(root), [4], frames=[20, 8, 8, 8], shape=(4, 4, 4), dtype=torch.bfloat16, segments=(6, 1))
     job = load_config(None, ["--train.data=latents", f"--data.root={root}", "--eval.heldout_fraction=0.999"])
